@@ -1,0 +1,34 @@
+# The README's two commands are `make serve` and `make test`; both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.qdserve-installed
+
+.PHONY: serve test lint bench bench-gpu venv clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned: the CPU build is on this machine's disk, and an
+# unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==$$(grep '^torch==' constraints.txt | cut -d= -f3)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[gpu,bench,test]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/qdserve serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/qdserve bench all
+
+clean:
+	rm -rf $(VENV)

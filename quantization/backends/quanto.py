@@ -1,0 +1,35 @@
+"""optimum-quanto weight quantization (deprecated in diffusers; removal planned for 1.0).
+
+int4 / int2 compile a C++ extension on first use (about 30 s; needs g++ and ninja).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from quantization.backends.base import ConfigRequest, QuantBackend
+
+
+class QuantoBackend(QuantBackend):
+    key = "quanto"
+    module = "optimum.quanto"
+    distribution = "optimum-quanto"
+    quant_types = ("int8", "int4", "int2", "float8")
+    default_quant_type = "int8"
+    # diffusers cannot save_pretrained a quanto model with int4/int2 packing reliably;
+    # it serializes int8 and float8.
+    bits: ClassVar[dict[str, float]] = {"int8": 8.0, "int4": 4.0, "int2": 2.0, "float8": 8.0}
+
+    def diffusers_config(self, req: ConfigRequest) -> Any:
+        return self.diffusers_config_class()(
+            weights_dtype=req.quant_type or self.default_quant_type,
+            modules_to_not_convert=list(req.modules_to_not_convert) or None,
+        )
+
+    def transformers_config(self, req: ConfigRequest) -> Any:
+        from transformers import QuantoConfig
+
+        return QuantoConfig(
+            weights=req.quant_type or self.default_quant_type,
+            modules_to_not_convert=list(req.modules_to_not_convert) or None,
+        )

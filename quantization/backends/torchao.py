@@ -1,0 +1,54 @@
+"""torchao: user-facing strings mapped to torchao config objects.
+
+diffusers >= 0.38 rejects string quant types, so the mapping lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from quantization.backends.base import ConfigRequest, QuantBackend
+
+# user string -> torchao.quantization config class name
+TORCHAO_TYPES: dict[str, str] = {
+    "int8wo": "Int8WeightOnlyConfig",
+    "int8dq": "Int8DynamicActivationInt8WeightConfig",
+    "float8wo": "Float8WeightOnlyConfig",
+    "float8dq": "Float8DynamicActivationFloat8WeightConfig",
+    "int4wo": "Int4WeightOnlyConfig",
+}
+
+
+def torchao_config_object(quant_type: str) -> Any:
+    import torchao.quantization as tq
+
+    return getattr(tq, TORCHAO_TYPES[quant_type])()
+
+
+class TorchAoBackend(QuantBackend):
+    key = "torchao"
+    module = "torchao"
+    distribution = "torchao"
+    quant_types = tuple(TORCHAO_TYPES)
+    default_quant_type = "int8wo"
+    # int4 weight-only needs a CUDA kernel package; float8 dynamic needs float8 matmuls.
+    cuda_only_types = ("int4wo", "float8dq")
+    fp8_types = ("float8dq",)
+    cpu_fp32_only_types = ("float8wo",)
+    bits: ClassVar[dict[str, float]] = {
+        "int8wo": 8.0, "int8dq": 8.0, "float8wo": 8.0, "float8dq": 8.0, "int4wo": 4.0,
+    }
+
+    def diffusers_config(self, req: ConfigRequest) -> Any:
+        return self.diffusers_config_class()(
+            torchao_config_object(req.quant_type or self.default_quant_type),
+            modules_to_not_convert=list(req.modules_to_not_convert) or None,
+        )
+
+    def transformers_config(self, req: ConfigRequest) -> Any:
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(
+            quant_type=torchao_config_object(req.quant_type or self.default_quant_type),
+            modules_to_not_convert=list(req.modules_to_not_convert) or None,
+        )

@@ -1,0 +1,105 @@
+"""Service settings read from `QDS_*` environment variables (pydantic-settings).
+
+The quantization settings (model, backend, ...) live in `quantization.settings`; these are the
+HTTP, queue, cache and limit settings of the service itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_bytes(value: object) -> int | None:
+    """`8GB`, `8GiB`, `512MB`, `1e9`-free plain integers -> bytes; empty/None/0 -> None."""
+    if value is None or value == "" or value == 0 or value == "0":
+        return None
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(
+            f"QDS_CACHE_MEMORY_BUDGET={value!r} is not a size; use bytes or e.g. 8GB, 512MiB"
+        )
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    base = 1024 if "i" in unit else 1000
+    power = "_kmgt".index(unit[0]) if unit and unit[0] in "kmgt" else 0
+    return int(number * base**power)
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class ServiceSettings(BaseSettings):
+    """Every field is `QDS_<NAME>`; see the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="QDS_", extra="ignore")
+
+    host: str = Field(default="127.0.0.1", description="Address uvicorn binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port uvicorn binds.")
+    max_queue: int = Field(default=32, ge=1, description="Requests waiting for the worker.")
+    request_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds a request may wait + run before a 504."
+    )
+    allow_on_demand_load: bool = Field(
+        default=False, description="Load a requested backend that is not cached."
+    )
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma list of backend[:quant_type] loaded at start."
+    )
+    cache_max_entries: int = Field(default=2, ge=1, description="Pipelines kept loaded (LRU).")
+    cache_memory_budget: Annotated[int | None, NoDecode] = Field(
+        default=None, description="Bytes (or 8GB, 512MiB) of model storage kept loaded."
+    )
+    max_pixels: int = Field(default=1024 * 1024, ge=64, description="Largest width x height.")
+    max_steps: int = Field(default=50, ge=1, description="Largest num_inference_steps.")
+    max_images: int = Field(default=4, ge=1, description="Largest n per request.")
+    max_prompt_chars: int = Field(default=2000, ge=1, description="Longest prompt, characters.")
+    default_steps: int | None = Field(
+        default=None, ge=1, description="Steps when a request names none (model default if unset)."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma list of accepted bearer keys; empty = no auth."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+    log_format: Literal["json", "text"] = Field(default="json")
+    batch_window_ms: float = Field(
+        default=0.0, ge=0, description="Micro-batching window; 0 turns batching off."
+    )
+    max_batch: int = Field(default=4, ge=1, description="Most images in one pipeline call.")
+    compile: bool = Field(default=False, description="torch.compile the denoiser's blocks.")
+    warmup_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma list of WxH warmed up at start (compile)."
+    )
+
+    @field_validator("preload", "warmup_sizes", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("cache_memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: object) -> int | None:
+        return parse_bytes(value)
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            if not re.fullmatch(r"\d+x\d+", size):
+                raise ValueError(f"QDS_WARMUP_SIZES entry {size!r} is not WxH (e.g. 512x512)")
+        return value
