@@ -15,7 +15,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quantization.backends import BACKENDS, get_backend
 
-KNOWN_COMPONENTS = ("transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+KNOWN_COMPONENTS = (
+    "transformer",
+    "unet",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "vae",
+)
 DENOISERS = ("transformer", "unet")
 
 
@@ -43,9 +50,7 @@ class QuantSettings(BaseSettings):
         default="embedded",
         description="Hub id, local diffusers folder, or `embedded` (the built-in small Flux).",
     )
-    quant_backend: str = Field(
-        default="none", description="One of: " + ", ".join(BACKENDS) + "."
-    )
+    quant_backend: str = Field(default="none", description="One of: " + ", ".join(BACKENDS) + ".")
     quant_type: str | None = Field(
         default=None, description="Backend-specific quant type; empty = the backend's default."
     )

@@ -84,7 +84,9 @@ class QuantBackend:
         if version_problem := self.version_problem():
             return version_problem
         if self.needs_cuda and not device.cuda:
-            return f"{self.key} needs an NVIDIA CUDA GPU and none was found; use {self.alternatives}"
+            return (
+                f"{self.key} needs an NVIDIA CUDA GPU and none was found; use {self.alternatives}"
+            )
         if quant_type in self.cuda_only_types and not device.cuda:
             return f"{self.key} {quant_type} needs a CUDA GPU; use {self.alternatives}"
         if quant_type in self.fp8_types and device.cuda and (device.capability or (0, 0)) < (8, 9):

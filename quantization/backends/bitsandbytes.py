@@ -49,7 +49,10 @@ class BitsAndBytes8Bit(QuantBackend):
     bits: ClassVar[dict[str, float]] = {"int8": 8.0}
 
     def _kwargs(self, req: ConfigRequest) -> dict[str, Any]:
-        return {"load_in_8bit": True, "llm_int8_skip_modules": list(req.modules_to_not_convert) or None}
+        return {
+            "load_in_8bit": True,
+            "llm_int8_skip_modules": list(req.modules_to_not_convert) or None,
+        }
 
     def diffusers_config(self, req: ConfigRequest) -> Any:
         return self.diffusers_config_class()(**self._kwargs(req))

@@ -20,7 +20,13 @@ class GGUFBackend(QuantBackend):
     default_quant_type = "Q8_0"
     supports_text_encoders = False
     bits: ClassVar[dict[str, float]] = {
-        "Q8_0": 8.0, "Q5_1": 5.0, "Q5_0": 5.0, "Q4_1": 4.0, "Q4_0": 4.0, "F16": 16.0, "BF16": 16.0,
+        "Q8_0": 8.0,
+        "Q5_1": 5.0,
+        "Q5_0": 5.0,
+        "Q4_1": 4.0,
+        "Q4_0": 4.0,
+        "F16": 16.0,
+        "BF16": 16.0,
     }
 
     def diffusers_config(self, req: ConfigRequest) -> Any:

@@ -26,7 +26,13 @@ class ModelOptBackend(QuantBackend):
     fp8_types = ("FP8",)
     supports_text_encoders = False
     alternatives = "quanto or torchao (both run on CPU)"
-    bits: ClassVar[dict[str, float]] = {"FP8": 8.0, "INT8": 8.0, "INT4": 4.0, "NF4": 4.0, "NVFP4": 4.0}
+    bits: ClassVar[dict[str, float]] = {
+        "FP8": 8.0,
+        "INT8": 8.0,
+        "INT4": 4.0,
+        "NF4": 4.0,
+        "NVFP4": 4.0,
+    }
 
     def version_problem(self) -> str | None:
         version = self.library_version()

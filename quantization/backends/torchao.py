@@ -36,7 +36,11 @@ class TorchAoBackend(QuantBackend):
     fp8_types = ("float8dq",)
     cpu_fp32_only_types = ("float8wo",)
     bits: ClassVar[dict[str, float]] = {
-        "int8wo": 8.0, "int8dq": 8.0, "float8wo": 8.0, "float8dq": 8.0, "int4wo": 4.0,
+        "int8wo": 8.0,
+        "int8dq": 8.0,
+        "float8wo": 8.0,
+        "float8dq": 8.0,
+        "int4wo": 4.0,
     }
 
     def diffusers_config(self, req: ConfigRequest) -> Any:

@@ -1,0 +1,181 @@
+"""Generation entry point independent of HTTP: validated request in, images and seeds out."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from quantization.loader import LoadedPipeline
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image]
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    inference_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """Per-image seeds derived from the request seed: image i of a request uses seed + i.
+
+    So image i of a request equals image 0 of a request made with seed + i, which lets a
+    user reproduce any single image of a batch.
+    """
+    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def random_seed() -> int:
+    import secrets
+
+    return secrets.randbelow(2**31)
+
+
+def batch_key(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[Any, ...]:
+    """Requests with equal keys can share one pipeline call (micro-batching)."""
+    width, height, steps, guidance = resolved_params(loaded, req)
+    return (width, height, steps, guidance, req.negative_prompt is not None)
+
+
+def resolved_params(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[int, int, int, float]:
+    defaults = loaded.defaults
+    return (
+        req.width or defaults.size,
+        req.height or defaults.size,
+        req.num_inference_steps or defaults.steps,
+        req.guidance_scale if req.guidance_scale is not None else defaults.guidance,
+    )
+
+
+def _call_kwargs(loaded: LoadedPipeline, accepts: set[str]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"output_type": "pil"}
+    if "max_sequence_length" in accepts and loaded.defaults.max_sequence_length:
+        kwargs["max_sequence_length"] = loaded.defaults.max_sequence_length
+    return kwargs
+
+
+def generate_batch(
+    loaded: LoadedPipeline,
+    requests: Sequence[GenerationRequest],
+    *,
+    step_callback: Callable[[int, float], None] | None = None,
+) -> list[GenerationResult]:
+    """Run several compatible requests as one pipeline call, one generator per image.
+
+    Each image has its own generator, so it is the image the request would get alone with
+    the same seed (up to batched-matmul rounding). All requests must share `batch_key`.
+    """
+    import torch
+
+    if not requests:
+        return []
+    keys = {batch_key(loaded, r) for r in requests}
+    if len(keys) != 1:
+        raise ValueError("requests in one batch must share size, steps, guidance and CFG mode")
+    width, height, steps, guidance = resolved_params(loaded, requests[0])
+    pipe = loaded.pipeline
+    accepts = set(inspect.signature(pipe.__call__).parameters)
+
+    seeds_per_req = [
+        image_seeds(r.seed if r.seed is not None else random_seed(), r.num_images) for r in requests
+    ]
+    prompts: list[str] = []
+    negatives: list[str] = []
+    generators: list[torch.Generator] = []
+    # Generators live on CPU: the same seed gives the same initial noise on every device.
+    for req, seeds in zip(requests, seeds_per_req, strict=True):
+        for s in seeds:
+            prompts.append(req.prompt)
+            negatives.append(req.negative_prompt or "")
+            generators.append(torch.Generator("cpu").manual_seed(s))
+
+    kwargs = _call_kwargs(loaded, accepts)
+    kwargs.update(
+        prompt=prompts,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generators,
+    )
+    if requests[0].negative_prompt is not None and "negative_prompt" in accepts:
+        kwargs["negative_prompt"] = negatives
+        if "true_cfg_scale" in accepts:
+            # Flux's guidance_scale is a distilled embedding; a negative prompt only acts
+            # through true CFG, so turn it on when one is given.
+            kwargs["true_cfg_scale"] = max(guidance, 1.5)
+
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def _on_step(_pipe: Any, step: int, _t: Any, cb_kwargs: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+        if step_callback is not None:
+            step_callback(step, step_times[-1])
+        return cb_kwargs
+
+    if "callback_on_step_end" in accepts:
+        kwargs["callback_on_step_end"] = _on_step
+
+    start = time.perf_counter()
+    # no_grad, not inference_mode: quanto's int4/int2 kernels set version counters, which
+    # inference tensors refuse.
+    with torch.no_grad():
+        output = pipe(**kwargs)
+    elapsed = time.perf_counter() - start
+    images = list(output.images)
+
+    results = []
+    offset = 0
+    for req, seeds in zip(requests, seeds_per_req, strict=True):
+        results.append(
+            GenerationResult(
+                images=images[offset : offset + len(seeds)],
+                seeds=seeds,
+                width=width,
+                height=height,
+                steps=steps,
+                inference_seconds=elapsed,
+                timings={
+                    "step_seconds_mean": sum(step_times) / len(step_times) if step_times else 0.0,
+                    "batch_images": float(len(images)),
+                },
+            )
+        )
+        offset += len(seeds)
+    return results
+
+
+def generate(
+    loaded: LoadedPipeline,
+    request: GenerationRequest,
+    *,
+    step_callback: Callable[[int, float], None] | None = None,
+) -> GenerationResult:
+    """Generate `request.num_images` images; deterministic for a given seed."""
+    return generate_batch(loaded, [request], step_callback=step_callback)[0]

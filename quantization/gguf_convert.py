@@ -1,0 +1,58 @@
+"""Write a diffusers-format .gguf of a pipeline's denoiser with the `gguf` package.
+
+Tensor names stay diffusers' own, so `from_single_file(..., config=<model dir>)` maps them
+directly (the BFL-name converter in diffusers hard-codes Flux-dev sizes and cannot be used for
+small models). Weights whose rows are not a multiple of the block size stay F32, as
+llama.cpp's converters do for norms and biases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quantization.backends.gguf import GGUFBackend
+
+WRITABLE = GGUFBackend.quant_types
+
+
+def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quant_type: str = "Q8_0") -> Path:
+    import gguf
+    import numpy as np
+    import torch
+
+    if quant_type not in WRITABLE:
+        raise ValueError(
+            f"quant type {quant_type!r} cannot be written; allowed: {', '.join(WRITABLE)}"
+        )
+    model_dir = Path(model_dir)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    denoiser = "transformer" if "transformer" in index else "unet"
+    import diffusers
+
+    model_cls = getattr(diffusers, index[denoiser][1])
+    model = model_cls.from_pretrained(model_dir, subfolder=denoiser, torch_dtype=torch.float32)
+    if getattr(model.config, "quantization_config", None):
+        raise ValueError(f"{model_dir} is already quantized; convert an unquantized model")
+
+    qtype = gguf.GGMLQuantizationType[quant_type]
+    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out_path), arch=index["_class_name"].lower())
+    writer.add_string("qdserve.denoiser_class", index[denoiser][1])
+    writer.add_string("qdserve.quant_type", quant_type)
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().to(torch.float32).contiguous().numpy()
+        if data.ndim >= 2 and data.shape[-1] % block_size == 0:
+            if qtype == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(name, data.astype(np.float16))
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
