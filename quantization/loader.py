@@ -182,10 +182,7 @@ def _model_defaults(pipe: Any, source: str, denoiser: str) -> ModelDefaults:
     if meta.get("embedded"):
         meta = {"default_size": 32, "default_steps": 4, **meta}
     size = int(meta.get("default_size") or (default_sample * vae_scale if default_sample else 1024))
-    if meta.get("embedded") or meta.get("default_size"):
-        seq = T5_MAX_LENGTH
-    else:
-        seq = None
+    seq = T5_MAX_LENGTH if meta.get("embedded") or meta.get("default_size") else None
     return ModelDefaults(
         size=size,
         steps=int(meta.get("default_steps") or (4 if meta.get("embedded") else 28)),

@@ -6,7 +6,7 @@ message that names the variable and the allowed values.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,7 +26,7 @@ KNOWN_COMPONENTS = (
 DENOISERS = ("transformer", "unet")
 
 
-class OffloadMode(str, Enum):
+class OffloadMode(StrEnum):
     none = "none"
     model = "model"
     sequential = "sequential"
@@ -100,7 +100,7 @@ class QuantSettings(BaseSettings):
     @field_validator("components_to_quantize")
     @classmethod
     def _components_known(cls, value: list[str]) -> list[str]:
-        allowed = ("denoiser",) + KNOWN_COMPONENTS
+        allowed = ("denoiser", *KNOWN_COMPONENTS)
         bad = [c for c in value if c not in allowed]
         if bad:
             raise ValueError(
