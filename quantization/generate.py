@@ -152,7 +152,7 @@ def generate_batch(
 
     results = []
     offset = 0
-    for req, seeds in zip(requests, seeds_per_req, strict=True):
+    for seeds in seeds_per_req:
         results.append(
             GenerationResult(
                 images=images[offset : offset + len(seeds)],
