@@ -60,7 +60,7 @@ RUN pip install -c constraints.txt ".[${EXTRAS}]" \
 ########################################################################################
 FROM ${BASE_IMAGE} AS runtime
 
-ARG QDS_UID=10001
+ARG APP_UID=10001
 
 # python3 only (the venv brings everything else). g++ is left out of the runtime: quanto's
 # int4/int2 kernels compile a C++ extension on first use and need g++ + ninja (use
@@ -69,8 +69,8 @@ ARG QDS_UID=10001
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && groupadd --gid "$QDS_UID" qds \
-    && useradd --uid "$QDS_UID" --gid qds --home-dir /home/qds --create-home --shell /usr/sbin/nologin qds \
+    && groupadd --gid "$APP_UID" qds \
+    && useradd --uid "$APP_UID" --gid qds --home-dir /home/qds --create-home --shell /usr/sbin/nologin qds \
     && mkdir -p /data/hf /data/qdserve \
     && chown -R qds:qds /data
 
@@ -94,7 +94,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME ["/data"]
 WORKDIR /home/qds
 # Numeric ids so Kubernetes runAsNonRoot can verify them without /etc/passwd.
-USER ${QDS_UID}:${QDS_UID}
+USER ${APP_UID}:${APP_UID}
 EXPOSE 8000
 
 # /healthz is "alive" (the model may still be loading; readiness is /readyz). No curl in the
