@@ -617,7 +617,7 @@ def test_deploy_metrics_exist() -> None:
 
 
 def _deploy_text_files() -> list[Path]:
-    files = [DOCKERFILE, COMPOSE]
+    files = [DOCKERFILE, COMPOSE, ROOT / "docs" / "deploy.md"]
     for path in sorted(DEPLOY.rglob("*")):
         if (
             path.is_file()
