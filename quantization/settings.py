@@ -120,6 +120,12 @@ class QuantSettings(BaseSettings):
                 f"QDS_QUANT_TYPE={self.quant_type!r} is not a quant type of backend "
                 f"{backend.key!r}; allowed: {', '.join(backend.quant_types)}"
             )
+        encoders = [c for c in self.components_to_quantize if c.startswith("text_encoder")]
+        if encoders and not backend.supports_text_encoders:
+            raise ValueError(
+                f"QDS_COMPONENTS_TO_QUANTIZE includes {encoders}, but backend {backend.key!r} "
+                "cannot quantize transformers text encoders; use denoiser only"
+            )
         if backend.key == "gguf":
             if self.gguf_file is None:
                 raise ValueError(

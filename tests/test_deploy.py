@@ -87,7 +87,9 @@ def _full_resources() -> list[tuple[Path, dict]]:
 
 
 def _kustomize(target: Path) -> list[dict]:
-    kubectl = _tool("kubectl", "apt-get install kubectl, or any kubectl >= 1.27")
+    kubectl = _tool(
+        "kubectl", "kubectl >= 1.27 from pkgs.k8s.io; Debian's kubernetes-client is too old"
+    )
     ver = _run([kubectl, "version", "--client"])
     match = re.search(r"Kustomize Version: v(\d+)", ver.stdout)
     if not match or int(match.group(1)) < 4:
@@ -363,6 +365,34 @@ def test_k8s_overlay_renders_and_validates(overlay: Path) -> None:
     else:
         assert gpu == 1, "one GPU per replica"
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_k8s_overlay_patches_valid(overlay: Path) -> None:
+    """Without rendering: every patch file exists and targets a base resource; patches that are
+    whole resources validate strictly; JSON 6902 patches are well-formed operations."""
+    kust = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kust["resources"] == ["../../base"]
+    for component in kust.get("components", []):
+        assert (overlay / component / "kustomization.yaml").is_file()
+    base = {(d["kind"], d["metadata"]["name"]) for _, d in _full_resources()}
+    assert kust["patches"]
+    for patch in kust["patches"]:
+        path = overlay / patch["path"]
+        docs = _yaml_docs(path)
+        if "target" in patch:  # JSON 6902
+            assert (patch["target"]["kind"], patch["target"]["name"]) in base
+            (ops,) = docs
+            for op in ops:
+                assert op["op"] in ("add", "remove", "replace", "copy", "move", "test")
+                assert op["path"].startswith("/spec/"), op
+                assert ("value" in op) == (op["op"] in ("add", "replace", "test")), op
+            continue
+        for doc in docs:  # strategic merge
+            assert (doc["kind"], doc["metadata"]["name"]) in base, f"{path}: no such resource"
+            if doc["kind"] in ("ConfigMap", "PersistentVolumeClaim"):
+                for version in K8S_VERSIONS:
+                    kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_k8s_base_renders() -> None:

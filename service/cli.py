@@ -1,0 +1,168 @@
+"""`qdserve` command line: serve, backends, quantize, convert-gguf, bench, train-demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _settings_error(exc: Exception) -> int:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            var = f"QDS_{loc.upper()}" if loc != "settings" else "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            print(f"qdserve: invalid {var}: {msg}", file=sys.stderr)
+    else:
+        print(f"qdserve: {exc}", file=sys.stderr)
+    return 2
+
+
+def backend_table() -> list[dict[str, str]]:
+    """Every backend and quant type with whether it runs on this machine, and why not."""
+    from quantization.backends import BACKENDS
+    from quantization.environment import detect_device
+
+    device = detect_device()
+    rows = []
+    for backend in BACKENDS.values():
+        for qtype in backend.quant_types or (None,):
+            reason = backend.unavailable_reason(qtype, device, "auto")
+            rows.append(
+                {
+                    "backend": backend.key,
+                    "quant_type": qtype or "-",
+                    "library": f"{backend.distribution} {backend.library_version() or '-'}"
+                    if backend.distribution
+                    else "-",
+                    "available": "yes" if reason is None else "no",
+                    "why_not": reason or "",
+                }
+            )
+    return rows
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from quantization.environment import detect_device
+
+    rows = backend_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"device: {detect_device().label}")
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0] if k != "why_not"}
+    header = "  ".join(k.ljust(w) for k, w in widths.items()) + "  why not"
+    print(header)
+    for r in rows:
+        print("  ".join(r[k].ljust(w) for k, w in widths.items()) + "  " + r["why_not"])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.settings import ServiceSettings
+
+    try:
+        svc = ServiceSettings()
+        from quantization.settings import QuantSettings
+
+        QuantSettings()  # validate the quantization env before binding the port
+    except Exception as exc:
+        return _settings_error(exc)
+    from service.server import serve
+
+    serve(args.host or svc.host, args.port or svc.port)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantization.prequantize import quantize_and_save
+    from quantization.settings import QuantSettings
+
+    overrides = {k: v for k, v in {"quant_backend": args.backend, "quant_type": args.quant_type,
+                                   "model": args.model}.items() if v}
+    try:
+        settings = QuantSettings(**overrides)
+        out = quantize_and_save(settings, args.output)
+    except Exception as exc:
+        return _settings_error(exc)
+    print(f"saved pre-quantized pipeline to {out} (serve it with QDS_MODEL={out})")
+    return 0
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from quantization.gguf_convert import convert_to_gguf
+    from quantization.loader import resolve_model
+    from quantization.settings import QuantSettings
+
+    try:
+        settings = QuantSettings(model=args.model) if args.model else QuantSettings()
+        _, source = resolve_model(settings)
+        out = convert_to_gguf(source, args.output, args.quant_type)
+    except Exception as exc:
+        return _settings_error(exc)
+    print(f"wrote {out} ({os.path.getsize(out)} bytes); serve it with "
+          f"QDS_QUANT_BACKEND=gguf QDS_GGUF_FILE={out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from service.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from quantization.demo.train import main as train_main
+
+    return int(train_main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the configured model over HTTP (uvicorn)")
+    p.add_argument("--host", default=None, help="bind address (QDS_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (QDS_PORT, default 8000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("backends", help="which backends and quant types run on this machine")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("quantize", help="quantize the model and save it pre-quantized")
+    p.add_argument("output", help="folder to write the pre-quantized pipeline to")
+    p.add_argument("--backend", help="overrides QDS_QUANT_BACKEND")
+    p.add_argument("--quant-type", help="overrides QDS_QUANT_TYPE")
+    p.add_argument("--model", help="overrides QDS_MODEL")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("convert-gguf", help="write the denoiser as a diffusers-format .gguf")
+    p.add_argument("output", help="path of the .gguf file to write")
+    p.add_argument("--quant-type", default="Q8_0",
+                   help="Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16 or BF16 (default Q8_0)")
+    p.add_argument("--model", help="overrides QDS_MODEL")
+    p.set_defaults(func=cmd_convert_gguf)
+
+    p = sub.add_parser("bench", help="benchmarks; results go to docs/benchmarks/")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train-demo", help="train the demo shapes model on CPU")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Bad settings fail at start-up with a message naming the variable and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from quantization.settings import QuantSettings
+from service.settings import ServiceSettings, parse_bytes
+
+
+def _error(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError) as info:
+        QuantSettings()
+    return str(info.value)
+
+
+def test_defaults_are_the_embedded_model_unquantized() -> None:
+    s = QuantSettings()
+    assert (s.model, s.quant_backend, s.resolved_quant_type) == ("embedded", "none", None)
+    assert s.components_to_quantize == ["denoiser"]
+
+
+def test_unknown_backend_names_variable_and_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _error(monkeypatch, QDS_QUANT_BACKEND="int3magic")
+    assert "QDS_QUANT_BACKEND='int3magic' is not a backend" in msg
+    assert "bitsandbytes_4bit" in msg and "modelopt" in msg
+
+
+def test_wrong_quant_type_for_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _error(monkeypatch, QDS_QUANT_BACKEND="quanto", QDS_QUANT_TYPE="nf4")
+    assert "QDS_QUANT_TYPE='nf4' is not a quant type of backend 'quanto'" in msg
+    assert "int8, int4, int2, float8" in msg
+
+
+def test_modelopt_type_is_validated_not_silently_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _error(monkeypatch, QDS_QUANT_BACKEND="modelopt", QDS_QUANT_TYPE="FP6")
+    assert "FP8, INT8, INT4, NF4, NVFP4" in msg
+
+
+def test_gguf_needs_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _error(monkeypatch, QDS_QUANT_BACKEND="gguf")
+    assert "QDS_QUANT_BACKEND=gguf needs QDS_GGUF_FILE" in msg
+
+
+def test_gguf_file_must_exist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    msg = _error(monkeypatch, QDS_QUANT_BACKEND="gguf", QDS_GGUF_FILE=str(missing))
+    assert f"QDS_GGUF_FILE='{missing}' does not exist" in msg
+
+
+def test_unknown_component(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _error(monkeypatch, QDS_COMPONENTS_TO_QUANTIZE="denoiser,text_encoder_9")
+    assert "QDS_COMPONENTS_TO_QUANTIZE has unknown component(s) ['text_encoder_9']" in msg
+
+
+def test_gguf_cannot_quantize_text_encoders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"")
+    msg = _error(
+        monkeypatch,
+        QDS_QUANT_BACKEND="gguf",
+        QDS_GGUF_FILE=str(f),
+        QDS_COMPONENTS_TO_QUANTIZE="denoiser,text_encoder_2",
+    )
+    assert "cannot quantize transformers text encoders" in msg
+
+
+def test_bad_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _error(monkeypatch, QDS_COMPUTE_DTYPE="float7")
+    assert "compute_dtype" in msg and "'bfloat16'" in msg
+
+
+def test_bad_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _error(monkeypatch, QDS_DEVICE="tpu")
+    assert "QDS_DEVICE='tpu'; allowed: auto, cpu, cuda, cuda:N" in msg
+
+
+def test_lists_parse_from_comma_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QDS_COMPONENTS_TO_QUANTIZE", "denoiser, text_encoder_2")
+    monkeypatch.setenv("QDS_MODULES_TO_NOT_CONVERT", "proj_out,norm_out")
+    s = QuantSettings()
+    assert s.components_to_quantize == ["denoiser", "text_encoder_2"]
+    assert s.modules_to_not_convert == ["proj_out", "norm_out"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8GB", 8 * 10**9), ("512MiB", 512 * 2**20), ("1234", 1234), ("", None), ("1.5G", 1_500_000_000)],
+)
+def test_memory_budget_units(text: str, expected: int | None) -> None:
+    assert parse_bytes(text) == expected
+
+
+def test_memory_budget_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QDS_CACHE_MEMORY_BUDGET", "lots")
+    with pytest.raises(ValidationError, match="QDS_CACHE_MEMORY_BUDGET='lots' is not a size"):
+        ServiceSettings()
+
+
+def test_cli_serve_refuses_bad_env_before_binding() -> None:
+    env = {"QDS_QUANT_BACKEND": "bitsandbytes_4bit", "QDS_QUANT_TYPE": "int8", "PATH": "/usr/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=env, capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 2
+    assert "QDS_QUANT_TYPE='int8' is not a quant type of backend 'bitsandbytes_4bit'" in proc.stderr
+    assert "Traceback" not in proc.stderr
