@@ -80,6 +80,11 @@ class ServiceSettings(BaseSettings):
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."
     )
+    shutdown_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a graceful shutdown waits for running / queued requests.",
+    )
 
     @field_validator("preload", "warmup_sizes", mode="before")
     @classmethod

@@ -1,0 +1,62 @@
+"""The FastAPI application: `create_app()` wires settings, cache, worker, metrics and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from quantization.settings import QuantSettings
+from service.engine import ServiceState
+from service.errors import install_error_handlers
+from service.middleware import RequestContextMiddleware
+from service.routes import ROUTERS
+from service.settings import ServiceSettings
+
+log = logging.getLogger("qdserve.app")
+
+DESCRIPTION = """
+Image generation with Hugging Face diffusers pipelines quantized by the backend named in
+`QDS_QUANT_BACKEND`. `POST /v1/images/generations` is OpenAI compatible (use the official
+`openai` client); `POST /v1/generate` returns raw image bytes for curl.
+"""
+
+
+def create_app(
+    quant: QuantSettings | None = None, service: ServiceSettings | None = None
+) -> FastAPI:
+    """Build the app. Settings default to the environment (`QDS_*`).
+
+    Start-up loads the default model on a background thread, so /healthz answers at once and
+    /readyz says 503 (with the reason) until the model is loaded and warm.
+    """
+    quant = quant if quant is not None else QuantSettings()
+    service = service if service is not None else ServiceSettings()
+    state = ServiceState(quant=quant, settings=service)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.start()
+        try:
+            yield
+        finally:
+            # uvicorn has already waited for in-flight requests (timeout_graceful_shutdown);
+            # anything still queued is answered 503, a running batch finishes.
+            await asyncio.to_thread(state.stop, service.shutdown_timeout)
+
+    app = FastAPI(
+        title="qdserve",
+        summary="Quantized diffusers pipelines over HTTP",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.qds = state
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestContextMiddleware)
+    return app

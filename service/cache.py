@@ -1,0 +1,297 @@
+"""Model cache: loaded pipelines keyed by (model, backend, quant type, compute dtype).
+
+- LRU, bounded by an entry count and by a memory budget (the real storage bytes of each
+  pipeline, `LoadedPipeline.storage_bytes`).
+- An entry is leased while a request holds it (queued or running); leased entries are never
+  evicted. Eviction calls `LoadedPipeline.release()`, which really frees the tensors.
+- Single flight: concurrent misses on one key share one load (a `concurrent.futures.Future`).
+- A failed load is set on that future (every waiter sees it) and is not cached, so the next
+  request starts a fresh load.
+- Loads run one at a time on a dedicated thread: two pipelines loading at once would double
+  the peak memory, and loading must never block the event loop or the inference worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from quantization.embedded import EMBEDDED_MODEL_ID
+from quantization.settings import QuantSettings
+
+if TYPE_CHECKING:
+    from quantization.loader import LoadedPipeline
+    from service.metrics import Metrics
+
+log = logging.getLogger("qdserve.cache")
+
+
+@dataclass(frozen=True, order=True)
+class ModelKey:
+    model: str
+    backend: str
+    quant_type: str | None
+    compute_dtype: str
+
+    @property
+    def variant_id(self) -> str:
+        """The id `GET /v1/models` lists and `model` accepts: model:backend[:quant_type]."""
+        return ":".join(p for p in (self.model, self.backend, self.quant_type) if p)
+
+    def label(self) -> str:
+        return f"{self.backend}:{self.quant_type}" if self.quant_type else self.backend
+
+
+def model_id(settings: QuantSettings) -> str:
+    return EMBEDDED_MODEL_ID if settings.model in ("", "embedded") else settings.model
+
+
+def key_for(settings: QuantSettings) -> ModelKey:
+    """The cache key of a settings variant, with `auto` resolved so equal pipelines match."""
+    from quantization.environment import resolve_device
+    from quantization.loader import resolve_dtype
+
+    dtype = resolve_dtype(settings.compute_dtype, resolve_device(settings.device))
+    backend = settings.quant_backend
+    return ModelKey(
+        model=model_id(settings),
+        backend=backend,
+        quant_type=None if backend == "none" else settings.resolved_quant_type,
+        compute_dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+@dataclass
+class Entry:
+    key: ModelKey
+    loaded: LoadedPipeline
+    in_use: int = 0
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.loaded.storage_bytes
+
+
+class Lease:
+    """Holds an entry in use; `release()` (idempotent) lets it be evicted again."""
+
+    def __init__(self, cache: ModelCache, entry: Entry) -> None:
+        self._cache = cache
+        self.entry = entry
+        self._released = False
+
+    @property
+    def loaded(self) -> LoadedPipeline:
+        return self.entry.loaded
+
+    @property
+    def key(self) -> ModelKey:
+        return self.entry.key
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._cache._release(self.entry)
+
+
+class ModelCache:
+    def __init__(
+        self,
+        loader: Callable[[QuantSettings], LoadedPipeline],
+        *,
+        max_entries: int,
+        memory_budget: int | None,
+        metrics: Metrics | None = None,
+        on_loaded: Callable[[ModelKey, LoadedPipeline], None] | None = None,
+    ) -> None:
+        # `loader` is an attribute on purpose: tests wrap it to count or fail loads.
+        self.loader = loader
+        self.max_entries = max_entries
+        self.memory_budget = memory_budget
+        self.metrics = metrics
+        self.on_loaded = on_loaded
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[ModelKey, Entry] = collections.OrderedDict()
+        self._loading: dict[ModelKey, concurrent.futures.Future[Entry]] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qds-load")
+        self.load_counts: collections.Counter[ModelKey] = collections.Counter()
+        self.evictions: list[ModelKey] = []
+        self._closed = False
+
+    # -- queries -----------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def loaded_keys(self) -> list[ModelKey]:
+        with self._lock:
+            return list(self._entries)
+
+    def is_loaded(self, key: ModelKey) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def is_loading(self, key: ModelKey) -> bool:
+        with self._lock:
+            return key in self._loading
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(e.storage_bytes for e in self._entries.values())
+
+    # -- loading -----------------------------------------------------------------------
+    def load(self, key: ModelKey, settings: QuantSettings) -> concurrent.futures.Future[Entry]:
+        """Start (or join) the load of `key`; the future resolves to its entry."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("model cache is closed")
+            entry = self._entries.get(key)
+            if entry is not None:
+                done: concurrent.futures.Future[Entry] = concurrent.futures.Future()
+                done.set_result(entry)
+                return done
+            fut = self._loading.get(key)
+            if fut is None:
+                fut = concurrent.futures.Future()
+                self._loading[key] = fut
+                self._executor.submit(self._load, key, settings, fut)
+            return fut
+
+    def _load(self, key: ModelKey, settings: QuantSettings, fut: concurrent.futures.Future) -> None:
+        # Make room first: with the entry cap full, evicting before loading keeps the peak at
+        # max_entries pipelines instead of max_entries + 1.
+        self._evict(reserve=1)
+        self.load_counts[key] += 1
+        log.info("loading model variant %s", key.variant_id)
+        try:
+            loaded = self.loader(settings)
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(key, None)
+            if self.metrics:
+                self.metrics.model_loads.labels(key.backend, "failure").inc()
+            log.warning("loading %s failed: %s", key.variant_id, exc)
+            fut.set_exception(exc)
+            return
+        entry = Entry(key, loaded)
+        with self._lock:
+            self._loading.pop(key, None)
+            closed = self._closed
+            if not closed:
+                self._entries[key] = entry
+        if closed:  # shut down while loading: nobody will use it
+            loaded.release()
+            fut.set_exception(RuntimeError("the server is shutting down"))
+            return
+        with self._lock:
+            if self.metrics:
+                self.metrics.cache_entries.set(len(self._entries))
+        if self.metrics:
+            self.metrics.model_loads.labels(key.backend, "success").inc()
+            self.metrics.loaded(loaded)
+        log.info(
+            "loaded %s in %.2fs (%d bytes)", key.variant_id, loaded.load_seconds,
+            loaded.storage_bytes,
+        )
+        if self.on_loaded:
+            self.on_loaded(key, loaded)
+        self._evict(protect=key)
+        fut.set_result(entry)
+
+    async def acquire(
+        self, key: ModelKey, settings: QuantSettings, *, allow_load: bool = True
+    ) -> Lease:
+        """Lease the entry for `key`, loading it (single flight) if needed and allowed.
+
+        Raises `LookupError` when the key is neither loaded nor loading and loading is not
+        allowed, and whatever the loader raised when the load failed.
+        """
+        # A loaded entry can be evicted between the end of its load and our lease (another
+        # load finishing in between): retry a couple of times instead of failing.
+        for _ in range(3):
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.in_use += 1
+                    self._entries.move_to_end(key)
+                    if self.metrics:
+                        self.metrics.cache_hits.inc()
+                    return Lease(self, entry)
+                if not allow_load and key not in self._loading:
+                    raise LookupError(key)
+            if self.metrics:
+                self.metrics.cache_misses.inc()
+            # shield: a waiter that times out must not cancel the load others wait for.
+            await asyncio.shield(asyncio.wrap_future(self.load(key, settings)))
+            allow_load = True
+        raise RuntimeError(f"model variant {key.variant_id} was evicted while loading; retry")
+
+    # -- eviction ----------------------------------------------------------------------
+    def _release(self, entry: Entry) -> None:
+        with self._lock:
+            entry.in_use -= 1
+        # An entry that was leased when limits were exceeded may be evictable now.
+        self._evict()
+
+    def _evict(self, reserve: int = 0, protect: ModelKey | None = None) -> None:
+        victims: list[Entry] = []
+        with self._lock:
+            while True:
+                over_count = len(self._entries) + reserve > self.max_entries
+                over_bytes = (
+                    self.memory_budget is not None
+                    and sum(e.storage_bytes for e in self._entries.values()) > self.memory_budget
+                )
+                if not (over_count or over_bytes):
+                    break
+                # Least recently used first; never an entry in use, never the one just loaded,
+                # never the most recently used one (a budget smaller than one pipeline must
+                # still leave one pipeline to serve with).
+                newest = next(reversed(self._entries), None)
+                victim = next(
+                    (
+                        e
+                        for k, e in self._entries.items()
+                        if e.in_use == 0 and k != protect and k != newest
+                    ),
+                    None,
+                )
+                if victim is None:
+                    if over_bytes or over_count:
+                        log.debug("cache over its limits but every entry is in use")
+                    break
+                del self._entries[victim.key]
+                victims.append(victim)
+            if self.metrics:
+                self.metrics.cache_entries.set(len(self._entries))
+        for victim in victims:
+            log.info("evicting %s (%d bytes)", victim.key.variant_id, victim.storage_bytes)
+            self.evictions.append(victim.key)
+            if self.metrics:
+                self.metrics.cache_evictions.inc()
+                self.metrics.evicted(victim.loaded)
+            victim.loaded.release()
+
+    def close(self) -> None:
+        """Drop every entry (shutdown); a load in progress finishes and is then dropped."""
+        with self._lock:
+            self._closed = True
+            entries = list(self._entries.values())
+            self._entries.clear()
+            pending = [f for f in self._loading.values() if not f.done()]
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for fut in pending:
+            # Loads cancelled before they started would otherwise never answer their waiters.
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                fut.set_exception(RuntimeError("the server is shutting down"))
+        for entry in entries:
+            entry.loaded.release()

@@ -1,0 +1,410 @@
+"""The service's state and the request path shared by every generation endpoint.
+
+request -> pick the cache variant -> lease it (single-flight load) -> check the size against
+the model -> enqueue a job for the worker -> await it under the deadline (cancelling it if
+the client leaves) -> encode the images in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from quantization.backends import BackendUnavailable
+from quantization.generate import GenerationRequest, batch_key, generate, random_seed
+from quantization.loader import ModelLoadError, load_pipeline
+from quantization.settings import QuantSettings
+from service.cache import ModelCache, ModelKey, key_for, model_id
+from service.errors import APIError
+from service.imaging import encode_all
+from service.metrics import Metrics
+from service.settings import ServiceSettings
+from service.validation import check_multiple
+from service.worker import (
+    InferenceWorker,
+    Job,
+    JobResult,
+    OutOfMemory,
+    QueueFull,
+    ShuttingDown,
+)
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+    from quantization.loader import LoadedPipeline
+
+log = logging.getLogger("qdserve.engine")
+
+# Disconnect polling period while a request waits: short enough that a departed client's
+# queued job is dropped before the worker reaches it in most cases, long enough to be free.
+_POLL_S = 0.1
+WARMUP_STEPS = 2
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; nothing will read the answer."""
+
+
+@dataclass
+class Outcome:
+    key: ModelKey
+    images: list[bytes]
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    queue_seconds: float
+    inference_seconds: float
+    encode_seconds: float
+    batch_images: int
+
+
+def default_warmup(loaded: LoadedPipeline, sizes: list[tuple[int, int]]) -> None:
+    """One short generation per size, so compilation happens before the first user request."""
+    for width, height in sizes:
+        start = time.perf_counter()
+        generate(
+            loaded,
+            GenerationRequest(
+                "warm-up", num_inference_steps=WARMUP_STEPS, seed=0, width=width, height=height
+            ),
+        )
+        log.info("warm-up %dx%d took %.1fs", width, height, time.perf_counter() - start)
+
+
+def compile_denoiser(loaded: LoadedPipeline) -> None:
+    """Regional compilation: compile one repeated block once, reuse it for all of them."""
+    pipe = loaded.pipeline
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if denoiser is None or not hasattr(denoiser, "compile_repeated_blocks"):
+        raise ModelLoadError("QDS_COMPILE=1 but this pipeline's denoiser has no repeated blocks")
+    denoiser.compile_repeated_blocks()
+
+
+@dataclass
+class ServiceState:
+    quant: QuantSettings
+    settings: ServiceSettings
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: bool = False
+    reason: str = "starting"
+    warnings: list[str] = field(default_factory=list)
+    # Hooks, replaceable before start-up (tests, benchmarks).
+    warmup: Callable[[LoadedPipeline, list[tuple[int, int]]], None] = default_warmup
+    compile: Callable[[LoadedPipeline], None] = compile_denoiser
+    load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
+
+    def __post_init__(self) -> None:
+        self.default_key = key_for(self.quant)
+        self.model_id = model_id(self.quant)
+        self.preload_variants: dict[ModelKey, QuantSettings] = {}
+        self.cache = ModelCache(
+            self._load_variant,
+            max_entries=self.settings.cache_max_entries,
+            memory_budget=self.settings.cache_memory_budget,
+            metrics=self.metrics,
+            on_loaded=self._on_loaded,
+        )
+        self.worker = InferenceWorker(
+            max_queue=self.settings.max_queue,
+            batch_window_s=self.settings.batch_window_ms / 1000.0,
+            max_batch=self.settings.max_batch,
+            metrics=self.metrics,
+        )
+        self._startup_done = threading.Event()
+        self._startup_thread: threading.Thread | None = None
+
+    # -- start-up / shut-down ----------------------------------------------------------
+    def warmup_sizes(self, loaded: LoadedPipeline) -> list[tuple[int, int]]:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in self.settings.warmup_sizes]
+        return [(w, h) for w, h in sizes] or [(loaded.defaults.size, loaded.defaults.size)]
+
+    def _load_variant(self, settings: QuantSettings) -> LoadedPipeline:
+        loaded = self.load(settings)
+        try:
+            if self.settings.compile:
+                self.compile(loaded)
+            if self.settings.compile or self.settings.warmup_sizes:
+                if key_for(settings) == self.default_key and not self._startup_done.is_set():
+                    self._set_reason("warming up " + ", ".join(self.settings.warmup_sizes or
+                                                               ["the default size"]))
+                self.warmup(loaded, self.warmup_sizes(loaded))
+        except BaseException:
+            loaded.release()
+            raise
+        return loaded
+
+    def _on_loaded(self, key: ModelKey, _loaded: LoadedPipeline) -> None:
+        # A default model that failed at start-up and later loads on a request: ready now.
+        if key == self.default_key and self._startup_done.is_set() and not self.ready:
+            self._set_ready()
+
+    def _set_reason(self, reason: str) -> None:
+        self.reason = reason
+        log.info("not ready: %s", reason)
+
+    def _set_ready(self) -> None:
+        self.ready = True
+        self.reason = "ready"
+        self.metrics.model_ready.set(1)
+        log.info("ready: serving %s", self.default_key.variant_id)
+
+    def start(self) -> None:
+        """Start the worker, and load the default model (and preloads) in the background."""
+        self.worker.start()
+        for spec in self.settings.preload:
+            backend, _, qtype = spec.partition(":")
+            try:
+                variant = self.quant.with_backend(backend.strip(), qtype.strip() or None)
+            except ValidationError as exc:
+                self.warnings.append(f"QDS_PRELOAD entry {spec!r} is invalid: {_first(exc)}")
+                continue
+            key = key_for(variant)
+            if key != self.default_key:
+                self.preload_variants[key] = variant
+        self._startup_thread = threading.Thread(
+            target=self._startup, name="qds-startup", daemon=True
+        )
+        self._startup_thread.start()
+
+    def _startup(self) -> None:
+        self._set_reason(f"loading {self.default_key.variant_id}")
+        try:
+            self.cache.load(self.default_key, self.quant).result()
+        except Exception as exc:
+            self._set_reason(f"loading {self.default_key.variant_id} failed: {exc}")
+            log.error("default model failed to load: %s", exc)
+            self._startup_done.set()
+            return
+        for key, variant in self.preload_variants.items():
+            try:
+                self.cache.load(key, variant).result()
+            except Exception as exc:
+                msg = f"preloading {key.variant_id} failed: {exc}"
+                self.warnings.append(msg)
+                log.warning(msg)
+        self._startup_done.set()
+        self._set_ready()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        return self._startup_done.wait(timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.ready = False
+        self.reason = "shutting down"
+        self.metrics.model_ready.set(0)
+        self.worker.stop(timeout)
+        self.cache.close()
+
+    # -- choosing a cache variant ------------------------------------------------------
+    def select(
+        self, model: str | None, quant_backend: str | None, quant_type: str | None
+    ) -> tuple[ModelKey, QuantSettings]:
+        backend, qtype = quant_backend, quant_type
+        if model and model not in ("embedded", self.model_id, self.quant.model):
+            prefix = self.model_id + ":"
+            if not model.startswith(prefix):
+                raise APIError(
+                    404,
+                    f"model {model!r} is not served here; GET /v1/models lists the ids "
+                    f"(e.g. {self.model_id!r})",
+                    param="model",
+                    code="model_not_found",
+                )
+            m_backend, _, m_qtype = model[len(prefix):].partition(":")
+            if backend is not None and backend != m_backend:
+                raise APIError(
+                    400,
+                    f"quant_backend {backend!r} contradicts model {model!r}",
+                    param="quant_backend",
+                    code="invalid_value",
+                )
+            backend, qtype = m_backend, qtype or m_qtype or None
+        if backend is None and qtype is None:
+            return self.default_key, self.quant
+        try:
+            variant = self.quant.with_backend(
+                backend if backend is not None else self.quant.quant_backend, qtype
+            )
+        except ValidationError as exc:
+            msg = _first(exc).replace("QDS_QUANT_BACKEND=", "quant_backend=")
+            param = "quant_type" if "QDS_QUANT_TYPE" in msg else "quant_backend"
+            msg = msg.replace("QDS_QUANT_TYPE=", "quant_type=")
+            raise APIError(400, msg, param=param, code="invalid_value") from None
+        key = key_for(variant)
+        if key == self.default_key:
+            return key, self.quant
+        return key, variant
+
+    def public_id(self, key: ModelKey) -> str:
+        """The default variant is named by the bare model id; others by model:backend[:type]."""
+        return key.model if key == self.default_key else key.variant_id
+
+    def loaded_ids(self) -> list[str]:
+        return [k.variant_id for k in self.cache.loaded_keys()]
+
+    # -- the request path --------------------------------------------------------------
+    async def run(
+        self,
+        request: Request,
+        *,
+        model: str | None,
+        quant_backend: str | None,
+        quant_type: str | None,
+        gen: GenerationRequest,
+        output_format: str,
+        output_compression: int | None,
+        size_param: str,
+    ) -> Outcome:
+        deadline = time.monotonic() + self.settings.request_timeout
+        key, variant = self.select(model, quant_backend, quant_type)
+        allowed = (
+            key == self.default_key
+            or self.settings.allow_on_demand_load
+            or self.cache.is_loaded(key)
+            or self.cache.is_loading(key)
+        )
+        if not allowed:
+            raise self._not_loaded(key)
+        if not self.worker.accepting:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        try:
+            lease = await asyncio.wait_for(
+                self.cache.acquire(key, variant, allow_load=allowed),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+        except TimeoutError:
+            raise _timeout(self.settings.request_timeout, "waiting for the model to load") from None
+        except LookupError:
+            raise self._not_loaded(key) from None
+        except BackendUnavailable as exc:
+            raise APIError(
+                400, str(exc), param="quant_backend", code="backend_unavailable"
+            ) from None
+        except (ModelLoadError, ValueError, RuntimeError, OSError) as exc:
+            raise APIError(
+                503, f"loading {key.variant_id} failed: {exc}", code="model_load_failed",
+                kind="internal",
+            ) from None
+
+        job: Job | None = None
+        try:
+            loaded = lease.loaded
+            width = gen.width or loaded.defaults.size
+            height = gen.height or loaded.defaults.size
+            check_multiple(
+                width, height, loaded.defaults.size_multiple, loaded.defaults.size,
+                self.settings.max_pixels, size_param,
+            )
+            steps = gen.num_inference_steps or self.settings.default_steps or None
+            seed = gen.seed if gen.seed is not None else random_seed()
+            gen = GenerationRequest(
+                prompt=gen.prompt,
+                negative_prompt=gen.negative_prompt,
+                num_inference_steps=steps,
+                guidance_scale=gen.guidance_scale,
+                seed=seed,
+                width=width,
+                height=height,
+                num_images=gen.num_images,
+            )
+            loop = asyncio.get_running_loop()
+            job = Job(
+                request=gen,
+                lease=lease,
+                batch_key=(key, batch_key(loaded, gen)),
+                loop=loop,
+                future=loop.create_future(),
+                request_id=getattr(request.state, "request_id", None),
+            )
+            try:
+                self.worker.submit(job)
+            except QueueFull as exc:
+                raise APIError(
+                    429,
+                    f"the queue is full ({self.settings.max_queue} waiting); retry after "
+                    f"{exc.retry_after}s",
+                    code="queue_full",
+                    headers={"Retry-After": str(exc.retry_after)},
+                ) from None
+            except ShuttingDown:
+                raise APIError(503, "the server is shutting down", code="shutting_down") from None
+            result = await self._wait(request, job, deadline)
+        finally:
+            # Until the worker owns the job, the lease is ours to give back.
+            if job is None or job.state == "new":
+                lease.release()
+
+        start = time.perf_counter()
+        images = await asyncio.to_thread(
+            encode_all, result.result.images, output_format, output_compression
+        )
+        return Outcome(
+            key=key,
+            images=images,
+            seeds=result.result.seeds,
+            width=result.result.width,
+            height=result.result.height,
+            steps=result.result.steps,
+            queue_seconds=result.queue_seconds,
+            inference_seconds=result.result.inference_seconds,
+            encode_seconds=time.perf_counter() - start,
+            batch_images=result.batch_images,
+        )
+
+    async def _wait(self, request: Request, job: Job, deadline: float) -> JobResult:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                started = not self.worker.cancel(job)
+                raise _timeout(
+                    self.settings.request_timeout,
+                    "while running" if started else "while queued (removed from the queue)",
+                )
+            done, _ = await asyncio.wait({job.future}, timeout=min(_POLL_S, remaining))
+            if done:
+                break
+            if await request.is_disconnected():
+                removed = self.worker.cancel(job)
+                log.info("client left; job %s", "dropped before start" if removed else "abandoned")
+                raise ClientGone
+        try:
+            return job.future.result()
+        except OutOfMemory as exc:
+            raise APIError(
+                503,
+                f"out of memory while generating ({exc}); memory was released and the service "
+                "keeps serving: retry with fewer images, a smaller size or a smaller quant type",
+                code="out_of_memory",
+                kind="oom",
+            ) from None
+        except ShuttingDown:
+            raise APIError(503, "the server is shutting down", code="shutting_down") from None
+
+    def _not_loaded(self, key: ModelKey) -> APIError:
+        return APIError(
+            400,
+            f"{key.variant_id} is not loaded and on-demand loading is off "
+            f"(QDS_ALLOW_ON_DEMAND_LOAD); loaded: {', '.join(self.loaded_ids()) or 'none'}",
+            param="quant_backend",
+            code="model_not_loaded",
+        )
+
+
+def _timeout(limit: float, where: str) -> APIError:
+    return APIError(
+        504, f"request timed out after {limit:g}s (QDS_REQUEST_TIMEOUT) {where}", code="timeout"
+    )
+
+
+def _first(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return str(err.get("msg", exc)).removeprefix("Value error, ")

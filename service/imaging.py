@@ -1,0 +1,30 @@
+"""Image encoding (Pillow). Called through a thread: encoding must not block the event loop."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+def encode(image: Image, fmt: str, compression: int | None = None) -> bytes:
+    """png (lossless; compression ignored), jpeg / webp (compression = quality 0..100)."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        # Level 6 is Pillow's default trade-off; PNG is lossless whatever the level.
+        image.save(buf, format="PNG", compress_level=6)
+    elif fmt == "jpeg":
+        quality = 90 if compression is None else compression
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    elif fmt == "webp":
+        quality = 90 if compression is None else compression
+        image.save(buf, format="WEBP", quality=quality)
+    else:  # validated before; a bug if reached
+        raise ValueError(f"unknown image format {fmt!r}")
+    return buf.getvalue()
+
+
+def encode_all(images: list[Image], fmt: str, compression: int | None) -> list[bytes]:
+    return [encode(img, fmt, compression) for img in images]

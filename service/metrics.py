@@ -1,0 +1,169 @@
+"""Prometheus metrics: exactly the families in `service.metric_names`, in a per-app registry.
+
+A per-app `CollectorRegistry` (not the global default) lets tests run several apps in one
+process without "Duplicated timeseries" errors; the process / platform collectors are added to
+each registry so `process_*` memory gauges are still exported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from quantization.environment import detect_device, library_version
+
+# Image generation takes from tens of milliseconds (tiny models, CPU) to minutes (Flux-dev at
+# 1024x1024 with 50 steps on a small GPU): spread the buckets over that range.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class GpuMemoryCollector(Collector):
+    """Reads CUDA memory at scrape time; yields nothing at all without CUDA (no fake zeros)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a hard dependency
+            return
+        if not torch.cuda.is_available():
+            return
+        families = {
+            "allocated": GaugeMetricFamily(
+                "qds_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors",
+                labels=["device"],
+            ),
+            "reserved": GaugeMetricFamily(
+                "qds_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
+                labels=["device"],
+            ),
+            "peak": GaugeMetricFamily(
+                "qds_gpu_memory_peak_bytes", "Peak CUDA memory allocated since start",
+                labels=["device"],
+            ),
+            "total": GaugeMetricFamily(
+                "qds_gpu_memory_total_bytes", "Total memory of the device", labels=["device"]
+            ),
+        }
+        for index in range(torch.cuda.device_count()):
+            device = f"cuda:{index}"
+            families["allocated"].add_metric([device], torch.cuda.memory_allocated(index))
+            families["reserved"].add_metric([device], torch.cuda.memory_reserved(index))
+            families["peak"].add_metric([device], torch.cuda.max_memory_allocated(index))
+            families["total"].add_metric(
+                [device], torch.cuda.get_device_properties(index).total_memory
+            )
+        yield from families.values()
+
+
+class Metrics:
+    """All of the service's metric objects, registered in one registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(GpuMemoryCollector())
+
+        self.request_duration = Histogram(
+            "qds_request_duration_seconds", "HTTP request latency", ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "qds_queue_wait_seconds", "Time a request waited for the inference worker",
+            ["backend"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_duration = Histogram(
+            "qds_inference_duration_seconds", "Pipeline call duration (one batch)",
+            ["model", "backend", "quant_type"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.step_duration = Histogram(
+            "qds_step_duration_seconds", "Duration of one denoising step",
+            ["model", "backend", "quant_type"], buckets=STEP_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "qds_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+        )
+        self.images = Counter(
+            "qds_images_generated", "Images generated", ["backend"], registry=r
+        )
+        self.errors = Counter(
+            "qds_errors", "Errors by kind (validation, timeout, oom, internal, rejected)",
+            ["kind"], registry=r,
+        )
+        self.cache_hits = Counter("qds_cache_hits", "Model cache hits", registry=r)
+        self.cache_misses = Counter("qds_cache_misses", "Model cache misses", registry=r)
+        self.cache_evictions = Counter(
+            "qds_cache_evictions", "Pipelines evicted from the cache", registry=r
+        )
+        self.model_loads = Counter(
+            "qds_model_loads", "Model loads by outcome (success, failure)",
+            ["backend", "outcome"], registry=r,
+        )
+        self.gpu_oom = Counter("qds_gpu_oom", "Out-of-memory errors during inference", registry=r)
+        self.queue_depth = Gauge("qds_queue_depth", "Requests waiting for the worker", registry=r)
+        self.inflight = Gauge(
+            "qds_inflight_requests", "Generation requests being handled", registry=r
+        )
+        self.cache_entries = Gauge("qds_cache_entries", "Pipelines loaded", registry=r)
+        self.model_ready = Gauge(
+            "qds_model_ready", "1 when the default model is loaded and warm", registry=r
+        )
+        self.model_memory = Gauge(
+            "qds_model_memory_bytes", "Real storage bytes of each loaded component",
+            ["model", "backend", "quant_type", "component"], registry=r,
+        )
+        self.model_load_seconds = Gauge(
+            "qds_model_load_seconds", "Seconds the last load of a model variant took",
+            ["model", "backend"], registry=r,
+        )
+        self.build_info = Info("qds_build", "qdserve build and library versions", registry=r)
+        self.build_info.info(build_labels())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def loaded(self, loaded: Any) -> None:
+        """Record a newly loaded pipeline's memory and load time."""
+        for name, comp in loaded.components.items():
+            self.model_memory.labels(
+                loaded.model, loaded.backend, loaded.quant_type or "", name
+            ).set(comp.storage_bytes)
+        self.model_load_seconds.labels(loaded.model, loaded.backend).set(loaded.load_seconds)
+
+    def evicted(self, loaded: Any) -> None:
+        for name in loaded.components:
+            # Already absent (a second eviction of a re-loaded variant): nothing to remove.
+            with contextlib.suppress(KeyError):
+                self.model_memory.remove(
+                    loaded.model, loaded.backend, loaded.quant_type or "", name
+                )
+
+
+def build_labels() -> dict[str, str]:
+    device = detect_device()
+    labels = {
+        "version": library_version("qdserve") or "dev",
+        "python": platform.python_version(),
+        "device": device.label,
+    }
+    for dist in ("torch", "diffusers", "transformers", "bitsandbytes", "gguf",
+                 "optimum-quanto", "torchao", "nvidia-modelopt"):
+        labels[dist.replace("-", "_")] = library_version(dist) or "absent"
+    return labels

@@ -1,0 +1,86 @@
+"""Native endpoint for curl users: POST /v1/generate returns the image bytes themselves."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from quantization.generate import GenerationRequest
+from service.auth import require_api_key
+from service.engine import ServiceState
+from service.protocol import CONTENT_TYPES, ERROR_RESPONSES, GenerateRequest
+from service.validation import check_common, check_dims
+
+router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/v1/generate",
+    responses={
+        200: {
+            "content": {ct: {} for ct in CONTENT_TYPES.values()},
+            "description": "The image. Headers: X-Seed, X-Backend, X-Quant-Type, X-Model, "
+            "X-Queue-Seconds, X-Inference-Seconds, X-Encode-Seconds, X-Batch-Images, "
+            "Server-Timing.",
+        },
+        **ERROR_RESPONSES,
+    },
+    response_class=Response,
+    summary="Generate one image, returned as raw bytes",
+)
+async def generate_image(body: GenerateRequest, request: Request) -> Response:
+    """`curl -o out.png -d '{"prompt": "a red circle"}' -H 'content-type: application/json'
+    http://127.0.0.1:8000/v1/generate`"""
+    qds: ServiceState = request.app.state.qds
+    check_dims(body.width, body.height, qds.settings, "width")
+    fmt = body.output_format or "png"
+    check_common(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        steps=body.num_inference_steps,
+        n=1,
+        output_format=fmt,
+        output_compression=body.output_compression,
+        settings=qds.settings,
+    )
+    gen = GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed,
+        width=body.width,
+        height=body.height,
+        num_images=1,
+    )
+    out = await qds.run(
+        request,
+        model=body.model,
+        quant_backend=body.quant_backend,
+        quant_type=body.quant_type,
+        gen=gen,
+        output_format=fmt,
+        output_compression=body.output_compression,
+        size_param="width",
+    )
+    request.state.log_extra = {
+        "backend": out.key.backend, "quant_type": out.key.quant_type, "model": out.key.model,
+        "queue_s": round(out.queue_seconds, 4), "inference_s": round(out.inference_seconds, 4),
+        "images": 1, "size": f"{out.width}x{out.height}",
+    }
+    ms = {"queue": out.queue_seconds, "inference": out.inference_seconds,
+          "encode": out.encode_seconds}
+    headers = {
+        "X-Seed": str(out.seeds[0]),
+        "X-Model": out.key.model,
+        "X-Backend": out.key.backend,
+        "X-Quant-Type": out.key.quant_type or "",
+        "X-Width": str(out.width),
+        "X-Height": str(out.height),
+        "X-Steps": str(out.steps),
+        "X-Queue-Seconds": f"{out.queue_seconds:.6f}",
+        "X-Inference-Seconds": f"{out.inference_seconds:.6f}",
+        "X-Encode-Seconds": f"{out.encode_seconds:.6f}",
+        "X-Batch-Images": str(out.batch_images),
+        "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in ms.items()),
+    }
+    return Response(content=out.images[0], media_type=CONTENT_TYPES[fmt], headers=headers)

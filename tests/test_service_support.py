@@ -1,0 +1,98 @@
+"""Helpers for the service tests: a real uvicorn server on a loopback ephemeral port.
+
+(Named test_service_* so it belongs with the service tests; it holds no tests itself.)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from quantization.settings import QuantSettings
+from service.app import create_app
+from service.engine import ServiceState
+from service.settings import ServiceSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                           timeout_graceful_shutdown=10)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def qds(self) -> ServiceState:
+        return self.app.state.qds
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while True:
+                r = c.get("/readyz")
+                if r.status_code == 200:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not ready: {r.text}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@contextmanager
+def running_server(
+    cache_dir: Path,
+    *,
+    quant: dict[str, Any] | None = None,
+    wait_ready: bool = True,
+    setup: Callable[[ServiceState], None] | None = None,
+    **service: Any,
+) -> Iterator[Server]:
+    """Start create_app(...) under uvicorn in a thread; yield once listening (and ready)."""
+    app = create_app(
+        QuantSettings(cache_dir=cache_dir, **(quant or {})),
+        ServiceSettings(**service),
+    )
+    if setup is not None:
+        setup(app.state.qds)
+    server = Server(app, free_port())
+    server.thread.start()
+    try:
+        server.wait_listening()
+        if wait_ready:
+            server.wait_ready()
+        yield server
+    finally:
+        server.stop()
