@@ -20,12 +20,16 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from quantization.environment import detect_device, library_version
+
+# `*_created` timestamp series are not part of the metric contract and only add cardinality.
+disable_created_metrics()
 
 # Image generation takes from tens of milliseconds (tiny models, CPU) to minutes (Flux-dev at
 # 1024x1024 with 50 steps on a small GPU): spread the buckets over that range.

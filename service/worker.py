@@ -117,9 +117,11 @@ class InferenceWorker:
         # Proof of exclusivity: pipeline calls running right now, per pipeline and in total.
         self._active: collections.Counter[int] = collections.Counter()
         self.max_concurrent = 0
-        # Images per job and batch key of recent pipeline calls (bounded: tests and debugging).
-        self.batches: collections.deque[list[int]] = collections.deque(maxlen=1000)
-        self.batch_keys: collections.deque[Hashable] = collections.deque(maxlen=1000)
+        # (batch key, images) of each job of recent pipeline calls: tests, debugging.
+        self.batch_log: collections.deque[list[tuple[Hashable, int]]] = collections.deque(
+            maxlen=1000
+        )
+        self.pipeline_calls = 0
         self._avg_seconds = 1.0  # moving average of a pipeline call, for Retry-After
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -247,8 +249,8 @@ class InferenceWorker:
         with self._cond:
             self._active[pipe_id] += 1
             self.max_concurrent = max(self.max_concurrent, sum(self._active.values()))
-            self.batches.append([j.images for j in batch])
-            self.batch_keys.append(batch[0].batch_key)
+            self.batch_log.append([(j.batch_key, j.images) for j in batch])
+            self.pipeline_calls += 1
         error: BaseException | None = None
         results: list[GenerationResult] = []
         try:
