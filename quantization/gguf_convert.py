@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantization.backends.gguf import GGUFBackend
+
+if TYPE_CHECKING:
+    import torch
 
 WRITABLE = GGUFBackend.quant_types
 
@@ -35,15 +39,28 @@ def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quant_type: str
     if getattr(model.config, "quantization_config", None):
         raise ValueError(f"{model_dir} is already quantized; convert an unquantized model")
 
+    return write_gguf(model.state_dict(), out_path, quant_type, index["_class_name"].lower(),
+                      index[denoiser][1])
+
+
+def write_gguf(
+    state_dict: dict[str, torch.Tensor], out_path: str | Path, quant_type: str, arch: str,
+    class_name: str,
+) -> Path:
+    """Quantize a diffusers state dict into a .gguf file (diffusers tensor names)."""
+    import gguf
+    import numpy as np
+    import torch
+
     qtype = gguf.GGMLQuantizationType[quant_type]
     block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out_path), arch=index["_class_name"].lower())
-    writer.add_string("qdserve.denoiser_class", index[denoiser][1])
+    writer = gguf.GGUFWriter(str(out_path), arch=arch)
+    writer.add_string("qdserve.denoiser_class", class_name)
     writer.add_string("qdserve.quant_type", quant_type)
-    for name, tensor in model.state_dict().items():
-        data = tensor.detach().to(torch.float32).contiguous().numpy()
+    for name, tensor in state_dict.items():
+        data = tensor.detach().to(torch.float32).contiguous().cpu().numpy()
         if data.ndim >= 2 and data.shape[-1] % block_size == 0:
             if qtype == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(name, data.astype(np.float16))

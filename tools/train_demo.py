@@ -1,0 +1,19 @@
+#!/usr/bin/env python3
+"""Train the demo model shipped as the embedded default (quantization/demo_weights/).
+
+Same as `qdserve train-demo` and `python -m quantization.demo.train`; see docs/demo.md.
+Run it with the project's venv: `.venv/bin/python tools/train_demo.py [--help]`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quantization.demo.train import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
