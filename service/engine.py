@@ -159,6 +159,10 @@ class ServiceState:
 
     def start(self) -> None:
         """Start the worker, and load the default model (and preloads) in the background."""
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
         self.worker.start()
         for spec in self.settings.preload:
             backend, _, qtype = spec.partition(":")

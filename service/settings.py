@@ -80,6 +80,13 @@ class ServiceSettings(BaseSettings):
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."
     )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch intra-op CPU threads; 0 = torch's default. On CPUs shared with "
+        "other processes 1 avoids OpenMP spin contention (measured 35x slower with 2 threads "
+        "on 2 busy cores).",
+    )
     shutdown_timeout: float = Field(
         default=30.0,
         ge=0,

@@ -84,7 +84,10 @@ class Job:
         def _set() -> None:
             if self.future.done():
                 return
-            if error is not None:
+            if self.abandoned:
+                # Nobody awaits it: cancel rather than leave an exception never retrieved.
+                self.future.cancel()
+            elif error is not None:
                 self.future.set_exception(error)
             else:
                 self.future.set_result(value)

@@ -81,6 +81,9 @@ def running_server(
     **service: Any,
 ) -> Iterator[Server]:
     """Start create_app(...) under uvicorn in a thread; yield once listening (and ready)."""
+    # One torch thread: the test machines share 2 cores between several processes, where
+    # OpenMP's spinning threads make a 2-thread generation ~35x slower than a 1-thread one.
+    service.setdefault("torch_threads", 1)
     app = create_app(
         QuantSettings(cache_dir=cache_dir, **(quant or {})),
         ServiceSettings(**service),
