@@ -254,14 +254,15 @@ class ModelCache:
                 if not (over_count or over_bytes):
                     break
                 # Least recently used first; never an entry in use, never the one just loaded,
-                # never the most recently used one (a budget smaller than one pipeline must
-                # still leave one pipeline to serve with).
+                # never the most recently used one after a load (a budget smaller than one
+                # pipeline must still leave one to serve with); making room before a load
+                # may take it.
                 newest = next(reversed(self._entries), None)
                 victim = next(
                     (
                         e
                         for k, e in self._entries.items()
-                        if e.in_use == 0 and k != protect and k != newest
+                        if e.in_use == 0 and k != protect and (reserve or k != newest)
                     ),
                     None,
                 )

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -256,7 +256,12 @@ class ServiceState:
         return [k.variant_id for k in self.cache.loaded_keys()]
 
     # -- the request path --------------------------------------------------------------
-    async def run(
+    async def run(self, request: Request, **kwargs: Any) -> Outcome:
+        """Serve one generation request (see `_run`), counted in qds_inflight_requests."""
+        with self.metrics.inflight.track_inprogress():
+            return await self._run(request, **kwargs)
+
+    async def _run(
         self,
         request: Request,
         *,

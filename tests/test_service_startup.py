@@ -1,0 +1,151 @@
+"""Start-up and access: /healthz at once, /readyz 503 until the default model is loaded and
+warm (compile warm-up included), failed start-up loads, API keys."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import AuthenticationError, OpenAI
+from test_service_support import running_server
+
+from quantization.loader import ModelLoadError
+
+IMG = "/v1/images/generations"
+pytestmark = pytest.mark.timeout(180)
+
+
+def _wait_status(client: httpx.Client, path: str, status: int, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get(path)
+        if r.status_code == status:
+            return r.json()
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.05)
+
+
+def test_readyz_503_while_loading_then_200(cache_dir: Path) -> None:
+    release = threading.Event()
+
+    def setup(qds) -> None:
+        real = qds.load
+
+        def gated(settings):
+            release.wait(30)
+            return real(settings)
+
+        qds.load = gated
+
+    with running_server(cache_dir, wait_ready=False, setup=setup) as server, \
+            server.client() as c:
+        assert c.get("/healthz").status_code == 200  # alive before the model is
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["status"] == "not_ready" and "loading" in r.json()["reason"]
+        assert "qds_model_ready 0.0" in c.get("/metrics").text
+        release.set()
+        body = _wait_status(c, "/readyz", 200)
+        assert body["status"] == "ready"
+        assert "qds_model_ready 1.0" in c.get("/metrics").text
+
+
+def test_compile_warmup_gates_readiness(cache_dir: Path) -> None:
+    """QDS_COMPILE: the denoiser is compiled and warmed up for each QDS_WARMUP_SIZES size
+    before /readyz turns 200. Hooks stand in for torch.compile (minutes on these CPUs); the
+    real compile runs in test_real_compile_warmup (slow)."""
+    release = threading.Event()
+    compiled: list[object] = []
+    warmed: list[list[tuple[int, int]]] = []
+
+    def setup(qds) -> None:
+        qds.compile = lambda loaded: compiled.append(loaded.pipeline)
+
+        def warmup(loaded, sizes) -> None:
+            warmed.append(sizes)
+            release.wait(30)
+
+        qds.warmup = warmup
+
+    with running_server(
+        cache_dir, wait_ready=False, setup=setup, compile=True, warmup_sizes=["32x32", "16x16"]
+    ) as server, server.client() as c:
+        deadline = time.monotonic() + 60
+        while not warmed:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "warming up" in r.json()["reason"]
+        assert len(compiled) == 1 and warmed == [[(32, 32), (16, 16)]]
+        release.set()
+        _wait_status(c, "/readyz", 200)
+        assert c.post(IMG, json={"prompt": "x"}).status_code == 200
+
+
+def test_failed_startup_load_then_request_retries(cache_dir: Path) -> None:
+    attempts: list[int] = []
+
+    def setup(qds) -> None:
+        real = qds.load
+
+        def failing_first(settings):
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise ModelLoadError("injected: cannot read model_index.json")
+            return real(settings)
+
+        qds.load = failing_first
+
+    with running_server(cache_dir, wait_ready=False, setup=setup) as server, \
+            server.client() as c:
+        body = _wait_status(c, "/readyz", 503)
+        deadline = time.monotonic() + 30
+        while "failed" not in body["reason"]:
+            assert time.monotonic() < deadline
+            body = c.get("/readyz").json()
+        assert "model_index.json" in body["reason"]
+        # The failure is not cached: the next request loads again, and succeeds.
+        r = c.post(IMG, json={"prompt": "x"})
+        assert r.status_code == 200, r.text
+        assert c.get("/readyz").status_code == 200
+        assert len(attempts) == 2
+
+
+def test_api_keys(cache_dir: Path) -> None:
+    with running_server(cache_dir, api_keys="key-one,key-two") as server, \
+            server.client() as c:
+        r = c.post(IMG, json={"prompt": "x"})
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
+        bad = {"Authorization": "Bearer key-three"}
+        assert c.get("/v1/models", headers=bad).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "key-one"}).status_code == 401
+        good = {"Authorization": "Bearer key-two"}
+        assert c.get("/v1/models", headers=good).status_code == 200
+        # Probes and scrapers carry no key.
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert c.get(path).status_code == 200
+        ok = OpenAI(base_url=f"{server.url}/v1", api_key="key-one")
+        assert len(ok.images.generate(prompt="x", size="32x32").data) == 1
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{server.url}/v1", api_key="nope").images.generate(prompt="x")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("QDS_SLOW_TESTS"),
+    reason="real torch.compile takes minutes on shared CPUs; set QDS_SLOW_TESTS=1",
+)
+def test_real_compile_warmup(cache_dir: Path) -> None:
+    with running_server(cache_dir, compile=True, warmup_sizes=["32x32"]) as server, \
+            server.client(timeout=600) as c:
+        transformer = server.qds.cache.entries()[0].loaded.pipeline.transformer
+        # nn.Module.compile() (what compile_repeated_blocks uses) sets _compiled_call_impl.
+        assert any(getattr(m, "_compiled_call_impl", None) for m in transformer.modules())
+        r = c.post(IMG, json={"prompt": "x", "size": "32x32"})
+        assert r.status_code == 200
