@@ -199,7 +199,9 @@ class ModelCache:
             self.metrics.model_loads.labels(key.backend, "success").inc()
             self.metrics.loaded(loaded)
         log.info(
-            "loaded %s in %.2fs (%d bytes)", key.variant_id, loaded.load_seconds,
+            "loaded %s in %.2fs (%d bytes)",
+            key.variant_id,
+            loaded.load_seconds,
             loaded.storage_bytes,
         )
         if self.on_loaded:
@@ -281,6 +283,8 @@ class ModelCache:
                 self.metrics.cache_evictions.inc()
                 self.metrics.evicted(victim.loaded)
             victim.loaded.release()
+        if victims:
+            _trim_heap()
 
     def close(self) -> None:
         """Drop every entry (shutdown); a load in progress finishes and is then dropped."""
@@ -296,3 +300,17 @@ class ModelCache:
                 fut.set_exception(RuntimeError("the server is shutting down"))
         for entry in entries:
             entry.loaded.release()
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so RSS drops
+    after an eviction instead of only becoming reusable inside this process."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        pass

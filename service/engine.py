@@ -134,8 +134,10 @@ class ServiceState:
                 self.compile(loaded)
             if self.settings.compile or self.settings.warmup_sizes:
                 if key_for(settings) == self.default_key and not self._startup_done.is_set():
-                    self._set_reason("warming up " + ", ".join(self.settings.warmup_sizes or
-                                                               ["the default size"]))
+                    self._set_reason(
+                        "warming up "
+                        + ", ".join(self.settings.warmup_sizes or ["the default size"])
+                    )
                 self.warmup(loaded, self.warmup_sizes(loaded))
         except BaseException:
             loaded.release()
@@ -223,7 +225,7 @@ class ServiceState:
                     param="model",
                     code="model_not_found",
                 )
-            m_backend, _, m_qtype = model[len(prefix):].partition(":")
+            m_backend, _, m_qtype = model[len(prefix) :].partition(":")
             if backend is not None and backend != m_backend:
                 raise APIError(
                     400,
@@ -300,7 +302,9 @@ class ServiceState:
             ) from None
         except (ModelLoadError, ValueError, RuntimeError, OSError) as exc:
             raise APIError(
-                503, f"loading {key.variant_id} failed: {exc}", code="model_load_failed",
+                503,
+                f"loading {key.variant_id} failed: {exc}",
+                code="model_load_failed",
                 kind="internal",
             ) from None
 
@@ -310,8 +314,12 @@ class ServiceState:
             width = gen.width or loaded.defaults.size
             height = gen.height or loaded.defaults.size
             check_multiple(
-                width, height, loaded.defaults.size_multiple, loaded.defaults.size,
-                self.settings.max_pixels, size_param,
+                width,
+                height,
+                loaded.defaults.size_multiple,
+                loaded.defaults.size,
+                self.settings.max_pixels,
+                size_param,
             )
             steps = gen.num_inference_steps or self.settings.default_steps or None
             seed = gen.seed if gen.seed is not None else random_seed()

@@ -23,8 +23,19 @@ class _RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     # Extra keys a log call may attach (the per-request access line uses them).
     FIELDS = (
-        "request_id", "method", "path", "status", "duration_s", "backend", "model",
-        "quant_type", "queue_s", "inference_s", "images", "size", "user",
+        "request_id",
+        "method",
+        "path",
+        "status",
+        "duration_s",
+        "backend",
+        "model",
+        "quant_type",
+        "queue_s",
+        "inference_s",
+        "images",
+        "size",
+        "user",
     )
 
     def format(self, record: logging.LogRecord) -> str:

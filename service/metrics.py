@@ -49,15 +49,18 @@ class GpuMemoryCollector(Collector):
             return
         families = {
             "allocated": GaugeMetricFamily(
-                "qds_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors",
+                "qds_gpu_memory_allocated_bytes",
+                "CUDA memory allocated by tensors",
                 labels=["device"],
             ),
             "reserved": GaugeMetricFamily(
-                "qds_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
+                "qds_gpu_memory_reserved_bytes",
+                "CUDA memory reserved by the caching allocator",
                 labels=["device"],
             ),
             "peak": GaugeMetricFamily(
-                "qds_gpu_memory_peak_bytes", "Peak CUDA memory allocated since start",
+                "qds_gpu_memory_peak_bytes",
+                "Peak CUDA memory allocated since start",
                 labels=["device"],
             ),
             "total": GaugeMetricFamily(
@@ -86,30 +89,42 @@ class Metrics:
         r.register(GpuMemoryCollector())
 
         self.request_duration = Histogram(
-            "qds_request_duration_seconds", "HTTP request latency", ["endpoint", "status"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "qds_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "qds_queue_wait_seconds", "Time a request waited for the inference worker",
-            ["backend"], buckets=LATENCY_BUCKETS, registry=r,
+            "qds_queue_wait_seconds",
+            "Time a request waited for the inference worker",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_duration = Histogram(
-            "qds_inference_duration_seconds", "Pipeline call duration (one batch)",
-            ["model", "backend", "quant_type"], buckets=LATENCY_BUCKETS, registry=r,
+            "qds_inference_duration_seconds",
+            "Pipeline call duration (one batch)",
+            ["model", "backend", "quant_type"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.step_duration = Histogram(
-            "qds_step_duration_seconds", "Duration of one denoising step",
-            ["model", "backend", "quant_type"], buckets=STEP_BUCKETS, registry=r,
+            "qds_step_duration_seconds",
+            "Duration of one denoising step",
+            ["model", "backend", "quant_type"],
+            buckets=STEP_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
             "qds_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
         )
-        self.images = Counter(
-            "qds_images_generated", "Images generated", ["backend"], registry=r
-        )
+        self.images = Counter("qds_images_generated", "Images generated", ["backend"], registry=r)
         self.errors = Counter(
-            "qds_errors", "Errors by kind (validation, timeout, oom, internal, rejected)",
-            ["kind"], registry=r,
+            "qds_errors",
+            "Errors by kind (validation, timeout, oom, internal, rejected)",
+            ["kind"],
+            registry=r,
         )
         self.cache_hits = Counter("qds_cache_hits", "Model cache hits", registry=r)
         self.cache_misses = Counter("qds_cache_misses", "Model cache misses", registry=r)
@@ -117,8 +132,10 @@ class Metrics:
             "qds_cache_evictions", "Pipelines evicted from the cache", registry=r
         )
         self.model_loads = Counter(
-            "qds_model_loads", "Model loads by outcome (success, failure)",
-            ["backend", "outcome"], registry=r,
+            "qds_model_loads",
+            "Model loads by outcome (success, failure)",
+            ["backend", "outcome"],
+            registry=r,
         )
         self.gpu_oom = Counter("qds_gpu_oom", "Out-of-memory errors during inference", registry=r)
         self.queue_depth = Gauge("qds_queue_depth", "Requests waiting for the worker", registry=r)
@@ -130,12 +147,16 @@ class Metrics:
             "qds_model_ready", "1 when the default model is loaded and warm", registry=r
         )
         self.model_memory = Gauge(
-            "qds_model_memory_bytes", "Real storage bytes of each loaded component",
-            ["model", "backend", "quant_type", "component"], registry=r,
+            "qds_model_memory_bytes",
+            "Real storage bytes of each loaded component",
+            ["model", "backend", "quant_type", "component"],
+            registry=r,
         )
         self.model_load_seconds = Gauge(
-            "qds_model_load_seconds", "Seconds the last load of a model variant took",
-            ["model", "backend"], registry=r,
+            "qds_model_load_seconds",
+            "Seconds the last load of a model variant took",
+            ["model", "backend"],
+            registry=r,
         )
         self.build_info = Info("qds_build", "qdserve build and library versions", registry=r)
         self.build_info.info(build_labels())
@@ -167,7 +188,15 @@ def build_labels() -> dict[str, str]:
         "python": platform.python_version(),
         "device": device.label,
     }
-    for dist in ("torch", "diffusers", "transformers", "bitsandbytes", "gguf",
-                 "optimum-quanto", "torchao", "nvidia-modelopt"):
+    for dist in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "bitsandbytes",
+        "gguf",
+        "optimum-quanto",
+        "torchao",
+        "nvidia-modelopt",
+    ):
         labels[dist.replace("-", "_")] = library_version(dist) or "absent"
     return labels

@@ -93,7 +93,11 @@ class RequestContextMiddleware:
                     **scope["state"].get("log_extra", {}),
                 }
                 log.info(
-                    "%s %s %d %.3fs", scope.get("method"), scope.get("path"), status, elapsed,
+                    "%s %s %d %.3fs",
+                    scope.get("method"),
+                    scope.get("path"),
+                    status,
+                    elapsed,
                     extra=extra,
                 )
             request_id_var.reset(token)

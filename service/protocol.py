@@ -85,8 +85,13 @@ class GenerateRequest(_Extensions):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"prompt": "a red circle", "width": 32, "height": 32, "seed": 7,
-                 "output_format": "png"}
+                {
+                    "prompt": "a red circle",
+                    "width": 32,
+                    "height": 32,
+                    "seed": 7,
+                    "output_format": "png",
+                }
             ]
         },
     )
@@ -167,9 +172,7 @@ def error_body(
     request_id: str | None = None,
 ) -> dict[str, Any]:
     return ErrorResponse(
-        error=ErrorInfo(
-            message=message, type=type, param=param, code=code, request_id=request_id
-        )
+        error=ErrorInfo(message=message, type=type, param=param, code=code, request_id=request_id)
     ).model_dump()
 
 

@@ -18,7 +18,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     match = _SIZE.match(size.strip().lower())
     if not match:
         raise APIError(
-            400, f"size {size!r} is not WxH (e.g. 512x512) or auto", param="size",
+            400,
+            f"size {size!r} is not WxH (e.g. 512x512) or auto",
+            param="size",
             code="invalid_size",
         )
     return int(match.group(1)), int(match.group(2))
@@ -31,7 +33,9 @@ def check_dims(
     for value, name in ((width, "width"), (height, "height")):
         if value is not None and value <= 0:
             raise APIError(
-                400, f"{name} must be positive", param=param if param == "size" else name,
+                400,
+                f"{name} must be positive",
+                param=param if param == "size" else name,
                 code="invalid_size",
             )
     if width is not None and height is not None and width * height > settings.max_pixels:

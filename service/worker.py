@@ -269,8 +269,12 @@ class InferenceWorker:
                 torch.cuda.empty_cache()
             if self.metrics:
                 self.metrics.gpu_oom.inc()
-            log.error("out of memory running %d image(s) on %s: %s",
-                      sum(j.images for j in batch), key.variant_id, message)
+            log.error(
+                "out of memory running %d image(s) on %s: %s",
+                sum(j.images for j in batch),
+                key.variant_id,
+                message,
+            )
             error = OutOfMemory(message)
         except _Aborted:
             error = asyncio.CancelledError()

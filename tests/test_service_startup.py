@@ -41,8 +41,7 @@ def test_readyz_503_while_loading_then_200(cache_dir: Path) -> None:
 
         qds.load = gated
 
-    with running_server(cache_dir, wait_ready=False, setup=setup) as server, \
-            server.client() as c:
+    with running_server(cache_dir, wait_ready=False, setup=setup) as server, server.client() as c:
         assert c.get("/healthz").status_code == 200  # alive before the model is
         r = c.get("/readyz")
         assert r.status_code == 503
@@ -71,9 +70,12 @@ def test_compile_warmup_gates_readiness(cache_dir: Path) -> None:
 
         qds.warmup = warmup
 
-    with running_server(
-        cache_dir, wait_ready=False, setup=setup, compile=True, warmup_sizes=["32x32", "16x16"]
-    ) as server, server.client() as c:
+    with (
+        running_server(
+            cache_dir, wait_ready=False, setup=setup, compile=True, warmup_sizes=["32x32", "16x16"]
+        ) as server,
+        server.client() as c,
+    ):
         deadline = time.monotonic() + 60
         while not warmed:
             assert time.monotonic() < deadline
@@ -100,8 +102,7 @@ def test_failed_startup_load_then_request_retries(cache_dir: Path) -> None:
 
         qds.load = failing_first
 
-    with running_server(cache_dir, wait_ready=False, setup=setup) as server, \
-            server.client() as c:
+    with running_server(cache_dir, wait_ready=False, setup=setup) as server, server.client() as c:
         body = _wait_status(c, "/readyz", 503)
         deadline = time.monotonic() + 30
         while "failed" not in body["reason"]:
@@ -116,8 +117,7 @@ def test_failed_startup_load_then_request_retries(cache_dir: Path) -> None:
 
 
 def test_api_keys(cache_dir: Path) -> None:
-    with running_server(cache_dir, api_keys="key-one,key-two") as server, \
-            server.client() as c:
+    with running_server(cache_dir, api_keys="key-one,key-two") as server, server.client() as c:
         r = c.post(IMG, json={"prompt": "x"})
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
@@ -142,8 +142,10 @@ def test_api_keys(cache_dir: Path) -> None:
     reason="real torch.compile takes minutes on shared CPUs; set QDS_SLOW_TESTS=1",
 )
 def test_real_compile_warmup(cache_dir: Path) -> None:
-    with running_server(cache_dir, compile=True, warmup_sizes=["32x32"]) as server, \
-            server.client(timeout=600) as c:
+    with (
+        running_server(cache_dir, compile=True, warmup_sizes=["32x32"]) as server,
+        server.client(timeout=600) as c,
+    ):
         transformer = server.qds.cache.entries()[0].loaded.pipeline.transformer
         # nn.Module.compile() (what compile_repeated_blocks uses) sets _compiled_call_impl.
         assert any(getattr(m, "_compiled_call_impl", None) for m in transformer.modules())

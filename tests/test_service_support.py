@@ -34,8 +34,9 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                           timeout_graceful_shutdown=10)
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=10
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -139,7 +139,11 @@ def test_graceful_shutdown_finishes_running_and_queued(cache_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def batching(cache_dir: Path) -> Iterator[Server]:
     with running_server(
-        cache_dir, batch_window_ms=400, max_batch=4, max_queue=16, preload=["quanto:int8"],
+        cache_dir,
+        batch_window_ms=400,
+        max_batch=4,
+        max_queue=16,
+        preload=["quanto:int8"],
         allow_on_demand_load=False,
     ) as s:
         yield s
@@ -181,8 +185,10 @@ TOLERANCE = 2
 
 def test_batched_images_equal_solo_images(batching: Server) -> None:
     worker = batching.qds.worker
-    bodies = [{"prompt": p, "seed": s, "size": "32x32"}
-              for p, s in (("a red circle", 5), ("a blue square", 6), ("a green star", 7))]
+    bodies = [
+        {"prompt": p, "seed": s, "size": "32x32"}
+        for p, s in (("a red circle", 5), ("a blue square", 6), ("a green star", 7))
+    ]
     calls = worker.pipeline_calls
     batched = _submit_held(batching, bodies)
     # Blocker alone, then the three together.

@@ -63,12 +63,19 @@ async def generate_image(body: GenerateRequest, request: Request) -> Response:
         size_param="width",
     )
     request.state.log_extra = {
-        "backend": out.key.backend, "quant_type": out.key.quant_type, "model": out.key.model,
-        "queue_s": round(out.queue_seconds, 4), "inference_s": round(out.inference_seconds, 4),
-        "images": 1, "size": f"{out.width}x{out.height}",
+        "backend": out.key.backend,
+        "quant_type": out.key.quant_type,
+        "model": out.key.model,
+        "queue_s": round(out.queue_seconds, 4),
+        "inference_s": round(out.inference_seconds, 4),
+        "images": 1,
+        "size": f"{out.width}x{out.height}",
     }
-    ms = {"queue": out.queue_seconds, "inference": out.inference_seconds,
-          "encode": out.encode_seconds}
+    ms = {
+        "queue": out.queue_seconds,
+        "inference": out.inference_seconds,
+        "encode": out.encode_seconds,
+    }
     headers = {
         "X-Seed": str(out.seeds[0]),
         "X-Model": out.key.model,

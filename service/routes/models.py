@@ -48,8 +48,9 @@ async def list_models(request: Request) -> ModelList:
 async def get_model(model_id: str, request: Request) -> ModelCard:
     qds: ServiceState = request.app.state.qds
     for card in _cards(qds):
-        if model_id in (card.id, f"{card.model}:{card.backend}" + (
-            f":{card.quant_type}" if card.quant_type else "")):
+        if model_id in (
+            card.id,
+            f"{card.model}:{card.backend}" + (f":{card.quant_type}" if card.quant_type else ""),
+        ):
             return card
-    raise APIError(404, f"model {model_id!r} is not listed", param="model",
-                   code="model_not_found")
+    raise APIError(404, f"model {model_id!r} is not listed", param="model", code="model_not_found")
