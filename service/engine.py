@@ -386,7 +386,12 @@ class ServiceState:
                     self.settings.request_timeout,
                     "while running" if started else "while queued (removed from the queue)",
                 )
-            done, _ = await asyncio.wait({job.future}, timeout=min(_POLL_S, remaining))
+            try:
+                done, _ = await asyncio.wait({job.future}, timeout=min(_POLL_S, remaining))
+            except asyncio.CancelledError:
+                # The handler itself was cancelled (forced shutdown): withdraw the job.
+                self.worker.cancel(job)
+                raise
             if done:
                 break
             if await request.is_disconnected():
