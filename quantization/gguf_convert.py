@@ -17,12 +17,17 @@ from quantization.backends.gguf import GGUFBackend
 if TYPE_CHECKING:
     import torch
 
+
+def _quantizable(name: str, shape: tuple[int, ...], block_size: int) -> bool:
+    # diffusers dequantizes GGUF tensors only inside Linear layers (2-D `.weight`); buffers
+    # such as SD3's 3-D pos_embed and conv kernels must stay unquantized.
+    return len(shape) == 2 and name.endswith(".weight") and shape[-1] % block_size == 0
+
+
 WRITABLE = GGUFBackend.quant_types
 
 
 def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quant_type: str = "Q8_0") -> Path:
-    import gguf
-    import numpy as np
     import torch
 
     if quant_type not in WRITABLE:
@@ -39,12 +44,16 @@ def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quant_type: str
     if getattr(model.config, "quantization_config", None):
         raise ValueError(f"{model_dir} is already quantized; convert an unquantized model")
 
-    return write_gguf(model.state_dict(), out_path, quant_type, index["_class_name"].lower(),
-                      index[denoiser][1])
+    return write_gguf(
+        model.state_dict(), out_path, quant_type, index["_class_name"].lower(), index[denoiser][1]
+    )
 
 
 def write_gguf(
-    state_dict: dict[str, torch.Tensor], out_path: str | Path, quant_type: str, arch: str,
+    state_dict: dict[str, torch.Tensor],
+    out_path: str | Path,
+    quant_type: str,
+    arch: str,
     class_name: str,
 ) -> Path:
     """Quantize a diffusers state dict into a .gguf file (diffusers tensor names)."""
@@ -61,7 +70,7 @@ def write_gguf(
     writer.add_string("qdserve.quant_type", quant_type)
     for name, tensor in state_dict.items():
         data = tensor.detach().to(torch.float32).contiguous().cpu().numpy()
-        if data.ndim >= 2 and data.shape[-1] % block_size == 0:
+        if _quantizable(name, data.shape, block_size):
             if qtype == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(name, data.astype(np.float16))
             else:

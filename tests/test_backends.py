@@ -25,7 +25,13 @@ def test_keys_are_diffusers_quantizer_keys() -> None:
 
     assert set(BACKENDS) - {"none"} <= set(AUTO_QUANTIZER_MAPPING)
     assert set(BACKENDS) == {
-        "none", "bitsandbytes_4bit", "bitsandbytes_8bit", "gguf", "quanto", "torchao", "modelopt",
+        "none",
+        "bitsandbytes_4bit",
+        "bitsandbytes_8bit",
+        "gguf",
+        "quanto",
+        "torchao",
+        "modelopt",
     }
 
 
@@ -37,8 +43,9 @@ def test_configs_are_diffusers_and_transformers_classes() -> None:
     cfg = get_backend("bitsandbytes_4bit").diffusers_config(req)
     assert isinstance(cfg, diffusers.BitsAndBytesConfig)
     assert cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
-    assert isinstance(get_backend("bitsandbytes_4bit").transformers_config(req),
-                      transformers.BitsAndBytesConfig)
+    assert isinstance(
+        get_backend("bitsandbytes_4bit").transformers_config(req), transformers.BitsAndBytesConfig
+    )
     assert get_backend("bitsandbytes_8bit").diffusers_config(req).load_in_8bit
     q = get_backend("quanto").diffusers_config(ConfigRequest("int4", torch.float32))
     assert isinstance(q, diffusers.QuantoConfig) and q.weights_dtype == "int4"
@@ -47,8 +54,12 @@ def test_configs_are_diffusers_and_transformers_classes() -> None:
 
 @pytest.mark.parametrize(
     ("qtype", "cls"),
-    [("int8wo", "Int8WeightOnlyConfig"), ("int8dq", "Int8DynamicActivationInt8WeightConfig"),
-     ("float8wo", "Float8WeightOnlyConfig"), ("int4wo", "Int4WeightOnlyConfig")],
+    [
+        ("int8wo", "Int8WeightOnlyConfig"),
+        ("int8dq", "Int8DynamicActivationInt8WeightConfig"),
+        ("float8wo", "Float8WeightOnlyConfig"),
+        ("int4wo", "Int4WeightOnlyConfig"),
+    ],
 )
 def test_torchao_strings_become_config_objects(qtype: str, cls: str) -> None:
     cfg = get_backend("torchao").diffusers_config(ConfigRequest(qtype, torch.float32))
@@ -83,7 +94,9 @@ def test_float8_needs_capability_8_9() -> None:
 def test_float8wo_on_cpu_needs_fp32() -> None:
     backend = get_backend("torchao")
     assert backend.unavailable_reason("float8wo", CPU, "float32") is None
-    assert "QDS_COMPUTE_DTYPE=float32" in (backend.unavailable_reason("float8wo", CPU, "bfloat16") or "")
+    assert "QDS_COMPUTE_DTYPE=float32" in (
+        backend.unavailable_reason("float8wo", CPU, "bfloat16") or ""
+    )
 
 
 def test_missing_library_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,14 +110,23 @@ def test_too_new_modelopt_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = get_backend("modelopt")
     monkeypatch.setattr(type(backend), "library_version", lambda self: "0.47.0")
     reason = backend.unavailable_reason("FP8", HOPPER)
-    assert reason is not None and "nvidia-modelopt 0.47.0 is newer than diffusers supports" in reason
+    assert (
+        reason is not None and "nvidia-modelopt 0.47.0 is newer than diffusers supports" in reason
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 @pytest.mark.parametrize(
     ("backend", "qtype"),
-    [("bitsandbytes_4bit", "nf4"), ("bitsandbytes_4bit", "fp4"), ("bitsandbytes_8bit", "int8"),
-     ("modelopt", "FP8"), ("modelopt", "INT8"), ("torchao", "float8dq"), ("torchao", "int4wo")],
+    [
+        ("bitsandbytes_4bit", "nf4"),
+        ("bitsandbytes_4bit", "fp4"),
+        ("bitsandbytes_8bit", "int8"),
+        ("modelopt", "FP8"),
+        ("modelopt", "INT8"),
+        ("torchao", "float8dq"),
+        ("torchao", "int4wo"),
+    ],
 )
 def test_loader_refuses_gpu_only_combinations_before_loading(backend: str, qtype: str) -> None:
     with pytest.raises(BackendUnavailable, match="CUDA GPU"):
@@ -114,7 +136,10 @@ def test_loader_refuses_gpu_only_combinations_before_loading(backend: str, qtype
 def test_backends_command_lists_every_combination() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "service.cli", "backends", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
@@ -125,3 +150,14 @@ def test_backends_command_lists_every_combination() -> None:
         assert combos[("bitsandbytes_4bit", "nf4")]["available"] == "no"
         assert "CUDA" in combos[("bitsandbytes_4bit", "nf4")]["why_not"]
         assert combos[("torchao", "int8wo")]["available"] == "yes"
+
+
+def test_modelopt_refuses_on_gpu_with_the_measured_failure() -> None:
+    # nvidia-modelopt 0.43 + diffusers 0.42.1 load but cannot run a forward (H200 run 2).
+    reason = get_backend("modelopt").unavailable_reason("FP8", HOPPER)
+    assert reason is not None and "not FP8QTensor" in reason and "torchao float8dq" in reason
+
+
+def test_torchao_int4wo_names_its_kernel_package() -> None:
+    reason = get_backend("torchao").unavailable_reason("int4wo", HOPPER)
+    assert reason == "torchao int4wo needs the mslk kernel package (pip install mslk>=1.0)"

@@ -46,11 +46,17 @@ CPU_CASES = [
 
 @pytest.mark.parametrize(("backend", "qtype", "hi", "lo", "tol"), CPU_CASES)
 def test_cpu_backend_loads_quantizes_and_stays_close(
-    embedded_path: Path, baseline: np.ndarray,
-    backend: str, qtype: str, hi: float, lo: float, tol: float,
+    embedded_path: Path,
+    baseline: np.ndarray,
+    backend: str,
+    qtype: str,
+    hi: float,
+    lo: float,
+    tol: float,
 ) -> None:
-    loaded = load_pipeline(QuantSettings(model=str(embedded_path), quant_backend=backend,
-                                         quant_type=qtype))
+    loaded = load_pipeline(
+        QuantSettings(model=str(embedded_path), quant_backend=backend, quant_type=qtype)
+    )
     t = loaded.components["transformer"]
     assert t.quantized and not loaded.components["vae"].quantized
     ratio = t.storage_bytes / t.unquantized_bytes
@@ -69,33 +75,52 @@ def test_unquantized_reports_full_storage(embedded_path: Path) -> None:
     assert loaded.describe()["backend"] == "none"
 
 
-@pytest.mark.parametrize(("qtype", "hi", "lo", "tol"),
-                         [("Q8_0", 0.30, 0.24, 1.5), ("Q4_0", 0.16, 0.12, 8.0)])
+@pytest.mark.parametrize(
+    ("qtype", "hi", "lo", "tol"), [("Q8_0", 0.30, 0.24, 1.5), ("Q4_0", 0.16, 0.12, 8.0)]
+)
 def test_gguf_via_converter(
-    embedded_path: Path, baseline: np.ndarray, tmp_path: Path,
-    qtype: str, hi: float, lo: float, tol: float,
+    embedded_path: Path,
+    baseline: np.ndarray,
+    tmp_path: Path,
+    qtype: str,
+    hi: float,
+    lo: float,
+    tol: float,
 ) -> None:
     gguf_file = convert_to_gguf(embedded_path, tmp_path / f"t-{qtype}.gguf", qtype)
-    loaded = load_pipeline(QuantSettings(model=str(embedded_path), quant_backend="gguf",
-                                         quant_type=qtype, gguf_file=gguf_file))
+    loaded = load_pipeline(
+        QuantSettings(
+            model=str(embedded_path), quant_backend="gguf", quant_type=qtype, gguf_file=gguf_file
+        )
+    )
     t = loaded.components["transformer"]
     assert lo <= t.storage_bytes / t.unquantized_bytes <= hi
-    assert t.parameters == load_pipeline(QuantSettings(model=str(embedded_path))).components[
-        "transformer"].parameters
+    assert (
+        t.parameters
+        == load_pipeline(QuantSettings(model=str(embedded_path)))
+        .components["transformer"]
+        .parameters
+    )
     assert np.abs(_pixels(loaded) - baseline).mean() <= tol
 
 
 def test_quantize_text_encoder_too(embedded_path: Path) -> None:
-    loaded = load_pipeline(QuantSettings(model=str(embedded_path), quant_backend="quanto",
-                                         components_to_quantize=["denoiser", "text_encoder_2"]))
+    loaded = load_pipeline(
+        QuantSettings(
+            model=str(embedded_path),
+            quant_backend="quanto",
+            components_to_quantize=["denoiser", "text_encoder_2"],
+        )
+    )
     te = loaded.components["text_encoder_2"]
     assert te.quantized and te.storage_bytes < 0.6 * te.unquantized_bytes
     assert not loaded.components["text_encoder"].quantized
 
 
 @pytest.mark.parametrize(("backend", "qtype"), [("quanto", "int8"), ("torchao", "int8wo")])
-def test_round_trip_pre_quantized(embedded_path: Path, tmp_path: Path, backend: str,
-                                  qtype: str) -> None:
+def test_round_trip_pre_quantized(
+    embedded_path: Path, tmp_path: Path, backend: str, qtype: str
+) -> None:
     settings = QuantSettings(model=str(embedded_path), quant_backend=backend, quant_type=qtype)
     fresh = _pixels(load_pipeline(settings))
     out = quantize_and_save(settings, tmp_path / "pq")
@@ -116,7 +141,10 @@ def test_generation_is_deterministic_and_seeds_differ(embedded_path: Path) -> No
     a, b = generate(loaded, req), generate(loaded, req)
     assert a.seeds == [11, 12]
     assert a.images[0].size == (32, 32)
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
+    assert all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(a.images, b.images, strict=True)
+    )
     assert not np.array_equal(np.asarray(a.images[0]), np.asarray(a.images[1]))
     single = generate(loaded, GenerationRequest(prompt="a blue square", seed=12))
     diff = np.abs(np.asarray(single.images[0], float) - np.asarray(a.images[1], float)).max()
@@ -125,8 +153,9 @@ def test_generation_is_deterministic_and_seeds_differ(embedded_path: Path) -> No
 
 def test_batch_of_requests_matches_each_alone(embedded_path: Path) -> None:
     loaded = load_pipeline(QuantSettings(model=str(embedded_path)))
-    reqs = [GenerationRequest(prompt=p, seed=s) for p, s in [("a red circle", 1),
-                                                             ("a green star", 2)]]
+    reqs = [
+        GenerationRequest(prompt=p, seed=s) for p, s in [("a red circle", 1), ("a green star", 2)]
+    ]
     batched = generate_batch(loaded, reqs)
     for req, res in zip(reqs, batched, strict=True):
         alone = generate(loaded, req).images[0]
@@ -139,14 +168,19 @@ def test_unknown_component_for_model_is_a_load_error(embedded_path: Path) -> Non
     from quantization.loader import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="QDS_COMPONENTS_TO_QUANTIZE names 'text_encoder_3'"):
-        load_pipeline(QuantSettings(model=str(embedded_path), quant_backend="quanto",
-                                    components_to_quantize=["text_encoder_3"]))
+        load_pipeline(
+            QuantSettings(
+                model=str(embedded_path),
+                quant_backend="quanto",
+                components_to_quantize=["text_encoder_3"],
+            )
+        )
 
 
 def test_model_folder_without_index_is_refused(tmp_path: Path) -> None:
     from quantization.loader import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="without model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"without model_index\.json"):
         load_pipeline(QuantSettings(model=str(tmp_path)))
 
 
@@ -160,8 +194,8 @@ GPU_CASES = [
     ("torchao", "float8wo", 0.30),
     ("torchao", "float8dq", 0.30),
     ("quanto", "int8", 0.30),
-    ("modelopt", "FP8", 0.60),
-    ("modelopt", "INT8", 0.60),
+    # modelopt FP8 / INT8 are refused (see test_modelopt_refuses_on_gpu_with_the_measured_failure):
+    # on an H200 they loaded and then failed every forward with diffusers 0.42.1.
 ]
 
 
@@ -170,8 +204,11 @@ GPU_CASES = [
 def test_gpu_backend_loads_and_generates(
     embedded_path: Path, backend: str, qtype: str, max_ratio_vs_fp32: float
 ) -> None:
-    loaded = load_pipeline(QuantSettings(model=str(embedded_path), quant_backend=backend,
-                                         quant_type=qtype, device="cuda"))
+    loaded = load_pipeline(
+        QuantSettings(
+            model=str(embedded_path), quant_backend=backend, quant_type=qtype, device="cuda"
+        )
+    )
     assert loaded.device == "cuda" and loaded.compute_dtype == torch.bfloat16
     t = loaded.components["transformer"]
     ratio_fp32 = t.storage_bytes / (t.parameters * 4)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from packaging.version import Version
 
 from quantization.backends.base import ConfigRequest, QuantBackend
+from quantization.environment import DeviceInfo
 
 MAX_MODELOPT = Version("0.44")
 
@@ -42,6 +43,23 @@ class ModelOptBackend(QuantBackend):
                 f"(NVIDIAModelOptConfig fails); install nvidia-modelopt<{MAX_MODELOPT}"
             )
         return None
+
+    def unavailable_reason(
+        self, quant_type: str | None, device: DeviceInfo, compute_dtype: str | None = None
+    ) -> str | None:
+        reason = super().unavailable_reason(quant_type, device, compute_dtype)
+        version = self.library_version()
+        if reason is None and version and Version(version) < MAX_MODELOPT:
+            # Measured on an H200 (torch 2.11, diffusers 0.42.1, nvidia-modelopt 0.43.0): the
+            # model loads, then every forward fails with "linear(): argument 'weight' must be
+            # Tensor, not FP8QTensor" (INT8QTensor for INT8; conv2d for SD3). Refuse at start-up
+            # instead of failing every request.
+            return (
+                f"nvidia-modelopt {version} with diffusers 0.42 loads weights it cannot run "
+                "(forward fails: 'linear() ... not FP8QTensor', measured on H200); "
+                "use torchao float8dq or bitsandbytes_8bit for 8-bit on GPU"
+            )
+        return reason
 
     def diffusers_config(self, req: ConfigRequest) -> Any:
         return self.diffusers_config_class()(

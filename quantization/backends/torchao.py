@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from quantization.backends.base import ConfigRequest, QuantBackend
+from quantization.environment import DeviceInfo, module_available
 
 # user string -> torchao.quantization config class name
 TORCHAO_TYPES: dict[str, str] = {
@@ -42,6 +43,16 @@ class TorchAoBackend(QuantBackend):
         "float8dq": 8.0,
         "int4wo": 4.0,
     }
+
+    def unavailable_reason(
+        self, quant_type: str | None, device: DeviceInfo, compute_dtype: str | None = None
+    ) -> str | None:
+        reason = super().unavailable_reason(quant_type, device, compute_dtype)
+        if reason is None and quant_type == "int4wo" and not module_available("mslk"):
+            # torchao 0.17/0.18 int4 weight-only needs the mslk kernel package (measured:
+            # "ImportError: Requires mslk >= 1.0.0" on an H200).
+            return "torchao int4wo needs the mslk kernel package (pip install mslk>=1.0)"
+        return reason
 
     def diffusers_config(self, req: ConfigRequest) -> Any:
         return self.diffusers_config_class()(

@@ -262,26 +262,88 @@ def report_with_loader(
     return report(lazily(), **kwargs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Report for the unquantized demo model alone (backends come with the service loader)."""
-    import argparse
+# Every backend / quant type the report tries, as "backend:quant_type". Those that cannot run
+# on this machine (bitsandbytes, ModelOpt and torchao int4 without CUDA) become rows that say
+# why, instead of disappearing from the table.
+DEFAULT_BACKENDS: list[str] = [
+    "quanto:int8",
+    "quanto:float8",
+    "quanto:int4",
+    "quanto:int2",
+    "torchao:int8wo",
+    "torchao:int8dq",
+    "torchao:float8wo",
+    "torchao:int4wo",
+    "gguf:Q8_0",
+    "gguf:Q5_0",
+    "gguf:Q4_0",
+    "bitsandbytes_4bit:nf4",
+    "bitsandbytes_8bit:",
+    "modelopt:FP8",
+]
 
-    from diffusers import FluxPipeline
+
+def service_loader(model: Path, workdir: Path) -> Callable[[str], Any]:
+    """A `load(name)` for `report_with_loader` built on the service's own loader, so the
+    report measures exactly what `qdserve serve` would run. GGUF files are converted from
+    the model folder into `workdir` first."""
+    from quantization.gguf_convert import convert_to_gguf
+    from quantization.loader import load_pipeline
+    from quantization.settings import QuantSettings
+
+    def load(name: str) -> Any:
+        backend, _, qtype = name.partition(":")
+        kwargs: dict[str, Any] = {"model": str(model), "quant_backend": backend}
+        if qtype:
+            kwargs["quant_type"] = qtype
+        if backend == "gguf":
+            kwargs["gguf_file"] = convert_to_gguf(
+                model, workdir / f"transformer-{qtype}.gguf", qtype
+            )
+        pipe = load_pipeline(QuantSettings(**kwargs)).pipeline
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the quality report for the demo model: unquantized first, then every backend."""
+    import argparse
+    import tempfile
 
     from quantization.embedded import embedded_model_path
 
-    p = argparse.ArgumentParser(prog="quality", description="demo-model quality report")
-    p.add_argument("--model", type=Path, default=None)
+    p = argparse.ArgumentParser(prog="bench quality", description="demo-model quality report")
+    p.add_argument("--model", type=Path, default=None, help="default: the embedded model")
+    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma list")
     p.add_argument("--md", type=Path, default=Path("docs/quality.md"))
     p.add_argument("--png", type=Path, default=Path("docs/quality.png"))
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list")
     args = p.parse_args(argv)
-    pipe = FluxPipeline.from_pretrained(args.model or embedded_model_path())
-    pipe.set_progress_bar_config(disable=True)
-    rows = report(
-        [("none (fp32)", pipe)], args.md, args.png, steps=args.steps, guidance=args.guidance
-    )
+    model = args.model or embedded_model_path()
+    names = ["none"] + [b for b in args.backends.split(",") if b]
+    with tempfile.TemporaryDirectory(prefix="qds-quality-") as tmp:
+        rows = report_with_loader(
+            names,
+            service_loader(model, Path(tmp)),
+            md_path=args.md,
+            png_path=args.png,
+            seeds=[int(s) for s in args.seeds.split(",")],
+            steps=args.steps,
+            guidance=args.guidance,
+        )
     for r in rows:
-        print(r.name, r.adherence, r.psnr, r.mad, r.error)
+        print(
+            f"{r.name:24s} adherence={_fmt(r.adherence, '.3f')} psnr={_fmt(r.psnr, '.1f')} "
+            f"mad={_fmt(r.mad, '.2f')} {r.error or ''}"
+        )
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -120,8 +120,9 @@ def _load_gguf(cls: Any, folder: Path, qtype: str, dtype: Any, device: str, conf
         write_gguf(state, gguf_path, qtype, folder.name, cls.__name__)
         del state
     t0 = time.perf_counter()
-    model = cls.from_single_file(str(gguf_path), quantization_config=config, config=str(folder),
-                                 torch_dtype=dtype).to(device)
+    model = cls.from_single_file(
+        str(gguf_path), quantization_config=config, config=str(folder), torch_dtype=dtype
+    ).to(device)
     model.qds_load_seconds = time.perf_counter() - t0
     return model
 
