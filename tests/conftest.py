@@ -10,7 +10,9 @@ import pytest
 
 # Built models are cached under the session's own folder unless the runner sets one, so a
 # test never depends on what an earlier run left in ~/.cache.
-os.environ.setdefault("QDS_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "test-models"))
+os.environ.setdefault(
+    "QDS_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "test-models")
+)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -60,7 +60,9 @@ def test_unknown_component(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "QDS_COMPONENTS_TO_QUANTIZE has unknown component(s) ['text_encoder_9']" in msg
 
 
-def test_gguf_cannot_quantize_text_encoders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_gguf_cannot_quantize_text_encoders(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     f = tmp_path / "x.gguf"
     f.write_bytes(b"")
     msg = _error(
@@ -92,7 +94,13 @@ def test_lists_parse_from_comma_strings(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("8GB", 8 * 10**9), ("512MiB", 512 * 2**20), ("1234", 1234), ("", None), ("1.5G", 1_500_000_000)],
+    [
+        ("8GB", 8 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("1234", 1234),
+        ("", None),
+        ("1.5G", 1_500_000_000),
+    ],
 )
 def test_memory_budget_units(text: str, expected: int | None) -> None:
     assert parse_bytes(text) == expected
@@ -108,7 +116,10 @@ def test_cli_serve_refuses_bad_env_before_binding() -> None:
     env = {"QDS_QUANT_BACKEND": "bitsandbytes_4bit", "QDS_QUANT_TYPE": "int8", "PATH": "/usr/bin"}
     proc = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.returncode == 2
