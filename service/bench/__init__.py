@@ -1,0 +1,100 @@
+"""`qdserve bench <subcommand>`: CPU benchmarks and the GPU report, written to docs/benchmarks/.
+
+Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, all. `all` clears
+docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and regenerates everything.
+Every output carries the machine, versions and date of the run that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.bench.common import DEFAULT_OUT
+
+KEEP_PREFIX = "gpu-h200-run"
+
+
+def _matrix(argv: list[str], out: Path, quick: bool) -> Any:
+    from service.bench import matrix
+
+    return matrix.main(argv, out, quick)
+
+
+def _serving(name: str) -> Callable[[list[str], Path, bool], Any]:
+    def run(argv: list[str], out: Path, quick: bool) -> Any:
+        from service.bench import serving
+
+        return serving.main(name, out, quick)
+
+    return run
+
+
+def _compile(argv: list[str], out: Path, quick: bool) -> Any:
+    from service.bench import compiled
+
+    return compiled.main(out, quick)
+
+
+def _gpu_report(argv: list[str], out: Path, quick: bool) -> Any:
+    from service.bench import gpu_report
+
+    return gpu_report.main(out)
+
+
+COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
+    "matrix": _matrix,
+    "overhead": _serving("overhead"),
+    "load": _serving("load"),
+    "peer": _serving("peer"),
+    "batching": _serving("batching"),
+    "compile": _compile,
+    "gpu-report": _gpu_report,
+}
+
+
+def clean(out: Path) -> None:
+    """Remove generated outputs, keeping the recorded GPU runs."""
+    if not out.exists():
+        return
+    for child in out.iterdir():
+        if child.name.startswith(KEEP_PREFIX):
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="qdserve bench", description=__doc__)
+    parser.add_argument("command", choices=[*COMMANDS, "all"])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (tests, smoke)")
+    args, rest = parser.parse_known_args(argv)
+    from service.bench import report
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(COMMANDS) if args.command == "all" else [args.command]
+    if args.command == "all":
+        clean(out)
+    timings: dict[str, float] = {}
+    failed: list[str] = []
+    for name in names:
+        start = time.perf_counter()
+        print(f"qdserve bench {name} ...", flush=True)
+        try:
+            COMMANDS[name](rest, out, args.quick)
+        except Exception as exc:  # one failing part must not hide the others' results
+            failed.append(name)
+            print(f"qdserve bench {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            (out / f"{name}.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+        timings[name] = time.perf_counter() - start
+        print(f"qdserve bench {name}: {timings[name]:.1f}s", flush=True)
+    report.write_index(out, timings if args.command == "all" else None)
+    return 1 if failed else 0

@@ -1,0 +1,437 @@
+"""Shared pieces of the CPU benchmarks: statistics, image distance, run metadata, servers.
+
+Every result file carries `meta` (machine, versions, date, git commit, command) so each
+number in docs/benchmarks/ can be traced to the run that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO / "docs" / "benchmarks"
+PROMPT = "a red circle on a blue square"
+# One intra-op thread everywhere (bench process, servers, peer): the CPUs are shared, and the
+# service's own QDS_TORCH_THREADS notes measured heavy OpenMP spin contention with 2 threads.
+TORCH_THREADS = 1
+
+
+# -- statistics ------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float:
+    """q in [0, 100]; linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Median and spread (min, max, p5/p95 interquantile, IQR) in the values' own unit."""
+    return {
+        "n": len(values),
+        "median": percentile(values, 50),
+        "min": min(values),
+        "max": max(values),
+        "p25": percentile(values, 25),
+        "p75": percentile(values, 75),
+        "p95": percentile(values, 95),
+        "mean": sum(values) / len(values),
+    }
+
+
+def latency_summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "mean": sum(values) / len(values),
+        "max": max(values),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+# -- image distance --------------------------------------------------------------------
+def image_distance(a: Any, b: Any) -> dict[str, float | bool | None]:
+    """PSNR (dB, 8-bit peak 255) and mean absolute difference (0..255) of two images.
+
+    `a` and `b` are PIL images or uint8 arrays of the same shape. Identical images have an
+    infinite PSNR, written as null with `identical: true` (JSON has no infinity).
+    """
+    import numpy as np
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"image shapes differ: {x.shape} vs {y.shape}")
+    diff = x - y
+    mse = float(np.mean(diff**2))
+    mad = float(np.mean(np.abs(diff)))
+    psnr = None if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+    return {"psnr_db": psnr, "mean_abs_diff": mad, "identical": mse == 0}
+
+
+# -- run metadata ----------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def run_meta(command: str) -> dict[str, Any]:
+    import psutil
+
+    from quantization.environment import library_version
+
+    versions = {
+        name: library_version(name)
+        for name in (
+            "torch",
+            "diffusers",
+            "transformers",
+            "optimum-quanto",
+            "torchao",
+            "gguf",
+            "fastapi",
+            "uvicorn",
+            "litserve",
+            "httpx",
+        )
+    }
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": command,
+        "machine": {
+            "cpu": _cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "memory_bytes": psutil.virtual_memory().total,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "torch_threads": TORCH_THREADS,
+        "versions": versions,
+        "git_commit": _git_commit(),
+    }
+
+
+def meta_line(meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    v = meta["versions"]
+    return (
+        f"Generated by `{meta['command']}` on {meta['date']} (git {meta['git_commit']}). "
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, "
+        f"{m['memory_bytes'] / 2**30:.1f} GiB RAM, {m['platform']}, Python {m['python']}; "
+        f"torch {v['torch']} ({meta['torch_threads']} intra-op thread), diffusers "
+        f"{v['diffusers']}, transformers {v['transformers']}, optimum-quanto "
+        f"{v['optimum-quanto']}, torchao {v['torchao']}, gguf {v['gguf']}, fastapi "
+        f"{v['fastapi']}, uvicorn {v['uvicorn']}, litserve {v['litserve']}."
+    )
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.2f}"
+
+
+# -- memory sampling -------------------------------------------------------------------
+class PeakRSS:
+    """Samples this process's RSS on a thread; `peak - base` is the peak RSS delta.
+
+    psutil RSS (resident set) sampled every `interval` seconds; short spikes between two
+    samples can be missed, so it is a lower bound on the true peak.
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.base = 0
+        self.peak = 0
+        self._stop = False
+
+    def rss(self) -> int:
+        return int(self._proc.memory_info().rss)
+
+    @contextmanager
+    def track(self) -> Iterator[PeakRSS]:
+        import threading
+
+        self.base = self.rss()
+        self.peak = self.base
+        self._stop = False
+
+        def _loop() -> None:
+            while not self._stop:
+                self.peak = max(self.peak, self.rss())
+                time.sleep(self.interval)
+
+        thread = threading.Thread(target=_loop, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop = True
+            thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+# -- servers ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A server subprocess on loopback (qdserve's real uvicorn, or the peer)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ready_path: str
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    start_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path, timeout: float = 180.0) -> Server:
+        import httpx
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{self.name}.log"
+        env = {**os.environ, **self.env}
+        argv = [a.replace("{port}", str(self.port)) for a in self.argv]
+        started = time.perf_counter()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=log)
+        deadline = started + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
+            try:
+                r = httpx.get(self.base_url + self.ready_path, timeout=2.0)
+                if r.status_code == 200:
+                    self.start_seconds = time.perf_counter() - started
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"{self.name} not ready after {timeout}s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def qdserve_server(name: str, log_dir: Path, **env: str) -> Server:
+    """`qdserve serve` (the real uvicorn server) on a free loopback port."""
+    base = {
+        "QDS_LOG_LEVEL": "WARNING",
+        "QDS_TORCH_THREADS": str(TORCH_THREADS),
+        "QDS_MAX_QUEUE": "256",
+        "QDS_REQUEST_TIMEOUT": "300",
+        "HF_HUB_OFFLINE": "1",
+    }
+    server = Server(
+        name,
+        [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"],
+        {**base, **env},
+        "/readyz",
+    )
+    return server.start(log_dir)
+
+
+def peer_server(
+    name: str, log_dir: Path, max_batch: int, batch_timeout_s: float, **env: str
+) -> Server:
+    """The LitServe peer (tools/bench_peer/server.py) serving the same pipeline."""
+    server = Server(
+        name,
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_peer" / "server.py"),
+            "--port",
+            "{port}",
+            "--max-batch-size",
+            str(max_batch),
+            "--batch-timeout",
+            str(batch_timeout_s),
+            "--torch-threads",
+            str(TORCH_THREADS),
+        ],
+        {"HF_HUB_OFFLINE": "1", **env},
+        "/health",
+    )
+    return server.start(log_dir)
+
+
+# -- load generation -------------------------------------------------------------------
+def image_body(seed: int, size: int = 32, steps: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt": PROMPT,
+        "size": f"{size}x{size}",
+        "seed": seed,
+        "response_format": "b64_json",
+        "output_format": "png",
+    }
+    if steps is not None:
+        body["num_inference_steps"] = steps
+    return body
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    wall_seconds: float
+    latencies: list[float]
+    usage: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        lat = latency_summary(self.latencies) if self.latencies else None
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "ok": self.ok,
+            "errors": self.errors,
+            "wall_seconds": self.wall_seconds,
+            "throughput_rps": self.ok / self.wall_seconds if self.wall_seconds else None,
+            "latency_seconds": lat,
+        }
+
+
+async def _load(
+    url: str,
+    body_for: Callable[[int], dict[str, Any]],
+    concurrency: int,
+    total: int,
+    max_seconds: float,
+) -> LoadResult:
+    """Closed-loop client: `concurrency` workers send `total` requests, then stop.
+
+    Bounded twice: by the request count, and by `max_seconds` (workers stop taking new
+    requests after it), so a slow server cannot keep the benchmark running.
+    """
+    import httpx
+
+    issued = 0
+    latencies: list[float] = []
+    usage: list[dict[str, Any]] = []
+    errors: dict[str, int] = {}
+    start = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300.0, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < total and time.perf_counter() - start < max_seconds:
+                i = issued
+                issued += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(url, json=body_for(i))
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                dt = time.perf_counter() - t0
+                if r.status_code == 200:
+                    latencies.append(dt)
+                    data = r.json()
+                    if isinstance(data.get("usage"), dict):
+                        usage.append(data["usage"])
+                else:
+                    key = f"http_{r.status_code}"
+                    errors[key] = errors.get(key, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return LoadResult(concurrency, issued, len(latencies), errors, wall, latencies, usage)
+
+
+def run_load(
+    url: str,
+    body_for: Callable[[int], dict[str, Any]],
+    concurrency: int,
+    total: int,
+    max_seconds: float = 120.0,
+) -> LoadResult:
+    return asyncio.run(_load(url, body_for, concurrency, total, max_seconds))
