@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -23,10 +22,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from quantization.environment import detect_device, library_version
+from service.gpu_metrics import GpuMemoryCollector
 
 # `*_created` timestamp series are not part of the metric contract and only add cardinality.
 disable_created_metrics()
@@ -35,47 +33,6 @@ disable_created_metrics()
 # 1024x1024 with 50 steps on a small GPU): spread the buckets over that range.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-
-class GpuMemoryCollector(Collector):
-    """Reads CUDA memory at scrape time; yields nothing at all without CUDA (no fake zeros)."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a hard dependency
-            return
-        if not torch.cuda.is_available():
-            return
-        families = {
-            "allocated": GaugeMetricFamily(
-                "qds_gpu_memory_allocated_bytes",
-                "CUDA memory allocated by tensors",
-                labels=["device"],
-            ),
-            "reserved": GaugeMetricFamily(
-                "qds_gpu_memory_reserved_bytes",
-                "CUDA memory reserved by the caching allocator",
-                labels=["device"],
-            ),
-            "peak": GaugeMetricFamily(
-                "qds_gpu_memory_peak_bytes",
-                "Peak CUDA memory allocated since start",
-                labels=["device"],
-            ),
-            "total": GaugeMetricFamily(
-                "qds_gpu_memory_total_bytes", "Total memory of the device", labels=["device"]
-            ),
-        }
-        for index in range(torch.cuda.device_count()):
-            device = f"cuda:{index}"
-            families["allocated"].add_metric([device], torch.cuda.memory_allocated(index))
-            families["reserved"].add_metric([device], torch.cuda.memory_reserved(index))
-            families["peak"].add_metric([device], torch.cuda.max_memory_allocated(index))
-            families["total"].add_metric(
-                [device], torch.cuda.get_device_properties(index).total_memory
-            )
-        yield from families.values()
 
 
 class Metrics:
