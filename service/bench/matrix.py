@@ -147,10 +147,11 @@ def measure(out_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     device = detect_device()
     work.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
+    unavailable = []
     for backend, qtype in all_cases():
         reason = get_backend(backend).unavailable_reason(qtype, device)
         if reason and (backend, qtype) not in cases:
-            results.append(
+            unavailable.append(
                 {"backend": backend, "quant_type": qtype, "unavailable": reason, "measured": False}
             )
     for backend, qtype in cases:
@@ -203,7 +204,7 @@ def measure(out_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
             "ratio_to_bf16 = storage / (parameters x 2); ratio_to_floor = storage / "
             "(parameters x weight_bits / 8), weight_bits = 32 for `none` (fp32 on CPU)."
         ),
-        "cases": results,
+        "cases": results + unavailable,
     }
 
 
@@ -217,8 +218,10 @@ def render(data: dict[str, Any]) -> str:
             continue
         lat = r["latency_seconds"]
         q = r.get("quality_vs_none") or {}
-        psnr = "identical" if q.get("identical_seeds") == q.get("seeds") else fmt(
-            q.get("psnr_db_mean"), 1
+        psnr = (
+            "identical"
+            if q.get("identical_seeds") == q.get("seeds")
+            else fmt(q.get("psnr_db_mean"), 1)
         )
         rows.append(
             [
@@ -249,19 +252,22 @@ def render(data: dict[str, Any]) -> str:
         "mean |Δ| (0-255)",
     ]
     first = next((r for r in data["cases"] if r.get("measured")), {})
-    return "\n\n".join(
-        [
-            "# Backend matrix (CPU, embedded model)",
-            meta_line(data["meta"]),
-            f"Model: {data['model']}, {first.get('size')}x{first.get('size')}, "
-            f"{first.get('steps')} steps, prompt {data['prompt']!r}, seeds {data['seeds']}; "
-            f"{first.get('runs')} timed runs per case after {first.get('warmup')} warm-up.",
-            md_table(header, rows),
-            "Memory: " + data["memory_method"],
-            "Storage: " + data["storage_method"],
-            "![memory vs latency](matrix.png)",
-        ]
-    ) + "\n"
+    return (
+        "\n\n".join(
+            [
+                "# Backend matrix (CPU, embedded model)",
+                meta_line(data["meta"]),
+                f"Model: {data['model']}, {first.get('size')}x{first.get('size')}, "
+                f"{first.get('steps')} steps, prompt {data['prompt']!r}, seeds {data['seeds']}; "
+                f"{first.get('runs')} timed runs per case after {first.get('warmup')} warm-up.",
+                md_table(header, rows),
+                "Memory: " + data["memory_method"],
+                "Storage: " + data["storage_method"],
+                "![memory vs latency](matrix.png)",
+            ]
+        )
+        + "\n"
+    )
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

@@ -76,9 +76,14 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
             lines.append(f"| {title} | - | {note} |")
             continue
         data = _load(out, name)
-        lines.append(f"| {title} | [{md.name}]({md.name}) | {headline(name, data) if data else ''} |")
+        head = headline(name, data) if data else ""
+        lines.append(f"| {title} | [{md.name}]({md.name}) | {head} |")
     runs = sorted(p.name for p in out.glob("gpu-h200-run*") if p.is_dir())
     if runs:
-        lines += ["", "Recorded GPU runs (raw, from `service/bench/gpu.py`): "
-                  + ", ".join(f"[{r}/]({r}/)" for r in runs) + "."]
+        lines += [
+            "",
+            "Recorded GPU runs (raw, from `service/bench/gpu.py`): "
+            + ", ".join(f"[{r}/]({r}/)" for r in runs)
+            + ".",
+        ]
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -71,7 +71,8 @@ class DiffusersAPI(ls.LitAPI):
             groups.setdefault(batch_key(self.loaded, req), []).append(i)
         results: list[Any] = [None] * len(requests)
         for idx in groups.values():
-            for i, res in zip(idx, generate_batch(self.loaded, [requests[i] for i in idx])):
+            batch = generate_batch(self.loaded, [requests[i] for i in idx])
+            for i, res in zip(idx, batch, strict=True):
                 results[i] = res
         return results if isinstance(x, list) else results[0]
 
@@ -100,9 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_timeout=args.batch_timeout,
         api_path=PATH,
     )
-    server = ls.LitServer(
-        api, accelerator="cpu", devices=1, workers_per_device=1, timeout=300
-    )
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=300)
     server.run(
         host="127.0.0.1",
         port=args.port,

@@ -1,0 +1,615 @@
+"""Serving benchmarks through real servers on loopback: overhead, load, peer, batching.
+
+Servers are subprocesses: `qdserve serve` (the real uvicorn app) and, for `peer`, LitServe
+(tools/bench_peer/server.py). The client is a bounded, self-stopping httpx client in this
+process. Comparisons are interleaved in one run (A, B, B, A, ...) so drift on the shared
+CPUs hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from service.bench.common import (
+    PROMPT,
+    TORCH_THREADS,
+    LoadResult,
+    Server,
+    fmt,
+    image_body,
+    latency_summary,
+    md_table,
+    meta_line,
+    peer_server,
+    qdserve_server,
+    ratio,
+    run_load,
+    summarize,
+    write_json,
+)
+
+GEN_PATH = "/v1/images/generations"
+WINDOW_MS = 25.0
+MAX_BATCH = 4
+
+
+def _server_rss(server: Server) -> dict[str, int] | None:
+    """RSS and USS of the server's process tree (USS: memory unique to it, no double count)."""
+    import psutil
+
+    if server.proc is None:
+        return None
+    try:
+        root = psutil.Process(server.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        rss = sum(p.memory_info().rss for p in procs)
+        uss = sum(p.memory_full_info().uss for p in procs)
+    except psutil.Error:
+        return None
+    return {"rss_bytes": rss, "uss_bytes": uss, "processes": len(procs)}
+
+
+def _server_info(server: Server) -> dict[str, Any]:
+    return {
+        "start_to_ready_seconds": server.start_seconds,
+        "memory": _server_rss(server),
+        "argv": " ".join(server.argv[1:]),
+        "env": {k: v for k, v in server.env.items() if k.startswith("QDS_")},
+    }
+
+
+def _usage_summary(results: list[LoadResult]) -> dict[str, Any] | None:
+    usage = [u for r in results for u in r.usage]
+    if not usage:
+        return None
+    return {
+        key: summarize([float(u[key]) for u in usage])["mean"]
+        for key in ("queue_seconds", "inference_seconds", "encode_seconds", "batch_images")
+        if key in usage[0]
+    }
+
+
+def _merge(results: list[LoadResult]) -> dict[str, Any]:
+    """Aggregate interleaved rounds: total ok over summed wall time, pooled latencies."""
+    lat = [x for r in results for x in r.latencies]
+    wall = sum(r.wall_seconds for r in results)
+    ok = sum(r.ok for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    return {
+        "concurrency": results[0].concurrency,
+        "requests": sum(r.requests for r in results),
+        "ok": ok,
+        "errors": errors,
+        "wall_seconds": wall,
+        "throughput_rps": ok / wall if wall else None,
+        "latency_seconds": latency_summary(lat) if lat else None,
+        "server_usage_mean": _usage_summary(results),
+    }
+
+
+def _interleave(
+    servers: dict[str, Server], levels: list[tuple[int, int]], rounds: int
+) -> dict[str, dict[str, Any]]:
+    """For each (concurrency, requests) level, alternate the servers' order every round."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in servers}
+    names = list(servers)
+    seed = 1000
+    for conc, total in levels:
+        per_round = max(conc, total // rounds)
+        collected: dict[str, list[LoadResult]] = {n: [] for n in names}
+        for rnd in range(rounds):
+            order = names if rnd % 2 == 0 else names[::-1]
+            for name in order:
+                base = seed
+
+                def body(i: int, base: int = base) -> dict[str, Any]:
+                    return image_body(base + i)
+
+                # Warm the connection pool and the server at this concurrency, untimed.
+                run_load(servers[name].base_url + GEN_PATH, body, conc, conc)
+                res = run_load(servers[name].base_url + GEN_PATH, body, conc, per_round)
+                collected[name].append(res)
+                seed += per_round
+        for name in names:
+            out[name][str(conc)] = _merge(collected[name])
+    return out
+
+
+@contextmanager
+def _servers(
+    specs: dict[str, Callable[[Path], Server]], log_dir: Path
+) -> Iterator[dict[str, Server]]:
+    with ExitStack() as stack:
+        servers: dict[str, Server] = {}
+        for name, start in specs.items():
+            server = start(log_dir)
+            stack.callback(server.stop)
+            servers[name] = server
+        yield servers
+
+
+# -- overhead ---------------------------------------------------------------------------
+class ComponentTimer:
+    """Wall time inside each pipeline component (text encoders, denoiser, VAE decode, ...)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.seconds: dict[str, float] = {}
+        self._handles: list[Any] = []
+        self._restore: list[tuple[Any, str, Any]] = []
+
+    def _add(self, name: str, dt: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+
+    def __enter__(self) -> ComponentTimer:
+        for name in ("text_encoder", "text_encoder_2", "transformer", "unet"):
+            module = getattr(self.pipe, name, None)
+            if module is None:
+                continue
+            starts: list[float] = []
+
+            def pre(_m: Any, _a: Any, starts: list[float] = starts) -> None:
+                starts.append(time.perf_counter())
+
+            def post(_m: Any, _a: Any, _o: Any, name: str = name, s: list[float] = starts) -> None:
+                self._add(name, time.perf_counter() - s.pop())
+
+            self._handles += [
+                module.register_forward_pre_hook(pre),
+                module.register_forward_hook(post),
+            ]
+        for owner, attr, label in (
+            (self.pipe.vae, "decode", "vae_decode"),
+            (self.pipe.image_processor, "postprocess", "postprocess_to_pil"),
+            (self.pipe, "encode_prompt", "encode_prompt_total"),
+        ):
+            original = getattr(owner, attr)
+
+            def wrapped(*a: Any, _f: Any = original, _l: str = label, **k: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    self._add(_l, time.perf_counter() - t0)
+
+            setattr(owner, attr, wrapped)
+            self._restore.append((owner, attr, original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        for owner, attr, _original in self._restore:
+            delattr(owner, attr)  # back to the class attribute
+
+
+def overhead(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
+    import httpx
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    from quantization.generate import GenerationRequest, generate
+    from quantization.loader import load_pipeline
+    from quantization.settings import QuantSettings
+    from service.imaging import encode
+
+    pairs = 6 if quick else 30
+    loaded = load_pipeline(QuantSettings(device="cpu"))
+    with _servers({"qdserve": lambda d: qdserve_server("qdserve-overhead", d)}, log_dir) as srv:
+        server = srv["qdserve"]
+        url = server.base_url + GEN_PATH
+        client = httpx.Client(timeout=120.0)
+        for i in range(3):
+            generate(loaded, GenerationRequest(PROMPT, seed=i))
+            client.post(url, json=image_body(i)).raise_for_status()
+        direct: list[float] = []
+        direct_png: list[float] = []
+        http: list[float] = []
+        usage: list[dict[str, float]] = []
+        for i in range(pairs):
+            seed = 100 + i
+            order = ("direct", "http") if i % 2 == 0 else ("http", "direct")
+            for side in order:
+                if side == "direct":
+                    t0 = time.perf_counter()
+                    result = generate(loaded, GenerationRequest(PROMPT, seed=seed))
+                    direct.append(time.perf_counter() - t0)
+                    encode(result.images[0], "png")
+                    direct_png.append(time.perf_counter() - t0)
+                else:
+                    t0 = time.perf_counter()
+                    r = client.post(url, json=image_body(seed))
+                    r.raise_for_status()
+                    data = r.json()
+                    base64.b64decode(data["data"][0]["b64_json"])
+                    http.append(time.perf_counter() - t0)
+                    usage.append(data["usage"])
+        client.close()
+        info = _server_info(server)
+    # Where the time of one direct call goes (hooks on the components; separate pass).
+    timer = ComponentTimer(loaded.pipeline)
+    n_break = 3 if quick else 10
+    t_total = 0.0
+    with timer:
+        for i in range(n_break):
+            t0 = time.perf_counter()
+            generate(loaded, GenerationRequest(PROMPT, seed=200 + i))
+            t_total += time.perf_counter() - t0
+    per_call = {k: v / n_break for k, v in timer.seconds.items()}
+    per_call["total"] = t_total / n_break
+    per_call["other"] = per_call["total"] - sum(
+        v
+        for k, v in per_call.items()
+        if k in ("encode_prompt_total", "transformer", "unet", "vae_decode", "postprocess_to_pil")
+    )
+    u = {k: summarize([float(x[k]) for x in usage])["median"] for k in usage[0]}
+    d_med = summarize(direct)["median"]
+    h_med = summarize(http)["median"]
+    return {
+        "pairs": pairs,
+        "direct_seconds": summarize(direct),
+        "direct_plus_png_seconds": summarize(direct_png),
+        "http_seconds": summarize(http),
+        "ratio_http_to_direct_median": h_med / d_med,
+        "ratio_http_to_direct_plus_png_median": h_med / summarize(direct_png)["median"],
+        "http_minus_direct_median_seconds": h_med - d_med,
+        "server_usage_median_seconds": u,
+        "direct_breakdown_seconds": per_call,
+        "server": info,
+        "method": (
+            "direct = quantization.generate.generate() on a pipeline loaded in the benchmark "
+            "process; http = POST /v1/images/generations (b64 PNG) to `qdserve serve` on "
+            "loopback, client time including JSON and base64 decode. Interleaved pairs, order "
+            "alternating. Breakdown: forward hooks / wrappers on the components of the direct "
+            "pipeline (a separate pass)."
+        ),
+    }
+
+
+def render_overhead(data: dict[str, Any]) -> str:
+    d, h, dp = data["direct_seconds"], data["http_seconds"], data["direct_plus_png_seconds"]
+    rows = [
+        [
+            "direct generate()",
+            fmt(d["median"] * 1e3, 1),
+            fmt(d["p25"] * 1e3, 1),
+            fmt(d["p75"] * 1e3, 1),
+        ],
+        [
+            "direct + PNG encode",
+            fmt(dp["median"] * 1e3, 1),
+            fmt(dp["p25"] * 1e3, 1),
+            fmt(dp["p75"] * 1e3, 1),
+        ],
+        [
+            "HTTP (qdserve serve)",
+            fmt(h["median"] * 1e3, 1),
+            fmt(h["p25"] * 1e3, 1),
+            fmt(h["p75"] * 1e3, 1),
+        ],
+    ]
+    u = data["server_usage_median_seconds"]
+    urows = [[k, fmt(v * 1e3, 2) if k.endswith("seconds") else fmt(v, 0)] for k, v in u.items()]
+    b = data["direct_breakdown_seconds"]
+    brows = [[k, fmt(v * 1e3, 2), fmt(100 * v / b["total"], 1)] for k, v in b.items()]
+    return (
+        "\n\n".join(
+            [
+                "# Service overhead: direct call vs HTTP",
+                meta_line(data["meta"]),
+                f"{data['pairs']} interleaved pairs, embedded model at its defaults. "
+                + data["method"],
+                md_table(["path", "median ms", "p25 ms", "p75 ms"], rows),
+                f"**HTTP / direct (medians): {data['ratio_http_to_direct_median']:.3f}** "
+                f"(+{data['http_minus_direct_median_seconds'] * 1e3:.1f} ms); "
+                "HTTP / (direct + PNG): "
+                f"{data['ratio_http_to_direct_plus_png_median']:.3f}.",
+                "Server-reported timings (medians, `usage` of the response):",
+                md_table(["field", "value (ms / images)"], urows),
+                "Where a direct call's time goes (mean per call; encode_prompt_total contains "
+                "both text encoders):",
+                md_table(["part", "ms", "% of call"], brows),
+            ]
+        )
+        + "\n"
+    )
+
+
+# -- load ------------------------------------------------------------------------------
+def load(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
+    levels = [(1, 4), (4, 8)] if quick else [(1, 16), (4, 40), (16, 96)]
+    with _servers({"qdserve": lambda d: qdserve_server("qdserve-load", d)}, log_dir) as srv:
+        res = _interleave(srv, levels, rounds=1)["qdserve"]
+        info = _server_info(srv["qdserve"])
+    return {
+        "levels": res,
+        "server": info,
+        "method": "closed-loop client, `concurrency` connections, stops after `requests` "
+        "(or 120 s); each level preceded by an untimed warm-up of `concurrency` requests. "
+        "Server defaults (micro-batching off).",
+    }
+
+
+def _level_rows(levels: dict[str, Any], label: str) -> list[list[str]]:
+    rows = []
+    for conc, r in levels.items():
+        lat = r["latency_seconds"] or {}
+        rows.append(
+            [
+                label,
+                conc,
+                str(r["ok"]),
+                str(sum(r["errors"].values())),
+                fmt(r["throughput_rps"], 2),
+                fmt(lat.get("p50", 0) * 1e3, 0),
+                fmt(lat.get("p95", 0) * 1e3, 0),
+                fmt(lat.get("p99", 0) * 1e3, 0),
+                fmt((r.get("server_usage_mean") or {}).get("batch_images"), 2),
+            ]
+        )
+    return rows
+
+
+LEVEL_HEADER = [
+    "server",
+    "concurrency",
+    "ok",
+    "errors",
+    "req/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "mean batch",
+]
+
+
+def render_load(data: dict[str, Any]) -> str:
+    return (
+        "\n\n".join(
+            [
+                "# Load test (qdserve serve, loopback)",
+                meta_line(data["meta"]),
+                data["method"],
+                md_table(LEVEL_HEADER, _level_rows(data["levels"], "qdserve")),
+                f"Start-up (process spawn to /readyz 200): "
+                f"{fmt(data['server']['start_to_ready_seconds'], 1)} s; "
+                "server memory after the run: "
+                f"{_mem(data['server'])}.",
+            ]
+        )
+        + "\n"
+    )
+
+
+def _mem(info: dict[str, Any]) -> str:
+    m = info.get("memory")
+    if not m:
+        return "-"
+    return (
+        f"RSS {m['rss_bytes'] / 2**20:.0f} MiB / USS {m['uss_bytes'] / 2**20:.0f} MiB "
+        f"over {m['processes']} process(es)"
+    )
+
+
+# -- peer ------------------------------------------------------------------------------
+def peer(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
+    import importlib.metadata
+
+    levels = [(1, 4), (4, 8)] if quick else [(1, 16), (4, 40), (16, 96)]
+    rounds = 2
+    specs: dict[str, Callable[[Path], Server]] = {
+        "qdserve": lambda d: qdserve_server(
+            "qdserve-peer",
+            d,
+            QDS_BATCH_WINDOW_MS=str(WINDOW_MS),
+            QDS_MAX_BATCH=str(MAX_BATCH),
+        ),
+        "litserve": lambda d: peer_server("litserve", d, MAX_BATCH, WINDOW_MS / 1000),
+    }
+    with _servers(specs, log_dir) as srv:
+        res = _interleave(srv, levels, rounds=rounds)
+        info = {name: _server_info(s) for name, s in srv.items()}
+    ratios = {}
+    for conc in res["qdserve"]:
+        q, p = res["qdserve"][conc], res["litserve"][conc]
+        ratios[conc] = {
+            "throughput_qdserve_over_litserve": ratio(q["throughput_rps"], p["throughput_rps"]),
+            "p50_litserve_over_qdserve": ratio(
+                p["latency_seconds"]["p50"], q["latency_seconds"]["p50"]
+            ),
+            "p99_litserve_over_qdserve": ratio(
+                p["latency_seconds"]["p99"], q["latency_seconds"]["p99"]
+            ),
+        }
+    return {
+        "levels": res,
+        "ratios": ratios,
+        "servers": info,
+        "rounds": rounds,
+        "peer": {
+            "framework": "litserve",
+            "version": importlib.metadata.version("litserve"),
+            "config": {
+                "max_batch_size": MAX_BATCH,
+                "batch_timeout_s": WINDOW_MS / 1000,
+                "accelerator": "cpu",
+                "devices": 1,
+                "workers_per_device": 1,
+                "num_api_servers": 1,
+                "torch_threads": TORCH_THREADS,
+                "code": "tools/bench_peer/server.py",
+            },
+        },
+        "qdserve_config": {"QDS_BATCH_WINDOW_MS": WINDOW_MS, "QDS_MAX_BATCH": MAX_BATCH},
+        "method": f"same requests (OpenAI images JSON, b64 PNG) to both, {rounds} interleaved "
+        "rounds per level with alternating order; both servers up for the whole run, same "
+        "pipeline (quantization.loader, default settings), same batching window and size.",
+    }
+
+
+def render_peer(data: dict[str, Any]) -> str:
+    rows = _level_rows(data["levels"]["qdserve"], "qdserve") + _level_rows(
+        data["levels"]["litserve"], "litserve"
+    )
+    rrows = [
+        [
+            c,
+            fmt(r["throughput_qdserve_over_litserve"], 2),
+            fmt(r["p50_litserve_over_qdserve"], 2),
+            fmt(r["p99_litserve_over_qdserve"], 2),
+        ]
+        for c, r in data["ratios"].items()
+    ]
+    peer_cfg = data["peer"]
+    srows = [
+        [name, fmt(i["start_to_ready_seconds"], 1), _mem(i)] for name, i in data["servers"].items()
+    ]
+    return (
+        "\n\n".join(
+            [
+                "# qdserve vs LitServe (same pipeline, same machine)",
+                meta_line(data["meta"]),
+                f"Peer: LitServe {peer_cfg['version']}, config {peer_cfg['config']}. "
+                f"qdserve: {data['qdserve_config']}. " + data["method"],
+                md_table(LEVEL_HEADER, rows),
+                "Ratios (> 1 means qdserve is better):",
+                md_table(
+                    [
+                        "concurrency",
+                        "throughput qdserve/litserve",
+                        "p50 litserve/qdserve",
+                        "p99 litserve/qdserve",
+                    ],
+                    rrows,
+                ),
+                "Start-up and memory:",
+                md_table(["server", "spawn to ready s", "memory after the run"], srows),
+            ]
+        )
+        + "\n"
+    )
+
+
+# -- batching --------------------------------------------------------------------------
+def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
+    levels = [(4, 8)] if quick else [(4, 48), (16, 96)]
+    specs: dict[str, Callable[[Path], Server]] = {
+        "off": lambda d: qdserve_server("qdserve-batch-off", d, QDS_BATCH_WINDOW_MS="0"),
+        f"on (window {WINDOW_MS:g} ms, max {MAX_BATCH})": lambda d: qdserve_server(
+            "qdserve-batch-on", d, QDS_BATCH_WINDOW_MS=str(WINDOW_MS), QDS_MAX_BATCH=str(MAX_BATCH)
+        ),
+    }
+    if not quick:
+        specs[f"on (window {WINDOW_MS:g} ms, max 8)"] = lambda d: qdserve_server(
+            "qdserve-batch-on8", d, QDS_BATCH_WINDOW_MS=str(WINDOW_MS), QDS_MAX_BATCH="8"
+        )
+    with _servers(specs, log_dir) as srv:
+        res = _interleave(srv, levels, rounds=2)
+        info = {name: _server_info(s) for name, s in srv.items()}
+    gains = {
+        name: {
+            conc: ratio(r["throughput_rps"], res["off"][conc]["throughput_rps"])
+            for conc, r in levels_.items()
+        }
+        for name, levels_ in res.items()
+        if name != "off"
+    }
+    return {
+        "levels": res,
+        "throughput_gain_vs_off": gains,
+        "servers": info,
+        "method": "qdserve servers differing only in QDS_BATCH_WINDOW_MS / QDS_MAX_BATCH, all up "
+        "for the whole run, 2 interleaved rounds per concurrency with alternating order; "
+        "identical request shapes (so every request is batchable).",
+    }
+
+
+def render_batching(data: dict[str, Any]) -> str:
+    rows: list[list[str]] = []
+    for name, levels in data["levels"].items():
+        rows += _level_rows(levels, name)
+    grows = [
+        [name, c, fmt(g, 2)]
+        for name, gs in data["throughput_gain_vs_off"].items()
+        for c, g in gs.items()
+    ]
+    return (
+        "\n\n".join(
+            [
+                "# Micro-batching (QDS_BATCH_WINDOW_MS)",
+                meta_line(data["meta"]),
+                data["method"],
+                md_table(LEVEL_HEADER, rows),
+                "Throughput gain vs batching off:",
+                md_table(["config", "concurrency", "throughput / off"], grows),
+            ]
+        )
+        + "\n"
+    )
+
+
+# -- entry -----------------------------------------------------------------------------
+PARTS: dict[
+    str, tuple[Callable[[Path, bool, Path], dict[str, Any]], Callable[[dict[str, Any]], str]]
+] = {
+    "overhead": (overhead, render_overhead),
+    "load": (load, render_load),
+    "peer": (peer, render_peer),
+    "batching": (batching, render_batching),
+}
+
+
+def headline(name: str, data: dict[str, Any]) -> str:
+    if name == "overhead":
+        return (
+            f"HTTP/direct median {data['ratio_http_to_direct_median']:.3f} "
+            f"(+{data['http_minus_direct_median_seconds'] * 1e3:.1f} ms per image)"
+        )
+    if name == "load":
+        return "; ".join(
+            f"c{c}: {r['throughput_rps']:.2f} req/s, "
+            f"p50 {r['latency_seconds']['p50'] * 1e3:.0f} ms, "
+            f"p99 {r['latency_seconds']['p99'] * 1e3:.0f} ms"
+            for c, r in data["levels"].items()
+        )
+    if name == "peer":
+        return "throughput qdserve/litserve: " + ", ".join(
+            f"c{c} {fmt(r['throughput_qdserve_over_litserve'], 2)}"
+            for c, r in data["ratios"].items()
+        )
+    if name == "batching":
+        return "; ".join(
+            f"{n}: " + ", ".join(f"c{c} x{fmt(g, 2)}" for c, g in gs.items())
+            for n, gs in data["throughput_gain_vs_off"].items()
+        )
+    return ""
+
+
+def main(name: str, out: Path, quick: bool) -> dict[str, Any]:
+    from service.bench.common import run_meta
+
+    measure, render = PARTS[name]
+    with tempfile.TemporaryDirectory(prefix=f"qds-{name}-") as tmp:
+        meta = run_meta(f"qdserve bench {name}" + (" --quick" if quick else ""))
+        data = {"meta": meta, **measure(out, quick, Path(tmp))}
+    data["headline"] = headline(name, data)
+    write_json(out / f"{name}.json", data)
+    (out / f"{name}.md").write_text(render(data))
+    return data
+
+
+def png_roundtrip(b64: str) -> Any:
+    """Decode a b64 PNG from a response into a PIL image (tests, quality checks)."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
