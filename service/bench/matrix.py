@@ -42,7 +42,7 @@ CASES: list[tuple[str, str | None]] = [
     ("gguf", "Q8_0"),
     ("gguf", "Q4_0"),
 ]
-QUICK_CASES = [("none", None), ("quanto", "int8"), ("gguf", "Q8_0")]
+QUICK_CASES = [("none", None), ("quanto", "int8")]
 SEEDS = [0, 1, 2, 3]
 
 
