@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -171,7 +172,10 @@ class ModelCache:
         # max_entries pipelines instead of max_entries + 1.
         self._evict(reserve=1)
         self.load_counts[key] += 1
-        log.info("loading model variant %s", key.variant_id)
+        fields = {"model": key.model, "backend": key.backend, "quant_type": key.quant_type}
+        log.info("loading model variant %s", key.variant_id, extra=fields)
+        _progress_bars()
+        start = time.perf_counter()
         try:
             loaded = self.loader(settings)
         except BaseException as exc:
@@ -179,7 +183,14 @@ class ModelCache:
                 self._loading.pop(key, None)
             if self.metrics:
                 self.metrics.model_loads.labels(key.backend, "failure").inc()
-            log.warning("loading %s failed: %s", key.variant_id, exc)
+            seconds = time.perf_counter() - start
+            log.warning(
+                "loading %s failed after %.2fs: %s",
+                key.variant_id,
+                seconds,
+                exc,
+                extra={**fields, "load_s": round(seconds, 3)},
+            )
             fut.set_exception(exc)
             return
         entry = Entry(key, loaded)
@@ -203,6 +214,11 @@ class ModelCache:
             key.variant_id,
             loaded.load_seconds,
             loaded.storage_bytes,
+            extra={
+                **fields,
+                "load_s": round(loaded.load_seconds, 3),
+                "storage_bytes": loaded.storage_bytes,
+            },
         )
         if self.on_loaded:
             self.on_loaded(key, loaded)
@@ -301,6 +317,17 @@ class ModelCache:
         for entry in entries:
             entry.loaded.release()
         _trim_heap()
+
+
+def _progress_bars() -> None:
+    """diffusers' / transformers' load progress bars in a terminal only: in a log file or a
+    container log they would be noise between the JSON lines."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    on = sys.stderr.isatty()
+    for lib in (diffusers_logging, transformers_logging):
+        (lib.enable_progress_bar if on else lib.disable_progress_bar)()
 
 
 def _trim_heap() -> None:

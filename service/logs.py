@@ -36,6 +36,8 @@ class JsonFormatter(logging.Formatter):
         "images",
         "size",
         "user",
+        "load_s",
+        "storage_bytes",
     )
 
     def format(self, record: logging.LogRecord) -> str:
@@ -55,15 +57,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """One human-readable line; the access line's fields (backend, model, queue wait, ...)
+    follow the message as key=value so text logs carry what the JSON ones do."""
+
+    # Already in the message (method, path, status, duration) or in brackets (request id).
+    SKIP = frozenset({"request_id", "method", "path", "status", "duration_s"})
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        pairs = [
+            f"{key}={value}"
+            for key in JsonFormatter.FIELDS
+            if key not in self.SKIP and (value := getattr(record, key, None)) is not None
+        ]
+        if not pairs:
+            return line
+        head, sep, exc = line.partition("\n")  # keep a traceback below the fields
+        return f"{head} {' '.join(pairs)}{sep}{exc}"
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("qdserve")
     root.handlers[:] = [handler]
     root.setLevel(level)
