@@ -63,7 +63,8 @@ def request_id_of(request: Request) -> str | None:
 
 
 def error_response(request: Request, err: APIError) -> JSONResponse:
-    metrics = getattr(request.app.state, "metrics", None)
+    qds = getattr(request.app.state, "qds", None)
+    metrics = qds.metrics if qds is not None else None
     if metrics is not None and err.kind:
         metrics.errors.labels(kind=err.kind).inc()
     return JSONResponse(

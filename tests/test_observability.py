@@ -431,12 +431,6 @@ def test_validation_and_rejection_are_answered_and_counted_by_status(server: Ser
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/errors.py error_response() reads request.app.state.metrics, which nothing "
-    "sets (the metrics live at app.state.qds.metrics), so qds_errors_total never counts "
-    "validation / rejected / timeout / oom errors",
-)
 def test_error_counter_counts_by_kind(server: Server) -> None:
     before = series(scrape(server))
     assert generate(server, {"n": 99}).status_code == 400
