@@ -52,7 +52,13 @@ class QuantSettings(BaseSettings):
     )
     quant_backend: str = Field(default="none", description="One of: " + ", ".join(BACKENDS) + ".")
     quant_type: str | None = Field(
-        default=None, description="Backend-specific quant type; empty = the backend's default."
+        default=None,
+        description=(
+            "Backend-specific: nf4/fp4 (bnb 4-bit), int8 (bnb 8-bit), int8/int4/int2/float8 "
+            "(quanto), int8wo/int8dq/float8wo/float8dq/int4wo (torchao), FP8/INT8/INT4/NF4/"
+            "NVFP4 (modelopt), Q8_0/Q5_1/Q5_0/Q4_1/Q4_0/F16/BF16 (gguf). Empty = the "
+            "backend's default."
+        ),
     )
     compute_dtype: ComputeDtype = Field(
         default="auto", description="auto = bfloat16 on CUDA, float32 on CPU."

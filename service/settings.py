@@ -70,8 +70,12 @@ class ServiceSettings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Comma list of accepted bearer keys; empty = no auth."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
-    log_format: Literal["json", "text"] = Field(default="json")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR (WARNING hides access lines)."
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per line; text: human-readable."
+    )
     batch_window_ms: float = Field(
         default=0.0, ge=0, description="Micro-batching window; 0 turns batching off."
     )
