@@ -83,8 +83,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quantization.prequantize import quantize_and_save
     from quantization.settings import QuantSettings
 
-    overrides = {k: v for k, v in {"quant_backend": args.backend, "quant_type": args.quant_type,
-                                   "model": args.model}.items() if v}
+    overrides = {
+        k: v
+        for k, v in {
+            "quant_backend": args.backend,
+            "quant_type": args.quant_type,
+            "model": args.model,
+        }.items()
+        if v
+    }
     try:
         settings = QuantSettings(**overrides)
         out = quantize_and_save(settings, args.output)
@@ -105,8 +112,10 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
         out = convert_to_gguf(source, args.output, args.quant_type)
     except Exception as exc:
         return _settings_error(exc)
-    print(f"wrote {out} ({os.path.getsize(out)} bytes); serve it with "
-          f"QDS_QUANT_BACKEND=gguf QDS_GGUF_FILE={out}")
+    print(
+        f"wrote {out} ({os.path.getsize(out)} bytes); serve it with "
+        f"QDS_QUANT_BACKEND=gguf QDS_GGUF_FILE={out}"
+    )
     return 0
 
 
@@ -144,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-gguf", help="write the denoiser as a diffusers-format .gguf")
     p.add_argument("output", help="path of the .gguf file to write")
-    p.add_argument("--quant-type", default="Q8_0",
-                   help="Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16 or BF16 (default Q8_0)")
+    p.add_argument(
+        "--quant-type",
+        default="Q8_0",
+        help="Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16 or BF16 (default Q8_0)",
+    )
     p.add_argument("--model", help="overrides QDS_MODEL")
     p.set_defaults(func=cmd_convert_gguf)
 

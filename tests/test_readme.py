@@ -31,8 +31,13 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_cli_subcommands_listed_in_readme_exist() -> None:
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     for command in ("serve", "backends", "quantize", "convert-gguf", "bench", "train-demo"):
         assert command in proc.stdout
         assert f"qdserve {command}" in (ROOT / "README.md").read_text()
