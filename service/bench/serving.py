@@ -193,6 +193,64 @@ class ComponentTimer:
             delattr(owner, attr)  # back to the class attribute
 
 
+def encode_costs(image: Any, quick: bool) -> list[dict[str, Any]]:
+    """Encoding cost per image at output sizes up to 1024x1024 (the GPU target size).
+
+    Two contents: the model's own (noise-like: random weights) image resized, PNG's worst
+    case; and a smooth gradient, closer to a photo. `service.imaging.encode` is what the
+    service runs (PNG at compress_level 6); PNG level 1 is the same lossless image, faster.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from service.imaging import encode
+
+    reps = 2 if quick else 5
+    rows = []
+    for size in (32, 512, 1024):
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        smooth = np.stack(
+            [
+                np.add.outer(ramp, ramp) / 2,
+                np.add.outer(ramp, ramp[::-1]) / 2,
+                np.tile(ramp, (size, 1)),
+            ],
+            axis=-1,
+        ).astype(np.uint8)
+        contents = {
+            "model output (noise-like)": image.resize((size, size), Image.Resampling.BICUBIC),
+            "smooth gradient": Image.fromarray(smooth),
+        }
+        for content, img in contents.items():
+            for label, fn in (
+                ("png (service, level 6)", lambda i: encode(i, "png")),
+                ("png level 1", lambda i: _png(i, 1)),
+                ("jpeg q90", lambda i: encode(i, "jpeg")),
+                ("webp q90", lambda i: encode(i, "webp")),
+            ):
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    data = fn(img)
+                    times.append(time.perf_counter() - t0)
+                rows.append(
+                    {
+                        "size": size,
+                        "content": content,
+                        "format": label,
+                        "seconds_median": summarize(times)["median"],
+                        "bytes": len(data),
+                    }
+                )
+    return rows
+
+
+def _png(image: Any, level: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=level)
+    return buf.getvalue()
+
+
 def overhead(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     import httpx
     import torch
@@ -253,6 +311,7 @@ def overhead(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
         if k in ("encode_prompt_total", "transformer", "unet", "vae_decode", "postprocess_to_pil")
     )
     u = {k: summarize([float(x[k]) for x in usage])["median"] for k in usage[0]}
+    sample = generate(loaded, GenerationRequest(PROMPT, seed=0)).images[0]
     d_med = summarize(direct)["median"]
     h_med = summarize(http)["median"]
     return {
@@ -265,6 +324,7 @@ def overhead(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
         "http_minus_direct_median_seconds": h_med - d_med,
         "server_usage_median_seconds": u,
         "direct_breakdown_seconds": per_call,
+        "encode_costs": encode_costs(sample, quick),
         "server": info,
         "method": (
             "direct = quantization.generate.generate() on a pipeline loaded in the benchmark "
@@ -319,10 +379,26 @@ def render_overhead(data: dict[str, Any]) -> str:
                 "Where a direct call's time goes (mean per call; encode_prompt_total contains "
                 "both text encoders):",
                 md_table(["part", "ms", "% of call"], brows),
+                "Image encoding per image (the service runs it in a thread, off the inference "
+                "worker; median of repeats):",
+                md_table(["size", "content", "format", "ms", "KiB"], _encode_rows(data)),
             ]
         )
         + "\n"
     )
+
+
+def _encode_rows(data: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            f"{e['size']}x{e['size']}",
+            e["content"],
+            e["format"],
+            fmt(e["seconds_median"] * 1e3, 2),
+            fmt(e["bytes"] / 1024, 1),
+        ]
+        for e in data.get("encode_costs", [])
+    ]
 
 
 # -- load ------------------------------------------------------------------------------
@@ -405,8 +481,8 @@ def _mem(info: dict[str, Any]) -> str:
 def peer(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     import importlib.metadata
 
-    levels = [(1, 4), (4, 8)] if quick else [(1, 16), (4, 40), (16, 96)]
-    rounds = 2
+    levels = [(1, 4), (4, 8)] if quick else [(1, 24), (4, 48), (16, 96)]
+    rounds = 2 if quick else 4
     specs: dict[str, Callable[[Path], Server]] = {
         "qdserve": lambda d: qdserve_server(
             "qdserve-peer",
@@ -571,9 +647,21 @@ PARTS: dict[
 
 def headline(name: str, data: dict[str, Any]) -> str:
     if name == "overhead":
+        png = {
+            e["format"]: e["seconds_median"]
+            for e in data.get("encode_costs", [])
+            if e["size"] == 1024 and e["content"].startswith("model")
+        }
+        enc = (
+            f"; PNG encode at 1024x1024 (noise-like): level 6 "
+            f"{png['png (service, level 6)'] * 1e3:.0f} ms vs level 1 "
+            f"{png['png level 1'] * 1e3:.0f} ms"
+            if len(png) > 1
+            else ""
+        )
         return (
             f"HTTP/direct median {data['ratio_http_to_direct_median']:.3f} "
-            f"(+{data['http_minus_direct_median_seconds'] * 1e3:.1f} ms per image)"
+            f"(+{data['http_minus_direct_median_seconds'] * 1e3:.1f} ms per image){enc}"
         )
     if name == "load":
         return "; ".join(
