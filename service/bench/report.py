@@ -78,6 +78,7 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
         data = _load(out, name)
         head = headline(name, data) if data else ""
         lines.append(f"| {title} | [{md.name}]({md.name}) | {head} |")
+    lines += dominant(out)
     runs = sorted(p.name for p in out.glob("gpu-h200-run*") if p.is_dir())
     if runs:
         lines += [
@@ -87,3 +88,24 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
             + ".",
         ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def dominant(out: Path) -> list[str]:
+    """What the measurements say dominates a request, computed from overhead.json."""
+    data = _load(out, "overhead")
+    if not data:
+        return []
+    parts = {
+        k: v
+        for k, v in data["direct_breakdown_seconds"].items()
+        if k not in ("total", "text_encoder", "text_encoder_2")
+    }
+    total = data["direct_breakdown_seconds"]["total"]
+    top = max(parts, key=lambda k: parts[k])
+    share = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in parts.items())
+    http = data["http_minus_direct_median_seconds"] / data["direct_seconds"]["median"]
+    return [
+        "",
+        f"What dominates (overhead.json): {top} takes {100 * parts[top] / total:.0f}% of a "
+        f"direct call ({share}); HTTP adds {100 * http:.1f}% on top.",
+    ]
