@@ -230,3 +230,13 @@ def test_incompatible_requests_never_batched(batching: Server) -> None:
         assert len({key for key, _ in batch}) == 1, batch
     sizes = sorted(len(b) for b in batches)
     assert sizes == [1, 1, 1, 1, 2]  # only a + f shared a call
+
+
+def test_lone_request_on_idle_worker_does_not_wait_the_window(batching: Server) -> None:
+    # The fixture's window is 400 ms. A request alone on an idle worker has nobody to batch
+    # with, so it must start at once (the window is waited out only under concurrency).
+    _post(batching, {"prompt": "warm", "size": "32x32"})  # previous call: a single job
+    resp = _post(batching, {"prompt": "alone", "size": "32x32"})
+    assert resp.status_code == 200
+    assert resp.json()["usage"]["queue_seconds"] < 0.3
+    assert resp.json()["usage"]["batch_images"] == 1
