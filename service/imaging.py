@@ -1,4 +1,4 @@
-"""Image encoding (Pillow). Called through a thread: encoding must not block the event loop."""
+"""Image encoding (Pillow). Large results go through a thread: encoding must not block the loop."""
 
 from __future__ import annotations
 

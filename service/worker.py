@@ -249,11 +249,15 @@ class InferenceWorker:
             for job in batch:
                 self.metrics.queue_wait.labels(key.backend).observe(started - job.enqueued_at)
 
+        step_hist = (
+            self.metrics.step_duration.labels(key.model, key.backend, key.quant_type or "")
+            if self.metrics
+            else None
+        )
+
         def on_step(_step: int, seconds: float) -> None:
-            if self.metrics:
-                self.metrics.step_duration.labels(
-                    key.model, key.backend, key.quant_type or ""
-                ).observe(seconds)
+            if step_hist is not None:
+                step_hist.observe(seconds)
             # Nobody waits for these images any more: stop spending compute on them.
             if all(j.abandoned for j in batch):
                 raise _Aborted
