@@ -290,14 +290,27 @@ class Server:
             return ""
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def _signal(self, sig: int) -> None:
+        # The server runs in its own session (started above): signal its whole group, so
+        # the peer's worker processes get it too.
+        if self.proc is not None and self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def pause(self) -> None:
+        """Freeze the server's processes (SIGSTOP), so its idle work costs the others nothing."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        # The server runs in its own session (started above): signal its whole group, so
-        # the peer's worker processes go too.
         pgid = self.proc.pid
         with suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGCONT)  # a paused server would not act on SIGTERM
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
