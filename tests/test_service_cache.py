@@ -253,8 +253,10 @@ def test_eviction_returns_memory_to_the_os(cache_dir: Path) -> None:
         storage = next(e.storage_bytes for e in cache.entries() if e.key == key_for(variant))
         evict_variant()
         after = _rss()
-        # Loading costs at least its storage; evicting gave (nearly) all of it back.
+        # Loading costs at least half its storage; evicting gave back at least 75% of what
+        # the load took. Relative to the load's own RSS growth: at this model's size (~10 MB)
+        # allocator noise of a few MB makes a threshold on storage alone flaky.
         assert loaded - before > 0.5 * storage, (before, loaded, after, storage)
-        assert after - before < 0.25 * storage, (before, loaded, after, storage)
+        assert after - before < 0.25 * (loaded - before), (before, loaded, after, storage)
     finally:
         cache.close()
