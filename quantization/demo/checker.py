@@ -81,8 +81,13 @@ def classify(image: Image.Image | np.ndarray) -> Verdict | None:
     h, w = arr.shape[:2]
     dist = np.linalg.norm(arr - np.asarray(BACKGROUND, dtype=np.float64), axis=-1)
     blob = _largest_component(dist > _FG_THRESHOLD)
-    area = int(blob.sum())
-    if area < _MIN_AREA_FRACTION * h * w:
+    if blob.sum() < _MIN_AREA_FRACTION * h * w:
+        return None
+    # Re-segment at half the blob's own contrast: a blurred edge crosses 50% where the sharp
+    # edge was, whereas a fixed threshold swells light colors and rounds every corner.
+    contrast = float(np.percentile(dist[blob], 75))
+    blob = _largest_component(dist > max(_FG_THRESHOLD, 0.5 * contrast))
+    if blob.sum() < _MIN_AREA_FRACTION * h * w:
         return None
     ys, xs = np.nonzero(blob)
     boxes = _templates(int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max()), (h, w))

@@ -27,10 +27,9 @@ import csv
 import json
 import math
 import random
-import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +63,12 @@ def _images_to_tensor(samples: Sequence[shapes.Sample]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0).contiguous()
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def _lr_at(step: int, total: int, peak: float, warmup: int, cosine: bool = True) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak (or constant)."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if not cosine:
+        return peak
     progress = (step - warmup) / max(total - warmup, 1)
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
@@ -79,7 +80,7 @@ def train_vae(
     batch: int,
     lr: float,
     gen: torch.Generator,
-    logger: csv.writer,
+    logger: Any,
     t0: float,
 ) -> None:
     """Autoencoder training: MSE reconstruction of posterior samples + a light KL term.
@@ -162,10 +163,17 @@ def train_transformer(
     batch: int,
     lr: float,
     gen: torch.Generator,
-    logger: csv.writer,
+    logger: Any,
     t0: float,
+    checkpoint: Callable[[int, Any], None] | None = None,
+    every: int = 0,
 ) -> Any:
-    """Rectified-flow training of the Flux transformer; returns the EMA copy of it."""
+    """Rectified-flow training of the Flux transformer; returns the EMA copy of it.
+
+    The learning rate is constant after warm-up (the EMA does the averaging), so the
+    checkpoint at step N is bit-for-bit what `--steps N` produces: training can be stopped
+    at any checkpoint and the command that reproduces it is known.
+    """
     transformer = pipe.transformer
     transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
@@ -180,7 +188,7 @@ def train_transformer(
     running = 0.0
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup=100)
+            group["lr"] = _lr_at(step, steps, lr, warmup=100, cosine=False)
         idx = torch.randint(0, mean.shape[0], (batch,), generator=gen)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         # The inverse of what FluxPipeline does before decoding: z / scale + shift.
@@ -224,6 +232,8 @@ def train_transformer(
             )
             _log(f"flow step {step + 1}/{steps} loss {running / n:.4f} ({time.time() - t0:.0f}s)")
             running = 0.0
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            checkpoint(step + 1, ema)
     transformer.eval()
     return ema
 
@@ -246,16 +256,15 @@ def build_demo_pipeline(seed: int) -> Any:
 
 def save(pipe: Any, out: Path, steps: int, guidance: float, extra: dict[str, Any]) -> int:
     """save_pretrained with the transformer stored in fp16 (diffusers loads it back as fp32
-    unless asked otherwise); small VAE and text encoders stay fp32. Returns bytes on disk."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    unless asked otherwise: half the bytes, same images); the small VAE and text encoders
+    stay fp32 (transformers would load fp16 text encoders as fp16). Writes in place so the
+    loss log in the same folder keeps growing. Returns the folder's bytes on disk."""
     transformer = pipe.transformer
-    pipe.transformer = copy.deepcopy(transformer).to(torch.float16)
-    pipe.register_modules(transformer=pipe.transformer)
+    half = copy.deepcopy(transformer).to(torch.float16)
+    pipe.register_modules(transformer=half)
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.save_pretrained(out, safe_serialization=True)
     finally:
-        pipe.transformer = transformer
         pipe.register_modules(transformer=transformer)
     meta = {
         "embedded": True,
@@ -265,12 +274,7 @@ def save(pipe: Any, out: Path, steps: int, guidance: float, extra: dict[str, Any
         "default_size": SIZE,
         **extra,
     }
-    (tmp / "qdserve.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log = out / "training_log.csv"
-    if log.exists():
-        shutil.copy(log, tmp / "training_log.csv")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    (out / "qdserve.json").write_text(json.dumps(meta, indent=2) + "\n")
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
@@ -279,9 +283,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="save_pretrained folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=4000, help="procedural training images")
-    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--vae-steps", type=int, default=250)
     p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=2000, help="transformer steps")
+    p.add_argument("--steps", type=int, default=1500, help="transformer steps")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=250,
+        help="save the EMA weights to --out and log prompt adherence every N steps",
+    )
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed: results)")
@@ -308,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = _images_to_tensor(data)
     _log(f"{len(data)} samples rendered ({time.time() - t0:.0f}s)")
 
-    with log_path.open("w", newline="") as fh:
+    with log_path.open("w", newline="", buffering=1) as fh:
         logger = csv.writer(fh)
         logger.writerow(["phase", "step", "loss", "elapsed_s"])
         if args.vae_from is not None:
@@ -330,10 +340,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         index = {c: i for i, c in enumerate(captions)}
         caption_ids = torch.tensor([index[s.caption] for s in data])
         text = encode_captions(pipe, captions)
+
+        def checkpoint(step: int, ema: Any) -> None:
+            # Evaluate and save the EMA weights as they are now (one seed: cheap).
+            live = pipe.transformer
+            pipe.register_modules(transformer=ema)
+            acc = adherence(pipe, PROMPTS, [0], steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE)
+            logger.writerow(["adherence_seed0", step, f"{acc:.4f}", f"{time.time() - t0:.1f}"])
+            save(pipe, out, DEFAULT_STEPS, DEFAULT_GUIDANCE, {"checkpoint_step": step})
+            pipe.register_modules(transformer=live)
+            _log(f"checkpoint at step {step}: adherence (seed 0) {acc:.3f}")
+
         ema = train_transformer(
-            pipe, (mean, std), caption_ids, text, args.steps, args.batch, args.lr, gen, logger, t0
+            pipe,
+            (mean, std),
+            caption_ids,
+            text,
+            args.steps,
+            args.batch,
+            args.lr,
+            gen,
+            logger,
+            t0,
+            checkpoint,
+            args.checkpoint_every,
         )
-    pipe.transformer = ema
     pipe.register_modules(transformer=ema)
     train_s = time.time() - t0
 
@@ -345,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out,
         DEFAULT_STEPS,
         DEFAULT_GUIDANCE,
-        {"train_seconds": round(train_s, 1), "prompt_adherence": round(acc, 4)},
+        {"train_steps": args.steps, "train_seconds": round(train_s, 1), "prompt_adherence": acc},
     )
     _log(f"saved {out} ({size / 1e6:.2f} MB) after {time.time() - t0:.0f}s")
     return 0
