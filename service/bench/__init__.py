@@ -1,6 +1,6 @@
 """`qdserve bench <subcommand>`: CPU benchmarks and the GPU report, written to docs/benchmarks/.
 
-Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, all. `all` clears
+Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, quality, all. `all` clears
 docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
@@ -46,6 +46,13 @@ def _gpu_report(argv: list[str], out: Path, quick: bool) -> Any:
     return gpu_report.main(out)
 
 
+def _quality(argv: list[str], out: Path, quick: bool) -> Any:
+    # The demo model's quality report lives beside the model (docs/quality.md + PNG grid).
+    from quantization.demo import quality
+
+    return quality.main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "matrix": _matrix,
     "overhead": _serving("overhead"),
@@ -54,6 +61,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "batching": _serving("batching"),
     "compile": _compile,
     "gpu-report": _gpu_report,
+    "quality": _quality,
 }
 
 
