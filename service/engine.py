@@ -71,6 +71,18 @@ class Outcome:
     encode_seconds: float
     batch_images: int
 
+    def log_fields(self) -> dict[str, object]:
+        """The access-log fields every generation endpoint records (bounded, no prompt)."""
+        return {
+            "backend": self.key.backend,
+            "quant_type": self.key.quant_type,
+            "model": self.key.model,
+            "queue_s": round(self.queue_seconds, 4),
+            "inference_s": round(self.inference_seconds, 4),
+            "images": len(self.images),
+            "size": f"{self.width}x{self.height}",
+        }
+
 
 def default_warmup(loaded: LoadedPipeline, sizes: list[tuple[int, int]]) -> None:
     """One short generation per size, so compilation happens before the first user request."""

@@ -62,15 +62,7 @@ async def generate_image(body: GenerateRequest, request: Request) -> Response:
         output_compression=body.output_compression,
         size_param="width",
     )
-    request.state.log_extra = {
-        "backend": out.key.backend,
-        "quant_type": out.key.quant_type,
-        "model": out.key.model,
-        "queue_s": round(out.queue_seconds, 4),
-        "inference_s": round(out.inference_seconds, 4),
-        "images": 1,
-        "size": f"{out.width}x{out.height}",
-    }
+    request.state.log_extra = out.log_fields()
     ms = {
         "queue": out.queue_seconds,
         "inference": out.inference_seconds,

@@ -73,16 +73,7 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Image
         output_compression=body.output_compression,
         size_param="size",
     )
-    request.state.log_extra = {
-        "backend": out.key.backend,
-        "quant_type": out.key.quant_type,
-        "model": out.key.model,
-        "queue_s": round(out.queue_seconds, 4),
-        "inference_s": round(out.inference_seconds, 4),
-        "images": len(out.images),
-        "size": f"{out.width}x{out.height}",
-        "user": body.user,
-    }
+    request.state.log_extra = {**out.log_fields(), "user": body.user}
     return ImagesResponse(
         created=int(time.time()),
         data=[
