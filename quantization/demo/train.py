@@ -285,7 +285,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=4000, help="procedural training images")
     p.add_argument("--vae-steps", type=int, default=250)
     p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=1500, help="transformer steps")
+    p.add_argument("--steps", type=int, default=3000, help="transformer steps")
     p.add_argument(
         "--checkpoint-every",
         type=int,
