@@ -223,11 +223,18 @@ def _rss() -> int:
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
 def test_eviction_returns_memory_to_the_os(cache_dir: Path) -> None:
     """RSS after an eviction is back near its level before the evicted pipeline loaded."""
+    import statistics
+
+    from quantization.embedded import random_model_path
     from quantization.loader import load_pipeline
     from quantization.settings import QuantSettings
     from service.cache import ModelCache
 
-    base = QuantSettings(cache_dir=cache_dir)
+    # The evicted variant is quantized at load (fresh anonymous memory; an unquantized load
+    # maps the safetensors file instead, which RSS barely shows), on the larger random-weight
+    # build; medians over three cycles keep allocator noise out.
+    model = str(random_model_path(cache_dir))
+    base = QuantSettings(cache_dir=cache_dir, model=model)
     variant = base.with_backend("torchao", "int8wo")
     cache = ModelCache(load_pipeline, max_entries=2, memory_budget=None)
 
@@ -247,16 +254,22 @@ def test_eviction_returns_memory_to_the_os(cache_dir: Path) -> None:
         # One load / evict cycle first: library imports and allocator pools stay resident.
         asyncio.run(use(variant))
         evict_variant()
-        before = _rss()
-        asyncio.run(use(variant))
-        loaded = _rss()
-        storage = next(e.storage_bytes for e in cache.entries() if e.key == key_for(variant))
-        evict_variant()
-        after = _rss()
-        # Loading costs at least half its storage; evicting gave back at least 75% of what
-        # the load took. Relative to the load's own RSS growth: at this model's size (~10 MB)
-        # allocator noise of a few MB makes a threshold on storage alone flaky.
-        assert loaded - before > 0.5 * storage, (before, loaded, after, storage)
-        assert after - before < 0.25 * (loaded - before), (before, loaded, after, storage)
+        growth, residual, storage = [], [], 0
+        for _ in range(3):
+            before = _rss()
+            asyncio.run(use(variant))
+            loaded = _rss()
+            storage = next(e.storage_bytes for e in cache.entries() if e.key == key_for(variant))
+            evict_variant()
+            growth.append(loaded - before)
+            residual.append(_rss() - before)
+        # Loading costs at least half its storage; evicting gives back at least 75% of what
+        # the load took (medians over three cycles).
+        assert statistics.median(growth) > 0.5 * storage, (growth, residual, storage)
+        assert statistics.median(residual) < 0.25 * statistics.median(growth), (
+            growth,
+            residual,
+            storage,
+        )
     finally:
         cache.close()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from quantization.generate import GenerationRequest
 from service.auth import require_api_key
 from service.engine import ServiceState
 from service.protocol import CONTENT_TYPES, ERROR_RESPONSES, GenerateRequest
-from service.validation import check_common, check_dims
+from service.routes.common import run_generation
+from service.validation import check_dims
 
 router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)])
 
@@ -32,35 +32,8 @@ async def generate_image(body: GenerateRequest, request: Request) -> Response:
     http://127.0.0.1:8000/v1/generate`"""
     qds: ServiceState = request.app.state.qds
     check_dims(body.width, body.height, qds.settings, "width")
-    fmt = body.output_format or "png"
-    check_common(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        steps=body.num_inference_steps,
-        n=1,
-        output_format=fmt,
-        output_compression=body.output_compression,
-        settings=qds.settings,
-    )
-    gen = GenerationRequest(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-        width=body.width,
-        height=body.height,
-        num_images=1,
-    )
-    out = await qds.run(
-        request,
-        model=body.model,
-        quant_backend=body.quant_backend,
-        quant_type=body.quant_type,
-        gen=gen,
-        output_format=fmt,
-        output_compression=body.output_compression,
-        size_param="width",
+    out, fmt = await run_generation(
+        qds, request, body, width=body.width, height=body.height, n=1, size_param="width"
     )
     request.state.log_extra = out.log_fields()
     ms = {

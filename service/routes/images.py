@@ -7,7 +7,6 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from quantization.generate import GenerationRequest
 from service.auth import require_api_key
 from service.engine import ServiceState
 from service.errors import APIError
@@ -18,7 +17,8 @@ from service.protocol import (
     ImagesResponse,
     Usage,
 )
-from service.validation import check_common, check_dims, parse_size
+from service.routes.common import run_generation
+from service.validation import check_dims, parse_size
 
 router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
 
@@ -43,35 +43,8 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Image
         )
     width, height = parse_size(body.size)
     check_dims(width, height, qds.settings, "size")
-    fmt = body.output_format or "png"
-    check_common(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        steps=body.num_inference_steps,
-        n=body.n,
-        output_format=fmt,
-        output_compression=body.output_compression,
-        settings=qds.settings,
-    )
-    gen = GenerationRequest(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-        width=width,
-        height=height,
-        num_images=body.n,
-    )
-    out = await qds.run(
-        request,
-        model=body.model,
-        quant_backend=body.quant_backend,
-        quant_type=body.quant_type,
-        gen=gen,
-        output_format=fmt,
-        output_compression=body.output_compression,
-        size_param="size",
+    out, fmt = await run_generation(
+        qds, request, body, width=width, height=height, n=body.n, size_param="size"
     )
     request.state.log_extra = {**out.log_fields(), "user": body.user}
     return ImagesResponse(
