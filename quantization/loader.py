@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantization.backends import BackendUnavailable, ConfigRequest, get_backend
+from quantization.backends import BACKENDS, BackendUnavailable, ConfigRequest, get_backend
 from quantization.embedded import EMBEDDED_MODEL_ID, T5_MAX_LENGTH, embedded_model_path
-from quantization.environment import detect_device, resolve_device
+from quantization.environment import DeviceInfo, detect_device, resolve_device
 from quantization.settings import DENOISERS, OffloadMode, QuantSettings
 from quantization.storage import module_storage
 
@@ -245,11 +245,11 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
     device_info = detect_device()
     if device.startswith("cuda") and not device_info.cuda:
         raise BackendUnavailable("QDS_DEVICE=cuda but no CUDA GPU is visible; use QDS_DEVICE=cpu")
+    # The hardware the model will run on: a CUDA machine asked to use the CPU checks as CPU.
+    target = device_info if device.startswith("cuda") else DeviceInfo(False, "cpu")
     backend = get_backend(settings.quant_backend)
     quant_type = settings.resolved_quant_type
-    backend.check(
-        quant_type, device_info if device.startswith("cuda") else _cpu(), settings.compute_dtype
-    )
+    backend.check(quant_type, target, settings.compute_dtype)
     dtype = resolve_dtype(settings.compute_dtype, device)
 
     model_id, source = resolve_model(settings)
@@ -264,20 +264,17 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
     saved = _saved_quantization(source, libraries)
     pre_quantized = saved is not None
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    if pre_quantized:
-        assert saved is not None
+    if saved is not None:
         saved_backend = saved.get("backend")
         if backend.key != "none" and not str(saved_backend).startswith(backend.key.split("_")[0]):
             raise ModelLoadError(
                 f"QDS_MODEL={settings.model!r} is already quantized with {saved_backend}; "
                 f"unset QDS_QUANT_BACKEND or set it to {saved_backend}"
             )
-        backend = get_backend(saved_backend) if saved_backend in _known() else backend
         quant_type = saved.get("quant_type") or quant_type
-        if saved_backend in _known():
-            get_backend(saved_backend).check(
-                quant_type, device_info if device.startswith("cuda") else _cpu(), None
-            )
+        if saved_backend in BACKENDS:
+            backend = BACKENDS[saved_backend]
+            backend.check(quant_type, target, None)
     elif backend.key == "gguf":
         kwargs[denoiser] = _load_gguf_denoiser(settings, index, source, denoiser, dtype)
     else:
@@ -326,18 +323,6 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         pre_quantized=pre_quantized,
         defaults=_model_defaults(pipe, source, denoiser),
     )
-
-
-def _known() -> set[str]:
-    from quantization.backends import BACKENDS
-
-    return set(BACKENDS)
-
-
-def _cpu() -> Any:
-    from quantization.environment import DeviceInfo
-
-    return DeviceInfo(False, "cpu")
 
 
 def _quantized_components(

@@ -86,13 +86,9 @@ def is_quantized_tensor(t: torch.Tensor) -> bool:
 def module_storage(module: torch.nn.Module) -> StorageReport:
     seen: set[tuple[int, int]] = set()
     storage = params = quantized = 0
-    tensors: list[torch.Tensor] = list(module.parameters()) + list(module.buffers())
-    # Weights some libraries keep outside parameters (quanto's packed weights stay params).
-    for t in tensors:
-        nbytes = tensor_bytes(t, seen)
-        if nbytes == 0 and t.numel() and t.device.type != "meta":
-            continue  # shared storage already counted
-        storage += nbytes
+    # Buffers count too: some quantizers keep scales there. `seen` drops shared storages.
+    for t in [*module.parameters(), *module.buffers()]:
+        storage += tensor_bytes(t, seen)
     for p in module.parameters():
         n = logical_numel(p)
         params += n
