@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine: the `gpu` tests, then the GPU benchmark.
-# Wheels travel in $WHL (default .whl; see docs/gpu.md); results land in $OUT.
+# Wheels travel in $WHL (default .whl: cp312 wheels of diffusers, bitsandbytes, torchao,
+# gguf, optimum-quanto, nvidia-modelopt + pulp, pydantic-settings and their missing deps,
+# fetched with `pip download --only-binary=:all: --python-version 3.12`); results land in $OUT
+# and are copied into docs/benchmarks/gpu-*/ (rendered by `qdserve bench gpu-report`).
 # Knobs: TESTS_K (pytest -k filter), BENCH_ARGS (extra args per arch run, ';'-separated runs).
 set -u
 OUT=${OUT:-/tmp/qds-out}
