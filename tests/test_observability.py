@@ -566,8 +566,7 @@ def test_model_load_is_logged_with_backend_and_seconds(cache_dir: Path, tty: boo
 # -- docs -----------------------------------------------------------------------------------
 def test_observability_doc_has_the_generated_metric_table() -> None:
     sys.path.insert(0, str(ROOT / "tools"))
-    from metrics_table import DOC, END, START, render
+    from doc_blocks import read_block
+    from metrics_table import BLOCK, DOC, render
 
-    doc = DOC.read_text()
-    block = doc.split(START, 1)[1].split(END, 1)[0].strip()
-    assert block == render(), "run: python tools/metrics_table.py --write"
+    assert read_block(DOC, BLOCK) == render(), "run: python tools/metrics_table.py --write"

@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_settings_table_matches_the_code() -> None:
     sys.path.insert(0, str(ROOT / "tools"))
-    from settings_table import END, START, render
+    from doc_blocks import read_block
+    from settings_table import BLOCK, render
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split(START, 1)[1].split(END, 1)[0].strip()
-    assert block == render(), "run: python tools/settings_table.py --write"
+    assert read_block(ROOT / "README.md", BLOCK) == render(), (
+        "run: python tools/settings_table.py --write"
+    )
 
 
 def test_two_commands_are_make_targets() -> None:

@@ -21,8 +21,11 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-START, END = "<!-- metrics:start -->", "<!-- metrics:end -->"
+from doc_blocks import write_block  # noqa: E402
+
+BLOCK = "metrics"
 DOC = ROOT / "docs" / "observability.md"
 
 
@@ -106,10 +109,7 @@ def render() -> str:
 
 
 def write(doc: Path = DOC) -> None:
-    text = doc.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    doc.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+    write_block(doc, BLOCK, render())
 
 
 if __name__ == "__main__":

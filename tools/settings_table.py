@@ -13,8 +13,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-START, END = "<!-- settings:start -->", "<!-- settings:end -->"
+from doc_blocks import write_block  # noqa: E402
+
+BLOCK = "settings"
 
 
 def _default(field: Any) -> str:
@@ -41,10 +44,7 @@ def render() -> str:
 
 
 def write(readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+    write_block(readme, BLOCK, render())
 
 
 if __name__ == "__main__":
