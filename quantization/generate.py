@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from quantization.loader import LoadedPipeline
+    from quantization.loader import LoadedPipeline, ModelDefaults
 
 MAX_SEED = 2**63 - 1
 
@@ -54,20 +54,38 @@ def random_seed() -> int:
     return secrets.randbelow(2**31)
 
 
+def resolve(
+    defaults: ModelDefaults, req: GenerationRequest, *, default_steps: int | None = None
+) -> GenerationRequest:
+    """The request with width, height, steps, guidance and seed all set.
+
+    Steps fall back to `default_steps` (a service-wide override) and then to the model's own
+    default. A missing seed is drawn here, once, so everything downstream (batch keys, the
+    per-image generators, the response) sees the same value.
+    """
+    return replace(
+        req,
+        width=req.width or defaults.size,
+        height=req.height or defaults.size,
+        num_inference_steps=req.num_inference_steps or default_steps or defaults.steps,
+        guidance_scale=req.guidance_scale if req.guidance_scale is not None else defaults.guidance,
+        seed=req.seed if req.seed is not None else random_seed(),
+    )
+
+
+def _resolved_key(req: GenerationRequest) -> tuple[Any, ...]:
+    return (
+        req.width,
+        req.height,
+        req.num_inference_steps,
+        req.guidance_scale,
+        req.negative_prompt is not None,
+    )
+
+
 def batch_key(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[Any, ...]:
     """Requests with equal keys can share one pipeline call (micro-batching)."""
-    width, height, steps, guidance = resolved_params(loaded, req)
-    return (width, height, steps, guidance, req.negative_prompt is not None)
-
-
-def resolved_params(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[int, int, int, float]:
-    defaults = loaded.defaults
-    return (
-        req.width or defaults.size,
-        req.height or defaults.size,
-        req.num_inference_steps or defaults.steps,
-        req.guidance_scale if req.guidance_scale is not None else defaults.guidance,
-    )
+    return _resolved_key(resolve(loaded.defaults, req))
 
 
 def _call_kwargs(loaded: LoadedPipeline, accepts: set[str]) -> dict[str, Any]:
@@ -92,16 +110,18 @@ def generate_batch(
 
     if not requests:
         return []
-    keys = {batch_key(loaded, r) for r in requests}
+    # Resolve once: the keys, the call parameters and the seeds all come from these.
+    requests = [resolve(loaded.defaults, r) for r in requests]
+    keys = {_resolved_key(r) for r in requests}
     if len(keys) != 1:
         raise ValueError("requests in one batch must share size, steps, guidance and CFG mode")
-    width, height, steps, guidance = resolved_params(loaded, requests[0])
+    first = requests[0]
+    width, height = int(first.width or 0), int(first.height or 0)
+    steps, guidance = int(first.num_inference_steps or 0), float(first.guidance_scale or 0.0)
     pipe = loaded.pipeline
     accepts = set(inspect.signature(pipe.__call__).parameters)
 
-    seeds_per_req = [
-        image_seeds(r.seed if r.seed is not None else random_seed(), r.num_images) for r in requests
-    ]
+    seeds_per_req = [image_seeds(int(r.seed or 0), r.num_images) for r in requests]
     prompts: list[str] = []
     negatives: list[str] = []
     generators: list[torch.Generator] = []
