@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantization.backends import BACKENDS, BackendUnavailable, ConfigRequest, get_backend
+from quantization.backends import (
+    BACKENDS,
+    BackendUnavailable,
+    ConfigRequest,
+    backend_for_saved,
+    get_backend,
+)
 from quantization.embedded import EMBEDDED_MODEL_ID, T5_MAX_LENGTH, embedded_model_path
 from quantization.environment import DeviceInfo, detect_device, resolve_device
 from quantization.settings import DENOISERS, OffloadMode, QuantSettings
@@ -154,23 +160,56 @@ def _component_libraries(index: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _saved_quantization(source: str, components: dict[str, str]) -> dict[str, Any] | None:
-    """qdserve's own metadata for a pre-quantized folder, else the first component's config."""
+@dataclass(frozen=True)
+class SavedQuantization:
+    """How a pre-quantized folder was quantized: by qdserve (qdserve.json) or plain diffusers."""
+
+    backend: str  # a registry key
+    quant_type: str | None
+    components: tuple[str, ...]  # the components saved quantized
+
+
+def _saved_config(path: Path, component: str) -> dict[str, Any] | None:
+    config = path / component / "config.json"
+    if not config.is_file():
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config")
+    return qc if isinstance(qc, dict) and qc else None
+
+
+def saved_quantization(source: str, components: dict[str, str]) -> SavedQuantization | None:
+    """How the folder at `source` is already quantized, or None for an unquantized model.
+
+    Reads qdserve's own metadata when present, else each component's saved
+    `quantization_config`, whose `quant_method` the backends recognise (diffusers and
+    transformers write it on `save_pretrained`). Reads only JSON: no GPU, no library.
+    """
     path = Path(source)
     if not path.is_dir():
         return None
+    saved = {name: qc for name in components if (qc := _saved_config(path, name)) is not None}
     meta = path / QDSERVE_META
     if meta.is_file():
         data = json.loads(meta.read_text())
         if data.get("backend"):
-            return data
-    for name in components:
-        config = path / name / "config.json"
-        if config.is_file():
-            qc = json.loads(config.read_text()).get("quantization_config")
-            if qc:
-                return {"backend": qc.get("quant_method"), "quant_type": None}
-    return None
+            if data["backend"] not in BACKENDS:
+                raise ModelLoadError(
+                    f"QDS_MODEL={source!r} was saved with backend {data['backend']!r}, which "
+                    f"this qdserve does not have; backends: {', '.join(BACKENDS)}"
+                )
+            names = data.get("components_quantized") or list(saved)
+            return SavedQuantization(data["backend"], data.get("quant_type"), tuple(names))
+    if not saved:
+        return None
+    name, config = next(iter(saved.items()))
+    method = str(config.get("quant_method"))
+    backend = backend_for_saved(method, config)
+    if backend is None:
+        raise ModelLoadError(
+            f"QDS_MODEL={source!r}: component {name!r} is quantized with {method!r}, which no "
+            f"qdserve backend reads; backends: {', '.join(BACKENDS)}"
+        )
+    return SavedQuantization(backend.key, backend.saved_quant_type(config), tuple(saved))
 
 
 def _model_defaults(pipe: Any, source: str, denoiser: str) -> ModelDefaults:
@@ -193,11 +232,15 @@ def _model_defaults(pipe: Any, source: str, denoiser: str) -> ModelDefaults:
 
 
 def plan_quantization(
-    settings: QuantSettings, libraries: dict[str, str], denoiser: str, dtype: torch.dtype
+    settings: QuantSettings,
+    libraries: dict[str, str],
+    denoiser: str,
+    dtype: torch.dtype,
+    skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """component -> quantization config object (diffusers' or transformers' class)."""
     backend = get_backend(settings.quant_backend)
-    if backend.key == "none":
+    if not backend.quantizes:
         return {}
     req = ConfigRequest(
         quant_type=settings.resolved_quant_type,
@@ -213,6 +256,8 @@ def plan_quantization(
                 f"QDS_COMPONENTS_TO_QUANTIZE names {wanted!r}, which this model does not have; "
                 f"its components: {', '.join(sorted(libraries))}"
             )
+        if name in skip:
+            continue
         library = libraries[name]
         if library == "diffusers":
             mapping[name] = backend.diffusers_config(req)
@@ -261,26 +306,32 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
 
     from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 
-    saved = _saved_quantization(source, libraries)
+    saved = saved_quantization(source, libraries)
     pre_quantized = saved is not None
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    quantized_names: set[str] = set()
     if saved is not None:
-        saved_backend = saved.get("backend")
-        if backend.key != "none" and not str(saved_backend).startswith(backend.key.split("_")[0]):
+        if backend.quantizes and saved.backend != backend.key:
             raise ModelLoadError(
-                f"QDS_MODEL={settings.model!r} is already quantized with {saved_backend}; "
-                f"unset QDS_QUANT_BACKEND or set it to {saved_backend}"
+                f"QDS_MODEL={settings.model!r} is already quantized with {saved.backend}; "
+                f"unset QDS_QUANT_BACKEND or set it to {saved.backend}"
             )
-        quant_type = saved.get("quant_type") or quant_type
-        if saved_backend in BACKENDS:
-            backend = BACKENDS[saved_backend]
-            backend.check(quant_type, target, None)
-    elif backend.key == "gguf":
-        kwargs[denoiser] = _load_gguf_denoiser(settings, index, source, denoiser, dtype)
+        backend = get_backend(saved.backend)
+        quant_type = saved.quant_type or (
+            quant_type if settings.quant_backend == saved.backend else None
+        )
+        backend.check(quant_type, target, None)
+        quantized_names = set(saved.components)
     else:
-        mapping = plan_quantization(settings, libraries, denoiser, dtype)
+        model = backend.load_denoiser(settings, source, index[denoiser][1], denoiser, dtype)
+        if model is not None:
+            kwargs[denoiser] = model
+            quantized_names.add(denoiser)
+        skip = frozenset(quantized_names)
+        mapping = plan_quantization(settings, libraries, denoiser, dtype, skip)
         if mapping:
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
+        quantized_names |= set(mapping)
 
     log.info("loading %s with %s %s on %s", model_id, backend.key, quant_type or "", device)
     try:
@@ -292,9 +343,6 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
     pipe.set_progress_bar_config(disable=True)
     _place(pipe, device, settings.offload)
 
-    quantized_names = _quantized_components(
-        settings, libraries, denoiser, backend.key, pre_quantized
-    )
     components = {}
     for name in libraries:
         module = getattr(pipe, name, None)
@@ -314,7 +362,7 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         model=model_id,
         model_path=source,
         backend=backend.key,
-        quant_type=quant_type if backend.key != "none" else None,
+        quant_type=quant_type if backend.quantizes else None,
         compute_dtype=dtype,
         device=device,
         offload=settings.offload.value,
@@ -323,44 +371,3 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         pre_quantized=pre_quantized,
         defaults=_model_defaults(pipe, source, denoiser),
     )
-
-
-def _quantized_components(
-    settings: QuantSettings,
-    libraries: dict[str, str],
-    denoiser: str,
-    backend: str,
-    pre_quantized: bool,
-) -> set[str]:
-    if backend == "none":
-        return set()
-    if pre_quantized or backend == "gguf":
-        return {denoiser} | {
-            c for c in settings.components_to_quantize if c in libraries and backend != "gguf"
-        }
-    return {denoiser if c == "denoiser" else c for c in settings.components_to_quantize}
-
-
-def _load_gguf_denoiser(
-    settings: QuantSettings, index: dict[str, Any], source: str, denoiser: str, dtype: torch.dtype
-) -> Any:
-    import diffusers
-    from diffusers import GGUFQuantizationConfig
-
-    class_name = index[denoiser][1]
-    model_cls = getattr(diffusers, class_name)
-    if not hasattr(model_cls, "from_single_file"):
-        raise ModelLoadError(f"{class_name} cannot load single files; GGUF is not available")
-    try:
-        return model_cls.from_single_file(
-            str(settings.gguf_file),
-            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-            config=source,
-            subfolder=denoiser,
-            torch_dtype=dtype,
-        )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"QDS_GGUF_FILE={str(settings.gguf_file)!r} could not be loaded as the {denoiser} "
-            f"of {source}: {exc}"
-        ) from exc

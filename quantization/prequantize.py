@@ -16,18 +16,12 @@ class NotSerializable(RuntimeError):
 
 def quantize_and_save(settings: QuantSettings, out_dir: str | Path) -> Path:
     backend = get_backend(settings.quant_backend)
-    if backend.key in ("none", "gguf"):
-        raise NotSerializable(
-            f"QDS_QUANT_BACKEND={backend.key!r}: nothing to pre-quantize "
-            "(use `qdserve convert-gguf` for GGUF files)"
-        )
-    if not backend.serializable:
-        raise NotSerializable(f"diffusers cannot save models quantized with {backend.key}")
+    quant_type = settings.resolved_quant_type
+    if not backend.can_prequantize(quant_type):
+        raise NotSerializable(backend.prequantize_refusal(quant_type))
     loaded = load_pipeline(settings)
     out = Path(out_dir)
-    # torchao tensor subclasses are not safetensors-serializable in diffusers 0.42.
-    safe = backend.key != "torchao"
-    loaded.pipeline.save_pretrained(out, safe_serialization=safe)
+    loaded.pipeline.save_pretrained(out, safe_serialization=backend.safe_serialization(quant_type))
     meta_src = Path(loaded.model_path) / QDSERVE_META
     meta = json.loads(meta_src.read_text()) if meta_src.is_file() else {}
     meta.update(

@@ -6,6 +6,7 @@ message that names the variable and the allowed values.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,6 +25,8 @@ KNOWN_COMPONENTS = (
     "vae",
 )
 DENOISERS = ("transformer", "unet")
+# Set while `QuantSettings.unprepared` builds settings whose artifacts `prepare` will make.
+_UNPREPARED: ContextVar[bool] = ContextVar("qds_unprepared", default=False)
 
 
 class OffloadMode(StrEnum):
@@ -54,10 +57,11 @@ class QuantSettings(BaseSettings):
     quant_type: str | None = Field(
         default=None,
         description=(
-            "Backend-specific: nf4/fp4 (bnb 4-bit), int8 (bnb 8-bit), int8/int4/int2/float8 "
-            "(quanto), int8wo/int8dq/float8wo/float8dq/int4wo (torchao), FP8/INT8/INT4/NF4/"
-            "NVFP4 (modelopt), Q8_0/Q5_1/Q5_0/Q4_1/Q4_0/F16/BF16 (gguf). Empty = the "
-            "backend's default."
+            "Backend-specific: "
+            + ", ".join(
+                f"{'/'.join(b.quant_types)} ({b.key})" for b in BACKENDS.values() if b.quant_types
+            )
+            + ". Empty = the backend's default."
         ),
     )
     compute_dtype: ComputeDtype = Field(
@@ -119,37 +123,26 @@ class QuantSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _backend_options(self) -> QuantSettings:
-        backend = get_backend(self.quant_backend)
-        qtype = self.quant_type or backend.default_quant_type
-        if backend.quant_types and qtype not in backend.quant_types:
-            raise ValueError(
-                f"QDS_QUANT_TYPE={self.quant_type!r} is not a quant type of backend "
-                f"{backend.key!r}; allowed: {', '.join(backend.quant_types)}"
-            )
-        encoders = [c for c in self.components_to_quantize if c.startswith("text_encoder")]
-        if encoders and not backend.supports_text_encoders:
-            raise ValueError(
-                f"QDS_COMPONENTS_TO_QUANTIZE includes {encoders}, but backend {backend.key!r} "
-                "cannot quantize transformers text encoders; use denoiser only"
-            )
-        if backend.key == "gguf":
-            if self.gguf_file is None:
-                raise ValueError(
-                    "QDS_QUANT_BACKEND=gguf needs QDS_GGUF_FILE, the path of a .gguf denoiser "
-                    "(make one with `qdserve convert-gguf`)"
-                )
-            if not self.gguf_file.is_file():
-                raise ValueError(f"QDS_GGUF_FILE={str(self.gguf_file)!r} does not exist")
-        elif self.gguf_file is not None and backend.key != "none":
-            raise ValueError(
-                f"QDS_GGUF_FILE is set but QDS_QUANT_BACKEND={backend.key!r}; "
-                "set QDS_QUANT_BACKEND=gguf or unset QDS_GGUF_FILE"
-            )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"QDS_DEVICE={self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+        # The backend owns its rules (quant types, text encoders, its own files).
+        backend = get_backend(self.quant_backend)
+        backend.validate_settings(self)
+        if not _UNPREPARED.get():
+            backend.validate_artifacts(self)
         return self
+
+    @classmethod
+    def unprepared(cls, **values: object) -> QuantSettings:
+        """Settings whose offline artifacts (a .gguf file) do not exist yet, validated in
+        every other way: pass them to `get_backend(key).prepare(settings, work_dir)`."""
+        token = _UNPREPARED.set(True)
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        finally:
+            _UNPREPARED.reset(token)
 
     @property
     def resolved_quant_type(self) -> str | None:
@@ -159,6 +152,7 @@ class QuantSettings(BaseSettings):
         """A copy for another backend (a cache variant), validated like the environment."""
         data = self.model_dump()
         data.update(quant_backend=backend, quant_type=quant_type)
-        if backend != "gguf":
-            data["gguf_file"] = None
+        for other in BACKENDS.values():  # drop options that only another backend reads
+            if other.key != backend:
+                data.update(dict.fromkeys(other.own_settings))
         return type(self).model_validate(data)

@@ -1,19 +1,28 @@
 """The strategy interface: one small class per backend key.
 
 A backend knows its library, its quant types, what hardware it needs, and how to build the
-diffusers config (for diffusers models) and the transformers config (for text encoders).
-Configs are built lazily so that listing backends never imports a quantization library.
+diffusers config (for diffusers models) and the transformers config (for text encoders). It
+also owns the decisions diffusers' `DiffusersQuantizer` makes for the same method: which
+settings are valid, how the denoiser is loaded, whether and how a quantized model can be
+saved, and whether a saved `quant_method` is its own. Configs are built lazily so that listing
+backends never imports a quantization library.
+
+Every subclass that defines `key` registers itself (`__init_subclass__`); the package imports
+each module under `quantization/backends/`, so a new backend is one new file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantization.environment import DeviceInfo, library_version, module_available
 
 if TYPE_CHECKING:
     import torch
+
+    from quantization.settings import QuantSettings
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,13 +39,26 @@ class ConfigRequest:
     bnb_double_quant: bool = True
 
 
+# key -> backend class, in definition order; filled by QuantBackend.__init_subclass__.
+_REGISTRY: dict[str, type[QuantBackend]] = {}
+
+
+def registered() -> list[type[QuantBackend]]:
+    """Registered backend classes, `order` first, then key (stable whatever the import order)."""
+    return sorted(_REGISTRY.values(), key=lambda cls: (cls.order, cls.key))
+
+
 class QuantBackend:
     key: ClassVar[str]
+    # Position in listings: none first, the original backends in their order, new ones after.
+    order: ClassVar[int] = 100
     # Import name and pip distribution of the library the backend needs (None: no library).
     module: ClassVar[str | None] = None
     distribution: ClassVar[str | None] = None
     quant_types: ClassVar[tuple[str, ...]] = ()
     default_quant_type: ClassVar[str | None] = None
+    # False only for the baseline: nothing is quantized, nothing is reported as quantized.
+    quantizes: ClassVar[bool] = True
     needs_cuda: ClassVar[bool] = False
     # Quant types that need CUDA even though the backend as a whole runs on CPU.
     cuda_only_types: ClassVar[tuple[str, ...]] = ()
@@ -45,15 +67,71 @@ class QuantBackend:
     # Quant types that need fp32 compute on CPU.
     cpu_fp32_only_types: ClassVar[tuple[str, ...]] = ()
     supports_text_encoders: ClassVar[bool] = True
-    # Whether diffusers can save_pretrained() a model quantized with this backend.
-    serializable: ClassVar[bool] = True
+    # QuantSettings fields that only this backend reads; other backends refuse them when set.
+    own_settings: ClassVar[tuple[str, ...]] = ()
     alternatives: ClassVar[str] = "quanto or torchao (both run on CPU)"
 
     # Nominal bits per weight for each quant type (the physical floor: params x bits / 8).
     bits: ClassVar[dict[str, float]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "key" not in cls.__dict__:
+            return  # a shared base for several keys, not a backend itself
+        existing = _REGISTRY.get(cls.key)
+        if existing is not None and existing.__module__ != cls.__module__:
+            raise TypeError(
+                f"backend key {cls.key!r} is defined twice: {existing.__module__} and "
+                f"{cls.__module__}"
+            )
+        _REGISTRY[cls.key] = cls
+
     def weight_bits(self, quant_type: str | None) -> float:
         return self.bits.get(quant_type or "", 16.0)
+
+    # --- settings ------------------------------------------------------------------------
+
+    def validate_settings(self, settings: QuantSettings) -> None:
+        """Refuse option combinations this backend cannot honour (start-up, before loading).
+
+        Raises ValueError whose message names the QDS_ variable and what to set instead.
+        """
+        qtype = settings.quant_type or self.default_quant_type
+        if self.quant_types and qtype not in self.quant_types:
+            raise ValueError(
+                f"QDS_QUANT_TYPE={settings.quant_type!r} is not a quant type of backend "
+                f"{self.key!r}; allowed: {', '.join(self.quant_types)}"
+            )
+        encoders = [c for c in settings.components_to_quantize if c.startswith("text_encoder")]
+        if encoders and not self.supports_text_encoders:
+            raise ValueError(
+                f"QDS_COMPONENTS_TO_QUANTIZE includes {encoders}, but backend {self.key!r} "
+                "cannot quantize transformers text encoders; use denoiser only"
+            )
+        for other in registered():
+            if other.key == self.key:
+                continue
+            for name in other.own_settings:
+                if getattr(settings, name) is not None:
+                    var = f"QDS_{name.upper()}"
+                    raise ValueError(
+                        f"{var} is set but QDS_QUANT_BACKEND={self.key!r}; "
+                        f"set QDS_QUANT_BACKEND={other.key} or unset {var}"
+                    )
+
+    def validate_artifacts(self, settings: QuantSettings) -> None:
+        """Refuse settings whose offline artifacts (files `prepare` makes) are missing."""
+
+    def prepare(self, settings: QuantSettings, work_dir: Path) -> QuantSettings:
+        """Create the offline artifacts this quant type needs in `work_dir` and return the
+        settings that load them. Most backends quantize while loading: nothing to make.
+
+        `settings` may come from `QuantSettings.unprepared(...)` (artifact checks skipped);
+        the result passes every check.
+        """
+        return settings
+
+    # --- loading -------------------------------------------------------------------------
 
     def diffusers_config_class(self) -> type:
         # Reuse diffusers' own key -> config class mapping instead of restating it.
@@ -69,6 +147,52 @@ class QuantBackend:
             f"backend {self.key!r} cannot quantize transformers text encoders; "
             "quantize only the denoiser (QDS_COMPONENTS_TO_QUANTIZE=denoiser)"
         )
+
+    def load_denoiser(
+        self,
+        settings: QuantSettings,
+        source: str,
+        class_name: str,
+        subfolder: str,
+        dtype: torch.dtype,
+    ) -> Any | None:
+        """The quantized denoiser, for backends that do not load through `from_pretrained`'s
+        quant_mapping (GGUF single files). None: the pipeline loads it with the mapping."""
+        return None
+
+    # --- saving and saved folders ----------------------------------------------------------
+
+    def is_serializable(self, quant_type: str | None) -> bool:
+        """Whether diffusers can `save_pretrained` a model quantized with this type."""
+        return True
+
+    def safe_serialization(self, quant_type: str | None) -> bool:
+        """Whether that save can use safetensors (else pickled .bin)."""
+        return True
+
+    def can_prequantize(self, quant_type: str | None) -> bool:
+        """Whether `qdserve quantize` can write a pre-quantized folder for this type."""
+        return self.quantizes and self.is_serializable(quant_type)
+
+    def prequantize_refusal(self, quant_type: str | None) -> str:
+        """Why `can_prequantize` is False, and what to do instead."""
+        if not self.quantizes:
+            return f"QDS_QUANT_BACKEND={self.key!r}: nothing to pre-quantize"
+        return f"diffusers cannot save models quantized with {self.key} {quant_type or ''}".strip()
+
+    def matches_quant_method(self, quant_method: str, component_config: dict[str, Any]) -> bool:
+        """Whether a saved component was quantized by this backend.
+
+        `quant_method` is diffusers' method string from the component's config.json, and
+        `component_config` that component's saved `quantization_config` dict.
+        """
+        return self.quantizes and quant_method == self.key
+
+    def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
+        """The quant type recorded in a saved `quantization_config`, when it says."""
+        return None
+
+    # --- availability --------------------------------------------------------------------
 
     def unavailable_reason(
         self, quant_type: str | None, device: DeviceInfo, compute_dtype: str | None = None

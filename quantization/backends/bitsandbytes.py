@@ -18,7 +18,15 @@ class BitsAndBytes4Bit(QuantBackend):
     # diffusers' bnb quantizer refuses to run without a GPU ("No GPU found").
     needs_cuda = True
     alternatives = _NO_GPU
+    order = 10
     bits: ClassVar[dict[str, float]] = {"nf4": 4.0, "fp4": 4.0}
+
+    def matches_quant_method(self, quant_method: str, component_config: dict[str, Any]) -> bool:
+        # diffusers and transformers both save `quant_method: "bitsandbytes"` for 4 and 8 bit.
+        return quant_method == "bitsandbytes" and bool(component_config.get("load_in_4bit"))
+
+    def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
+        return component_config.get("bnb_4bit_quant_type") or self.default_quant_type
 
     def _kwargs(self, req: ConfigRequest) -> dict[str, Any]:
         return {
@@ -46,7 +54,14 @@ class BitsAndBytes8Bit(QuantBackend):
     default_quant_type = "int8"
     needs_cuda = True
     alternatives = _NO_GPU
+    order = 11
     bits: ClassVar[dict[str, float]] = {"int8": 8.0}
+
+    def matches_quant_method(self, quant_method: str, component_config: dict[str, Any]) -> bool:
+        return quant_method == "bitsandbytes" and bool(component_config.get("load_in_8bit"))
+
+    def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
+        return "int8"
 
     def _kwargs(self, req: ConfigRequest) -> dict[str, Any]:
         return {

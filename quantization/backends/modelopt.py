@@ -23,6 +23,7 @@ class ModelOptBackend(QuantBackend):
     distribution = "nvidia-modelopt"
     quant_types = ("FP8", "INT8", "INT4", "NF4", "NVFP4")
     default_quant_type = "FP8"
+    order = 50
     needs_cuda = True
     fp8_types = ("FP8",)
     supports_text_encoders = False
@@ -60,6 +61,9 @@ class ModelOptBackend(QuantBackend):
                 "use torchao float8dq or bitsandbytes_8bit for 8-bit on GPU"
             )
         return reason
+
+    def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
+        return component_config.get("quant_type")
 
     def diffusers_config(self, req: ConfigRequest) -> Any:
         return self.diffusers_config_class()(

@@ -32,6 +32,7 @@ class TorchAoBackend(QuantBackend):
     distribution = "torchao"
     quant_types = tuple(TORCHAO_TYPES)
     default_quant_type = "int8wo"
+    order = 40
     # int4 weight-only needs a CUDA kernel package; float8 dynamic needs float8 matmuls.
     cuda_only_types = ("int4wo", "float8dq")
     fp8_types = ("float8dq",)
@@ -53,6 +54,10 @@ class TorchAoBackend(QuantBackend):
             # "ImportError: Requires mslk >= 1.0.0" on an H200).
             return "torchao int4wo needs the mslk kernel package (pip install mslk>=1.0)"
         return reason
+
+    def safe_serialization(self, quant_type: str | None) -> bool:
+        # torchao tensor subclasses are not safetensors-serializable in diffusers 0.42.
+        return False
 
     def diffusers_config(self, req: ConfigRequest) -> Any:
         return self.diffusers_config_class()(
