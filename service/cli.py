@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _settings_error(exc: Exception) -> int:
@@ -119,16 +120,60 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from service.bench import main as bench_main
+# `bench` and `train-demo` run code that is not installed with the package (benchmarks/ and
+# examples/ of a checkout): find the checkout this package was installed from (an editable
+# install) or the current folder, and import from there.
+CHECKOUT_HINT = "run from a qdserve checkout (clone it, then `pip install -e .` in it)"
 
-    return bench_main(args.rest)
+
+def find_checkout() -> Path | None:
+    """The qdserve checkout holding benchmarks/ and examples/, or None."""
+    import service
+
+    for root in (Path(service.__file__).resolve().parents[1], Path.cwd().resolve()):
+        if (root / "benchmarks" / "__init__.py").is_file() and (
+            root / "examples" / "demo" / "__init__.py"
+        ).is_file():
+            return root
+    return None
 
 
-def cmd_train_demo(args: argparse.Namespace) -> int:
-    from quantization.demo.train import main as train_main
+def _use_checkout(command: str) -> Path | None:
+    root = find_checkout()
+    if root is None:
+        print(
+            f"qdserve {command}: not part of the installed package; {CHECKOUT_HINT}",
+            file=sys.stderr,
+        )
+        return None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
 
-    return int(train_main(args.rest) or 0)
+
+def cmd_bench(argv: list[str]) -> int:
+    root = _use_checkout("bench")
+    if root is None:
+        return 2
+    from benchmarks import main as bench_main
+
+    return bench_main(argv, default_out=root / "docs" / "benchmarks")
+
+
+def cmd_train_demo(argv: list[str]) -> int:
+    root = _use_checkout("train-demo")
+    if root is None:
+        return 2
+    from examples.demo.train import main as train_main
+
+    return int(train_main(argv, prog="qdserve train-demo") or 0)
+
+
+# Commands that parse their own arguments (`qdserve bench --help` shows the benchmark's).
+FORWARDED: dict[str, Callable[[list[str]], int]] = {
+    "bench": cmd_bench,
+    "train-demo": cmd_train_demo,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,17 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="overrides QDS_MODEL")
     p.set_defaults(func=cmd_convert_gguf)
 
-    p = sub.add_parser("bench", help="benchmarks; results go to docs/benchmarks/")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("train-demo", help="train the demo shapes model on CPU")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_train_demo)
+    # Listed here for `qdserve --help`; main() hands their arguments to them unparsed.
+    sub.add_parser(
+        "bench", help="benchmarks (from a checkout; --out, default the checkout's docs/benchmarks)"
+    )
+    sub.add_parser("train-demo", help="train the demo shapes model on CPU (from a checkout)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return FORWARDED[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

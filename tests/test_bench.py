@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bench import clean
-from service.bench import main as bench_main
-from service.bench.common import image_distance, percentile, ratio, run_meta, summarize
+from benchmarks import clean
+from benchmarks import main as bench_main
+from benchmarks.common import image_distance, percentile, ratio, run_meta, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_RUNS = sorted((REPO / "docs" / "benchmarks").glob("gpu-h200-run*"))
@@ -55,7 +55,7 @@ def test_image_distance_psnr_and_mad() -> None:
 
 
 def test_matrix_report_includes_every_case(tmp_path: Path) -> None:
-    from service.bench import matrix
+    from benchmarks import matrix
 
     lat = summarize([0.1, 0.11, 0.12])
     measured = {
@@ -101,7 +101,7 @@ def test_matrix_report_includes_every_case(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not GPU_RUNS, reason="no recorded GPU runs in docs/benchmarks")
 def test_gpu_report_shows_every_recorded_case_and_failure(tmp_path: Path) -> None:
-    from service.bench import gpu_report
+    from benchmarks import gpu_report
 
     for run in GPU_RUNS:
         shutil.copytree(run, tmp_path / run.name)
@@ -148,3 +148,48 @@ def test_bench_matrix_quick_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "matrix.png").exists()
     index = (tmp_path / "README.md").read_text()
     assert "[matrix.md](matrix.md)" in index
+
+
+def test_wheel_packages_only_the_runtime() -> None:
+    """pyproject's package discovery (what the wheel and the image get) leaves out the
+    benchmarks and the demo trainer; the embedded model's weights stay in."""
+    import tomllib
+
+    from setuptools import find_namespace_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    spec = find["packages"]["find"]
+    packages = find_namespace_packages(
+        where=str(REPO), include=spec["include"], exclude=spec.get("exclude", ())
+    )
+    tops = {p.split(".")[0] for p in packages}
+    assert tops == {"quantization", "service"}
+    assert "quantization.demo_weights" in packages
+    assert not [p for p in packages if "bench" in p or p.startswith("quantization.demo.")]
+
+
+def test_bench_outside_a_checkout_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import service
+    from service import cli
+
+    # An installed (non-editable) package: service/ under site-packages, run from elsewhere.
+    monkeypatch.setattr(service, "__file__", str(tmp_path / "site" / "service" / "__init__.py"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.find_checkout() is None
+    assert cli.main(["bench", "matrix", "--quick"]) == 2
+    assert "run from a qdserve checkout" in capsys.readouterr().err
+    assert cli.main(["train-demo", "--steps", "1"]) == 2
+    assert "qdserve train-demo: not part of the installed package" in capsys.readouterr().err
+
+
+def test_bench_finds_the_checkout_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks.common import DEFAULT_OUT
+    from service import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.find_checkout() == REPO
+    assert DEFAULT_OUT == REPO / "docs" / "benchmarks"

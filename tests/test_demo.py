@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantization.demo import shapes
-from quantization.demo.checker import adheres, classify
+from examples.demo import shapes
+from examples.demo.checker import adheres, classify
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "quantization" / "demo_weights"
 

@@ -24,7 +24,7 @@ IFS=';' read -ra RUNS <<< "${BENCH_ARGS:-}"
 for args in "${RUNS[@]}"; do
   i=$((i+1))
   # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-380}" python3 -m service.bench.gpu --out "$OUT/gpu_bench_$i.json" \
+  timeout "${BENCH_TIMEOUT:-380}" python3 -m benchmarks.gpu --out "$OUT/gpu_bench_$i.json" \
     --budget-s "${BENCH_BUDGET:-320}" $args 2>&1 | grep -v -i -E "warn|MatMul8bitLt" \
     | tee "$OUT/gpu_bench_$i.log" | cut -c1-300
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the demo model shipped as the embedded default (quantization/demo_weights/).
 
-Same as `qdserve train-demo` and `python -m quantization.demo.train`; see docs/demo.md.
+Same as `qdserve train-demo` and `python -m examples.demo.train`; see docs/demo.md.
 Run it with the project's venv: `.venv/bin/python tools/train_demo.py [--help]`.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantization.demo.train import main
+from examples.demo.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -6,7 +6,7 @@ Measures: GPU memory after load, the GPU collector's gauges vs the real storage 
 memory during a 1024x1024 denoiser step, and seconds per step. Only the denoiser is measured
 (the published anchors include the text encoders: their bf16 T5-XXL alone is ~9.5 GB).
 
-Run: `python -m service.bench.gpu --out results.json [--budget-s 420]`. Results are written
+Run: `python -m benchmarks.gpu --out results.json [--budget-s 420]`. Results are written
 after every case, so a run cut short keeps what it measured.
 """
 

@@ -1,6 +1,6 @@
 """Train the demo model: the embedded Flux pipeline, taught to draw captioned shapes on CPU.
 
-Two phases, one command (`python -m quantization.demo.train` / `tools/train_demo.py` /
+Two phases, one command (`python -m examples.demo.train` / `tools/train_demo.py` /
 `qdserve train-demo`):
 
 1. The VAE (the embedded `VAE_CONFIG`: scale factor 2, 16 latent channels) is trained as an
@@ -37,12 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quantization.demo import shapes
+from examples.demo import shapes
 
 # Inference defaults written to qdserve.json (the service's defaults follow that file).
-from quantization.demo.quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, PROMPTS, adherence
+from examples.demo.quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, PROMPTS, adherence
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "demo_weights"
+# The weights the runtime serves as its embedded default (quantization/demo_weights/ of this
+# checkout); `--out` writes elsewhere.
+CHECKOUT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = CHECKOUT / "quantization" / "demo_weights"
 SIZE = shapes.DEFAULT_SIZE
 MAX_SEQUENCE_LENGTH = 32
 DEMO_VERSION = "demo-1"
@@ -118,7 +121,7 @@ def train_vae(
 def vae_check(vae: Any, seed: int, n: int = 200) -> float:
     """Fraction of held-out reconstructions the checker still reads as their caption: the
     ceiling for the whole pipeline's prompt adherence."""
-    from quantization.demo.checker import classify
+    from examples.demo.checker import classify
 
     held_out = shapes.generate(n, seed=seed + 2000, size=SIZE)
     rec = vae.decode(vae.encode(_images_to_tensor(held_out)).latent_dist.mode()).sample
@@ -278,9 +281,14 @@ def save(pipe: Any, out: Path, steps: int, guidance: float, extra: dict[str, Any
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train-demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="save_pretrained folder")
+def parse_args(argv: Sequence[str] | None, prog: str = "train-demo") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"save_pretrained folder (default: {DEFAULT_OUT}, the embedded model)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=4000, help="procedural training images")
     p.add_argument("--vae-steps", type=int, default=250)
@@ -300,9 +308,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "train-demo") -> int:
     """Train and save the demo model; prints progress and the final prompt adherence."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.bench.common import fmt, meta_line, write_json
+from benchmarks.common import fmt, meta_line, write_json
 
 SECTIONS = [
     ("matrix", "Backend matrix (CPU): load, storage, peak memory, latency, PSNR vs none"),
@@ -47,7 +47,7 @@ def headline(name: str, data: dict[str, Any]) -> str:
 def write_index(out: Path, timings: dict[str, float] | None) -> None:
     run_path = out / "run.json"
     if timings is not None:
-        from service.bench.common import run_meta
+        from benchmarks.common import run_meta
 
         write_json(run_path, {"meta": run_meta("qdserve bench all"), "seconds": timings})
     lines = [
@@ -83,7 +83,7 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
     if runs:
         lines += [
             "",
-            "Recorded GPU runs (raw, from `service/bench/gpu.py`): "
+            "Recorded GPU runs (raw, from `benchmarks/gpu.py`): "
             + ", ".join(f"[{r}/]({r}/)" for r in runs)
             + ".",
         ]

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.bench.common import (
+from benchmarks.common import (
     PROMPT,
+    REPO,
     TORCH_THREADS,
     fmt,
     image_distance,
@@ -100,7 +101,7 @@ def measure(quick: bool, work: Path) -> dict[str, Any]:
     results = []
     for backend, qtype in cases:
         cid = f"{backend}:{qtype or '-'}"
-        argv = [sys.executable, "-m", "service.bench.compiled", "--case", cid]
+        argv = [sys.executable, "-m", "benchmarks.compiled", "--case", cid]
         argv += ["--runs", str(runs), "--result", str(work / f"{cid}.json")]
         if backend == "gguf":
             gguf = work / f"{qtype}.gguf"
@@ -108,7 +109,9 @@ def measure(quick: bool, work: Path) -> dict[str, Any]:
             argv += ["--gguf-file", str(gguf)]
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, cwd=REPO
+            )
         except subprocess.TimeoutExpired:
             results.append(
                 {

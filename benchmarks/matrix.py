@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.bench.common import (
+from benchmarks.common import (
     PROMPT,
+    REPO,
     TORCH_THREADS,
     PeakRSS,
     fmt,
@@ -125,11 +126,11 @@ def _spawn_case(
 ) -> dict[str, Any]:
     cid = case_id(backend, qtype)
     result_path = work / f"{cid}.json"
-    argv = [sys.executable, "-m", "service.bench.matrix", "--case", cid, "--work", str(work)]
+    argv = [sys.executable, "-m", "benchmarks.matrix", "--case", cid, "--work", str(work)]
     argv += ["--runs", str(runs), "--warmup", str(warmup)]
     if gguf is not None:
         argv += ["--gguf-file", str(gguf)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
     if proc.returncode != 0 or not result_path.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"backend": backend, "quant_type": qtype, "error": " | ".join(tail)}

@@ -1,7 +1,7 @@
 """Serving benchmarks through real servers on loopback: overhead, load, peer, batching.
 
 Servers are subprocesses: `qdserve serve` (the real uvicorn app) and, for `peer`, LitServe
-(tools/bench_peer/server.py). The client is a bounded, self-stopping httpx client in this
+(benchmarks/peer_server.py). The client is a bounded, self-stopping httpx client in this
 process. Comparisons are interleaved in one run (A, B, B, A, ...) so drift on the shared
 CPUs hits both sides alike.
 """
@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.bench.common import (
+from benchmarks.common import (
     PROMPT,
     TORCH_THREADS,
     LoadResult,
@@ -549,7 +549,7 @@ def peer(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
                 "workers_per_device": 1,
                 "num_api_servers": 1,
                 "torch_threads": TORCH_THREADS,
-                "code": "tools/bench_peer/server.py",
+                "code": "benchmarks/peer_server.py",
             },
         },
         "qdserve_config": {"QDS_BATCH_WINDOW_MS": WINDOW_MS, "QDS_MAX_BATCH": MAX_BATCH},
@@ -713,7 +713,7 @@ def headline(name: str, data: dict[str, Any]) -> str:
 
 
 def main(name: str, out: Path, quick: bool) -> dict[str, Any]:
-    from service.bench.common import run_meta
+    from benchmarks.common import run_meta
 
     measure, render = PARTS[name]
     with tempfile.TemporaryDirectory(prefix=f"qds-{name}-") as tmp:

@@ -1,6 +1,6 @@
 """docs/benchmarks/gpu.md: the recorded GPU runs (gpu-h200-run*/) next to published anchors.
 
-The GPU numbers come from `service/bench/gpu.py` runs kept in docs/benchmarks/gpu-h200-run*/
+The GPU numbers come from `benchmarks/gpu.py` runs kept in docs/benchmarks/gpu-h200-run*/
 (JSON + card.txt); this only renders them. The anchors are the published H100 numbers.
 """
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.bench.common import fmt, md_table, run_meta, write_json
+from benchmarks.common import fmt, md_table, run_meta, write_json
 
 ANCHOR_SOURCE = (
     'Hugging Face blog "Exploring Quantization Backends in Diffusers" '

@@ -1,5 +1,7 @@
 """`qdserve bench <subcommand>`: CPU benchmarks and the GPU report, written to docs/benchmarks/.
 
+Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
+
 Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, quality, all. `all` clears
 docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
@@ -14,20 +16,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.bench.common import DEFAULT_OUT
+from benchmarks.common import DEFAULT_OUT
 
 KEEP_PREFIX = "gpu-h200-run"
 
 
 def _matrix(argv: list[str], out: Path, quick: bool) -> Any:
-    from service.bench import matrix
+    from benchmarks import matrix
 
     return matrix.main(argv, out, quick)
 
 
 def _serving(name: str) -> Callable[[list[str], Path, bool], Any]:
     def run(argv: list[str], out: Path, quick: bool) -> Any:
-        from service.bench import serving
+        from benchmarks import serving
 
         return serving.main(name, out, quick)
 
@@ -35,20 +37,20 @@ def _serving(name: str) -> Callable[[list[str], Path, bool], Any]:
 
 
 def _compile(argv: list[str], out: Path, quick: bool) -> Any:
-    from service.bench import compiled
+    from benchmarks import compiled
 
     return compiled.main(out, quick)
 
 
 def _gpu_report(argv: list[str], out: Path, quick: bool) -> Any:
-    from service.bench import gpu_report
+    from benchmarks import gpu_report
 
     return gpu_report.main(out)
 
 
 def _quality(argv: list[str], out: Path, quick: bool) -> Any:
     # The demo model's quality report lives beside the model (docs/quality.md + PNG grid).
-    from quantization.demo import quality
+    from examples.demo import quality
 
     return quality.main(argv)
 
@@ -78,13 +80,19 @@ def clean(out: Path) -> None:
             child.unlink()
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="qdserve bench", description=__doc__)
+def main(argv: list[str], default_out: Path = DEFAULT_OUT) -> int:
+    parser = argparse.ArgumentParser(
+        prog="qdserve bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=[*COMMANDS, "all"])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=default_out, help=f"output folder (default: {default_out})"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings (tests, smoke)")
     args, rest = parser.parse_known_args(argv)
-    from service.bench import report
+    from benchmarks import report
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+# The benchmarks live in a qdserve checkout, not in the installed package: results go to the
+# checkout's docs/benchmarks/ unless `--out` says otherwise, and subprocesses (matrix cases,
+# the peer server) run from the checkout so `benchmarks` is importable there.
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "benchmarks"
 PROMPT = "a red circle on a blue square"
 # One intra-op thread everywhere (bench process, servers, peer): the CPUs are shared, and the
@@ -346,12 +349,13 @@ def qdserve_server(name: str, log_dir: Path, **env: str) -> Server:
 def peer_server(
     name: str, log_dir: Path, max_batch: int, batch_timeout_s: float, **env: str
 ) -> Server:
-    """The LitServe peer (tools/bench_peer/server.py) serving the same pipeline."""
+    """The LitServe peer (benchmarks/peer_server.py) serving the same pipeline."""
     server = Server(
         name,
         [
             sys.executable,
-            str(REPO / "tools" / "bench_peer" / "server.py"),
+            "-m",
+            "benchmarks.peer_server",
             "--port",
             "{port}",
             "--max-batch-size",

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from quantization.demo import shapes
-from quantization.demo.checker import adheres
+from examples.demo import shapes
+from examples.demo.checker import adheres
 
 
 def _prompt_set() -> list[str]:
@@ -200,7 +200,7 @@ def write_report(
         "",
         f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
         f"{SIZE}x{SIZE}, {steps} steps, guidance {guidance}. Adherence: the pixel checker "
-        "(`quantization/demo/checker.py`) finds the prompted shape, color and position. "
+        "(`examples/demo/checker.py`) finds the prompted shape, color and position. "
         f"PSNR / mean abs diff: against `{rows[0].name}` at the same seed (0-255 scale).",
         "",
         "| backend | prompt adherence | PSNR (dB) | mean abs diff | generation time (s) | note |",

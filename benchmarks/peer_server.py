@@ -7,7 +7,8 @@ identical requests to both servers. Configuration: one inference worker on the C
 (`accelerator="cpu", devices=1, workers_per_device=1`), one API server process,
 `max_batch_size` / `batch_timeout` from the command line (LitServe's dynamic batching).
 
-Run: `python tools/bench_peer/server.py --port 8100 --max-batch-size 4 --batch-timeout 0.025`
+Run from the checkout:
+`python -m benchmarks.peer_server --port 8100 --max-batch-size 4 --batch-timeout 0.025`
 """
 
 import argparse
@@ -19,7 +20,8 @@ from typing import Any
 
 import litserve as ls
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# Runnable as a script from a checkout: the checkout root holds `quantization`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PATH = "/v1/images/generations"
 

@@ -1,0 +1,1 @@
+"""Examples that use qdserve but are not part of it (not packaged): the demo-model trainer."""
