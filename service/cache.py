@@ -8,7 +8,10 @@
 - A failed load is set on that future (every waiter sees it) and is not cached, so the next
   request starts a fresh load.
 - Loads run one at a time on a dedicated thread: two pipelines loading at once would double
-  the peak memory, and loading must never block the event loop or the inference worker.
+  the peak memory, and loading must never block the engine's step loop.
+
+The cache lives in the engine process (service.core); the HTTP process keeps a mirror of what
+is loaded, fed by the engine's events.
 """
 
 from __future__ import annotations
@@ -25,49 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from quantization.embedded import EMBEDDED_MODEL_ID
 from quantization.settings import QuantSettings
+
+# The id format lives in service.variants; re-exported here for the cache's users.
+from service.variants import ModelKey, key_for, model_id  # noqa: F401
 
 if TYPE_CHECKING:
     from quantization.loader import LoadedPipeline
     from service.metrics import Metrics
 
 log = logging.getLogger("qdserve.cache")
-
-
-@dataclass(frozen=True, order=True)
-class ModelKey:
-    model: str
-    backend: str
-    quant_type: str | None
-    compute_dtype: str
-
-    @property
-    def variant_id(self) -> str:
-        """The id `GET /v1/models` lists and `model` accepts: model:backend[:quant_type]."""
-        return ":".join(p for p in (self.model, self.backend, self.quant_type) if p)
-
-    def label(self) -> str:
-        return f"{self.backend}:{self.quant_type}" if self.quant_type else self.backend
-
-
-def model_id(settings: QuantSettings) -> str:
-    return EMBEDDED_MODEL_ID if settings.model in ("", "embedded") else settings.model
-
-
-def key_for(settings: QuantSettings) -> ModelKey:
-    """The cache key of a settings variant, with `auto` resolved so equal pipelines match."""
-    from quantization.environment import resolve_device
-    from quantization.loader import resolve_dtype
-
-    dtype = resolve_dtype(settings.compute_dtype, resolve_device(settings.device))
-    backend = settings.quant_backend
-    return ModelKey(
-        model=model_id(settings),
-        backend=backend,
-        quant_type=None if backend == "none" else settings.resolved_quant_type,
-        compute_dtype=str(dtype).removeprefix("torch."),
-    )
 
 
 @dataclass
@@ -113,6 +83,7 @@ class ModelCache:
         memory_budget: int | None,
         metrics: Metrics | None = None,
         on_loaded: Callable[[ModelKey, LoadedPipeline], None] | None = None,
+        on_evicted: Callable[[ModelKey, LoadedPipeline], None] | None = None,
     ) -> None:
         # `loader` is an attribute on purpose: tests wrap it to count or fail loads.
         self.loader = loader
@@ -120,6 +91,7 @@ class ModelCache:
         self.memory_budget = memory_budget
         self.metrics = metrics
         self.on_loaded = on_loaded
+        self.on_evicted = on_evicted
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[ModelKey, Entry] = collections.OrderedDict()
         self._loading: dict[ModelKey, concurrent.futures.Future[Entry]] = {}
@@ -225,6 +197,18 @@ class ModelCache:
         self._evict(protect=key)
         fut.set_result(entry)
 
+    def lease(self, key: ModelKey) -> Lease | None:
+        """Lease the entry for `key` if it is loaded (counted as a hit), else None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            entry.in_use += 1
+            self._entries.move_to_end(key)
+        if self.metrics:
+            self.metrics.cache_hits.inc()
+        return Lease(self, entry)
+
     async def acquire(
         self, key: ModelKey, settings: QuantSettings, *, allow_load: bool = True
     ) -> Lease:
@@ -298,6 +282,8 @@ class ModelCache:
             if self.metrics:
                 self.metrics.cache_evictions.inc()
                 self.metrics.evicted(victim.loaded)
+            if self.on_evicted:
+                self.on_evicted(victim.key, victim.loaded)
             victim.loaded.release()
         if victims:
             _trim_heap()

@@ -13,20 +13,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
 
 from quantization.backends import BackendUnavailable
-from quantization.generate import GenerationRequest, batch_key, generate, random_seed
+from quantization.generate import GenerationRequest, batch_key, generate
 from quantization.loader import ModelLoadError, load_pipeline
 from quantization.settings import QuantSettings
-from service.cache import ModelCache, ModelKey, key_for, model_id
-from service.errors import APIError
+from service import exceptions as errors
+from service.cache import ModelCache
 from service.imaging import encode_all
 from service.metrics import Metrics
+from service.resolve import ImageParams, check_limits, resolve
 from service.settings import ServiceSettings
-from service.validation import check_multiple
+from service.variants import ModelKey, Variants, key_for
 from service.worker import (
     InferenceWorker,
     Job,
@@ -120,8 +119,9 @@ class ServiceState:
     load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
 
     def __post_init__(self) -> None:
-        self.default_key = key_for(self.quant)
-        self.model_id = model_id(self.quant)
+        self.variants = Variants(self.quant)
+        self.default_key = self.variants.default_key
+        self.model_id = self.variants.model_id
         self.preload_variants: dict[ModelKey, QuantSettings] = {}
         self.cache = ModelCache(
             self._load_variant,
@@ -183,16 +183,8 @@ class ServiceState:
 
             torch.set_num_threads(self.settings.torch_threads)
         self.worker.start()
-        for spec in self.settings.preload:
-            backend, _, qtype = spec.partition(":")
-            try:
-                variant = self.quant.with_backend(backend.strip(), qtype.strip() or None)
-            except ValidationError as exc:
-                self.warnings.append(f"QDS_PRELOAD entry {spec!r} is invalid: {_first(exc)}")
-                continue
-            key = key_for(variant)
-            if key != self.default_key:
-                self.preload_variants[key] = variant
+        self.preload_variants, warnings = self.variants.preload(self.settings.preload)
+        self.warnings.extend(warnings)
         self._startup_thread = threading.Thread(
             target=self._startup, name="qds-startup", daemon=True
         )
@@ -231,69 +223,25 @@ class ServiceState:
     def select(
         self, model: str | None, quant_backend: str | None, quant_type: str | None
     ) -> tuple[ModelKey, QuantSettings]:
-        backend, qtype = quant_backend, quant_type
-        if model and model not in ("embedded", self.model_id, self.quant.model):
-            prefix = self.model_id + ":"
-            if not model.startswith(prefix):
-                raise APIError(
-                    404,
-                    f"model {model!r} is not served here; GET /v1/models lists the ids "
-                    f"(e.g. {self.model_id!r})",
-                    param="model",
-                    code="model_not_found",
-                )
-            m_backend, _, m_qtype = model[len(prefix) :].partition(":")
-            if backend is not None and backend != m_backend:
-                raise APIError(
-                    400,
-                    f"quant_backend {backend!r} contradicts model {model!r}",
-                    param="quant_backend",
-                    code="invalid_value",
-                )
-            backend, qtype = m_backend, qtype or m_qtype or None
-        if backend is None and qtype is None:
-            return self.default_key, self.quant
-        try:
-            variant = self.quant.with_backend(
-                backend if backend is not None else self.quant.quant_backend, qtype
-            )
-        except ValidationError as exc:
-            msg = _first(exc).replace("QDS_QUANT_BACKEND=", "quant_backend=")
-            param = "quant_type" if "QDS_QUANT_TYPE" in msg else "quant_backend"
-            msg = msg.replace("QDS_QUANT_TYPE=", "quant_type=")
-            raise APIError(400, msg, param=param, code="invalid_value") from None
-        key = key_for(variant)
-        if key == self.default_key:
-            return key, self.quant
-        return key, variant
+        return self.variants.select(model, quant_backend, quant_type)
 
     def public_id(self, key: ModelKey) -> str:
-        """The default variant is named by the bare model id; others by model:backend[:type]."""
-        return key.model if key == self.default_key else key.variant_id
+        return self.variants.public_id(key)
 
     def loaded_ids(self) -> list[str]:
         return [k.variant_id for k in self.cache.loaded_keys()]
 
     # -- the request path --------------------------------------------------------------
-    async def run(self, request: Request, **kwargs: Any) -> Outcome:
+    async def run(self, request: Request, params: ImageParams) -> Outcome:
         """Serve one generation request (see `_run`), counted in qds_inflight_requests."""
         with self.metrics.inflight.track_inprogress():
-            return await self._run(request, **kwargs)
+            return await self._run(request, params)
 
-    async def _run(
-        self,
-        request: Request,
-        *,
-        model: str | None,
-        quant_backend: str | None,
-        quant_type: str | None,
-        gen: GenerationRequest,
-        output_format: str,
-        output_compression: int | None,
-        size_param: str,
-    ) -> Outcome:
+    async def _run(self, request: Request, params: ImageParams) -> Outcome:
         deadline = time.monotonic() + self.settings.request_timeout
-        key, variant = self.select(model, quant_backend, quant_type)
+        # The configured limits first: a request refused anyway must not load a model.
+        check_limits(params, self.settings)
+        key, variant = self.select(params.model, params.quant_backend, params.quant_type)
         allowed = (
             key == self.default_key
             or self.settings.allow_on_demand_load
@@ -303,7 +251,7 @@ class ServiceState:
         if not allowed:
             raise self._not_loaded(key)
         if not self.worker.accepting:
-            raise APIError(503, "the server is shutting down", code="shutting_down")
+            raise errors.ShuttingDown()
         try:
             lease = await asyncio.wait_for(
                 self.cache.acquire(key, variant, allow_load=allowed),
@@ -314,42 +262,14 @@ class ServiceState:
         except LookupError:
             raise self._not_loaded(key) from None
         except BackendUnavailable as exc:
-            raise APIError(
-                400, str(exc), param="quant_backend", code="backend_unavailable"
-            ) from None
+            raise errors.BackendUnavailable(str(exc), param="quant_backend") from None
         except (ModelLoadError, ValueError, RuntimeError, OSError) as exc:
-            raise APIError(
-                503,
-                f"loading {key.variant_id} failed: {exc}",
-                code="model_load_failed",
-                kind="internal",
-            ) from None
+            raise errors.ModelLoadFailed(f"loading {key.variant_id} failed: {exc}") from None
 
         job: Job | None = None
         try:
             loaded = lease.loaded
-            width = gen.width or loaded.defaults.size
-            height = gen.height or loaded.defaults.size
-            check_multiple(
-                width,
-                height,
-                loaded.defaults.size_multiple,
-                loaded.defaults.size,
-                self.settings.max_pixels,
-                size_param,
-            )
-            steps = gen.num_inference_steps or self.settings.default_steps or None
-            seed = gen.seed if gen.seed is not None else random_seed()
-            gen = GenerationRequest(
-                prompt=gen.prompt,
-                negative_prompt=gen.negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=gen.guidance_scale,
-                seed=seed,
-                width=width,
-                height=height,
-                num_images=gen.num_images,
-            )
+            gen = resolve(params, self.settings, loaded.defaults)
             loop = asyncio.get_running_loop()
             job = Job(
                 request=gen,
@@ -362,15 +282,13 @@ class ServiceState:
             try:
                 self.worker.submit(job)
             except QueueFull as exc:
-                raise APIError(
-                    429,
+                raise errors.QueueFull(
                     f"the queue is full ({self.settings.max_queue} waiting); retry after "
                     f"{exc.retry_after}s",
-                    code="queue_full",
-                    headers={"Retry-After": str(exc.retry_after)},
+                    retry_after=exc.retry_after,
                 ) from None
             except ShuttingDown:
-                raise APIError(503, "the server is shutting down", code="shutting_down") from None
+                raise errors.ShuttingDown() from None
             result = await self._wait(request, job, deadline)
         finally:
             # Until the worker owns the job, the lease is ours to give back.
@@ -380,10 +298,12 @@ class ServiceState:
         start = time.perf_counter()
         pixels = result.result.width * result.result.height * len(result.result.images)
         if pixels <= INLINE_ENCODE_PIXELS:
-            images = encode_all(result.result.images, output_format, output_compression)
+            images = encode_all(
+                result.result.images, params.output_format, params.output_compression
+            )
         else:
             images = await asyncio.to_thread(
-                encode_all, result.result.images, output_format, output_compression
+                encode_all, result.result.images, params.output_format, params.output_compression
             )
         return Outcome(
             key=key,
@@ -433,23 +353,18 @@ class ServiceState:
         try:
             return job.future.result()
         except OutOfMemory as exc:
-            raise APIError(
-                503,
+            raise errors.OutOfMemory(
                 f"out of memory while generating ({exc}); memory was released and the service "
-                "keeps serving: retry with fewer images, a smaller size or a smaller quant type",
-                code="out_of_memory",
-                kind="oom",
+                "keeps serving: retry with fewer images, a smaller size or a smaller quant type"
             ) from None
         except ShuttingDown:
-            raise APIError(503, "the server is shutting down", code="shutting_down") from None
+            raise errors.ShuttingDown() from None
 
-    def _not_loaded(self, key: ModelKey) -> APIError:
-        return APIError(
-            400,
+    def _not_loaded(self, key: ModelKey) -> errors.ModelNotLoaded:
+        return errors.ModelNotLoaded(
             f"{key.variant_id} is not loaded and on-demand loading is off "
             f"(QDS_ALLOW_ON_DEMAND_LOAD); loaded: {', '.join(self.loaded_ids()) or 'none'}",
             param="quant_backend",
-            code="model_not_loaded",
         )
 
 
@@ -467,12 +382,7 @@ async def _disconnected(request: Request) -> None:
         await asyncio.get_running_loop().create_future()  # until cancelled
 
 
-def _timeout(limit: float, where: str) -> APIError:
-    return APIError(
-        504, f"request timed out after {limit:g}s (QDS_REQUEST_TIMEOUT) {where}", code="timeout"
+def _timeout(limit: float, where: str) -> errors.RequestTimeout:
+    return errors.RequestTimeout(
+        f"request timed out after {limit:g}s (QDS_REQUEST_TIMEOUT) {where}"
     )
-
-
-def _first(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return str(err.get("msg", exc)).removeprefix("Value error, ")

@@ -1,4 +1,5 @@
-"""The one exception type routes raise, and the handlers that turn errors into OpenAI's shape.
+"""Errors to HTTP, in one place: the table from domain errors to status codes, and the
+handlers that answer every error in OpenAI's shape.
 
 Every error response is `{"error": {"message", "type", "param", "code", "request_id"}}`; no
 traceback ever reaches a client (internal errors are logged with the request id instead).
@@ -7,22 +8,57 @@ traceback ever reaches a client (internal errors are logged with the request id 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.protocol import error_body
+from service.exceptions import (
+    BackendUnavailable,
+    InvalidValue,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotLoaded,
+    OutOfMemory,
+    QueueFull,
+    RequestTimeout,
+    ServiceError,
+    ShuttingDown,
+)
+from service.protocol import FIELD_ERROR_CODES, FIELD_HINTS, error_body
 
 log = logging.getLogger("qdserve.errors")
 
-# Error kinds for the qds_errors_total{kind} counter (the contract in service/metric_names.py).
-KIND_BY_STATUS = {429: "rejected", 504: "timeout"}
+
+@dataclass(frozen=True)
+class HttpMapping:
+    status: int
+    # Label of qds_errors_total{kind} (the contract in service/metric_names.py); None: uncounted.
+    kind: str | None
+    # The request field to blame when the error does not name one itself.
+    param: str | None = None
+
+
+# The one table from domain errors to HTTP. Looked up along the exception's MRO, so a
+# subclass inherits its parent's row unless it has its own.
+HTTP_MAPPING: dict[type[ServiceError], HttpMapping] = {
+    InvalidValue: HttpMapping(400, "validation"),
+    ModelNotFound: HttpMapping(404, "validation", param="model"),
+    # 400, not 404: the model exists, this server is configured not to load it on demand.
+    ModelNotLoaded: HttpMapping(400, "validation", param="quant_backend"),
+    BackendUnavailable: HttpMapping(400, "validation", param="quant_backend"),
+    QueueFull: HttpMapping(429, "rejected"),
+    RequestTimeout: HttpMapping(504, "timeout"),
+    ShuttingDown: HttpMapping(503, None),
+    OutOfMemory: HttpMapping(503, "oom"),
+    ModelLoadFailed: HttpMapping(503, "internal"),
+}
 
 
 class APIError(Exception):
-    """An error answered to the client as-is (status, OpenAI error body, extra headers)."""
+    """An error already in HTTP terms (auth, the framework's own errors, the mapped ones)."""
 
     def __init__(
         self,
@@ -43,7 +79,7 @@ class APIError(Exception):
         self.type = type or _default_type(status)
         self.headers = headers or {}
         # Metric kind; validation for 4xx unless said otherwise.
-        self.kind = kind or KIND_BY_STATUS.get(status) or ("validation" if status < 500 else None)
+        self.kind = kind or ("validation" if status < 500 else None)
 
 
 def _default_type(status: int) -> str:
@@ -56,6 +92,23 @@ def _default_type(status: int) -> str:
     if status < 500:
         return "invalid_request_error"
     return "server_error"
+
+
+def to_api_error(exc: ServiceError) -> APIError:
+    """A domain error in HTTP terms, by the table above."""
+    mapping = next(
+        (HTTP_MAPPING[cls] for cls in type(exc).__mro__ if cls in HTTP_MAPPING),
+        HttpMapping(500, "internal"),
+    )
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+    return APIError(
+        mapping.status,
+        exc.message,
+        param=exc.param or mapping.param,
+        code=exc.code,
+        headers=headers,
+        kind=mapping.kind,
+    )
 
 
 def request_id_of(request: Request) -> str | None:
@@ -86,22 +139,40 @@ def _validation_param(loc: tuple[object, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def validation_error(exc: RequestValidationError) -> APIError:
+    """pydantic's first error as OpenAI's 400, `param` the field (from pydantic's `loc`)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    param = _validation_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid request"))
+    kind = first.get("type")
+    if kind == "json_invalid":
+        code = "invalid_json"
+        # The loc is a character offset, not a field.
+        param = None
+    elif kind == "missing":
+        code = "missing_required_parameter"
+    else:
+        code = FIELD_ERROR_CODES.get(param or "", "invalid_value")
+    hint = FIELD_HINTS.get(param or "")
+    if hint and kind != "missing":
+        msg = f"{msg}; expected {hint}"
+    message = f"{param}: {msg}" if param else msg
+    return APIError(400, message, param=param, code=code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _domain(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(request, to_api_error(exc))
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        param = _validation_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid request")
-        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
-        if first.get("type") == "missing":
-            code = "missing_required_parameter"
-        message = f"{param}: {msg}" if param else msg
-        return error_response(request, APIError(400, message, param=param, code=code))
+        return error_response(request, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

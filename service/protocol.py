@@ -1,8 +1,9 @@
 """Request / response schemas: OpenAI's Images API shapes plus qdserve's extension fields.
 
-Pydantic checks types and the limits that do not depend on configuration; the limits that do
-(max pixels, steps, images, prompt length, the model's size multiple) are checked in
-`service.validation`, because they come from `ServiceSettings` and the loaded model.
+Pydantic checks types and every rule that does not depend on configuration (enums, ranges,
+the size pattern), so the OpenAPI schema states them; the limits that do (QDS_MAX_PIXELS,
+QDS_MAX_STEPS, QDS_MAX_IMAGES, QDS_MAX_PROMPT_CHARS, the model's size multiple) are checked
+by the one resolve step in `service.resolve`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,58 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantization.backends import BACKENDS
+
 OutputFormat = Literal["png", "jpeg", "webp"]
-CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+CONTENT_TYPES: dict[OutputFormat, str] = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+}
+# The registry's keys, so the schema lists the backends this build knows (dynamic on purpose:
+# adding a backend file adds it here).
+QuantBackend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
+
+# Hard caps that hold whatever the configuration says; the configured limits (QDS_MAX_*)
+# are checked by the resolve step and can only be lower.
+MAX_IMAGES = 10  # OpenAI's own limit for n
+MAX_STEPS = 1000
+MAX_SIDE = 16384
+MAX_SEED = 2**63 - 1
+# "WxH" with positive sides of at most five digits, or "auto".
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
+# Longest free-text field accepted by the schema; QDS_MAX_PROMPT_CHARS is the real limit.
+_MAX_TEXT = 1_000_000
+
+# Error codes and hints for schema errors on particular fields, so a pydantic error keeps the
+# code clients already match on (service.errors uses these).
+FIELD_ERROR_CODES: dict[str, str] = {
+    "size": "invalid_size",
+    "width": "invalid_size",
+    "height": "invalid_size",
+    "response_format": "unsupported_response_format",
+}
+FIELD_HINTS: dict[str, str] = {
+    "size": '"WxH" (e.g. "512x512") or "auto"',
+    "response_format": "only b64_json is supported (url would need an image store)",
+}
 
 
-class _Extensions(BaseModel):
-    """Fields qdserve adds to OpenAI's request (the openai client sends them via extra_body)."""
+class _Common(BaseModel):
+    """Fields both endpoints share: OpenAI's output fields and qdserve's extensions (the
+    openai client sends the extensions via extra_body)."""
 
-    negative_prompt: str | None = Field(default=None, description="What the image should avoid.")
+    negative_prompt: str | None = Field(
+        default=None,
+        max_length=_MAX_TEXT,
+        description="What the image should avoid (QDS_MAX_PROMPT_CHARS characters at most).",
+    )
     num_inference_steps: int | None = Field(
-        default=None, description="Denoising steps; QDS_DEFAULT_STEPS or the model's default."
+        default=None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Denoising steps (at most QDS_MAX_STEPS); QDS_DEFAULT_STEPS or the model's "
+        "default if omitted.",
     )
     guidance_scale: float | None = Field(
         default=None, ge=0.0, le=100.0, description="Guidance; the model's default if omitted."
@@ -28,17 +71,28 @@ class _Extensions(BaseModel):
     seed: int | None = Field(
         default=None,
         ge=0,
-        le=2**63 - 1,
+        le=MAX_SEED,
         description="Request seed; image i uses seed + i. Random (and returned) if omitted.",
     )
-    quant_backend: str | None = Field(
+    quant_backend: QuantBackend | None = Field(
         default=None, description="Serve from this quantization backend's cache entry."
     )
-    quant_type: str | None = Field(default=None, description="Backend quant type, e.g. int8.")
+    quant_type: str | None = Field(
+        default=None, max_length=64, description="Backend quant type, e.g. int8."
+    )
+    output_format: OutputFormat | None = Field(default="png", description="png, jpeg or webp.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="Quality for jpeg and webp (ignored for png)."
+    )
 
 
-class ImageGenerationRequest(_Extensions):
-    """`POST /v1/images/generations`: OpenAI's fields plus the extensions above."""
+class ImageGenerationRequest(_Common):
+    """`POST /v1/images/generations`: OpenAI's fields plus the extensions above.
+
+    Fields OpenAI defines and qdserve ignores stay free-form strings: OpenAI keeps adding
+    values to them (quality gained xhigh and max), and refusing a field we ignore would only
+    break clients.
+    """
 
     model_config = ConfigDict(
         extra="ignore",
@@ -56,29 +110,38 @@ class ImageGenerationRequest(_Extensions):
         },
     )
 
-    prompt: str = Field(description="Text prompt.")
+    prompt: str = Field(
+        min_length=1,
+        max_length=_MAX_TEXT,
+        description="Text prompt (QDS_MAX_PROMPT_CHARS characters at most).",
+    )
     model: str | None = Field(
-        default=None, description="A model id from GET /v1/models; the default if omitted."
+        default=None,
+        max_length=1024,
+        description="A model id from GET /v1/models; the default if omitted.",
     )
-    n: int = Field(default=1, description="Images to generate (1..QDS_MAX_IMAGES).")
+    n: int = Field(
+        default=1, ge=1, le=MAX_IMAGES, description="Images to generate (1..QDS_MAX_IMAGES)."
+    )
     size: str | None = Field(
-        default=None, description='"WxH" (e.g. "512x512") or "auto" for the model default.'
+        default=None,
+        pattern=SIZE_PATTERN,
+        description='"WxH" (e.g. "512x512") or "auto" for the model default; at most '
+        "QDS_MAX_PIXELS pixels, each side a multiple of the model's size multiple.",
     )
-    response_format: str | None = Field(
-        default="b64_json", description="Only b64_json is supported."
-    )
-    output_format: str | None = Field(default="png", description="png, jpeg or webp.")
-    output_compression: int | None = Field(
-        default=None, description="0..100, quality for jpeg and webp (ignored for png)."
+    response_format: Literal["b64_json"] | None = Field(
+        default="b64_json", description="Only b64_json is supported (no url responses)."
     )
     quality: str | None = Field(default=None, description="Accepted and ignored (OpenAI field).")
     style: str | None = Field(default=None, description="Accepted and ignored (OpenAI field).")
     background: str | None = Field(default=None, description="Accepted and ignored.")
     moderation: str | None = Field(default=None, description="Accepted and ignored.")
-    user: str | None = Field(default=None, description="End-user id; logged, never a label.")
+    user: str | None = Field(
+        default=None, max_length=256, description="End-user id; logged, never a label."
+    )
 
 
-class GenerateRequest(_Extensions):
+class GenerateRequest(_Common):
     """`POST /v1/generate`: one image, returned as raw bytes."""
 
     model_config = ConfigDict(
@@ -96,12 +159,20 @@ class GenerateRequest(_Extensions):
         },
     )
 
-    prompt: str = Field(description="Text prompt.")
-    model: str | None = Field(default=None, description="A model id from GET /v1/models.")
-    width: int | None = Field(default=None, description="Pixels; the model's default if omitted.")
-    height: int | None = Field(default=None, description="Pixels; the model's default if omitted.")
-    output_format: str | None = Field(default="png", description="png, jpeg or webp.")
-    output_compression: int | None = Field(default=None, description="0..100 (jpeg/webp).")
+    prompt: str = Field(
+        min_length=1,
+        max_length=_MAX_TEXT,
+        description="Text prompt (QDS_MAX_PROMPT_CHARS characters at most).",
+    )
+    model: str | None = Field(
+        default=None, max_length=1024, description="A model id from GET /v1/models."
+    )
+    width: int | None = Field(
+        default=None, ge=1, le=MAX_SIDE, description="Pixels; the model's default if omitted."
+    )
+    height: int | None = Field(
+        default=None, ge=1, le=MAX_SIDE, description="Pixels; the model's default if omitted."
+    )
 
 
 class ImageData(BaseModel):

@@ -7,8 +7,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service.auth import require_api_key
 from service.engine import ServiceState
 from service.protocol import CONTENT_TYPES, ERROR_RESPONSES, GenerateRequest
-from service.routes.common import run_generation
-from service.validation import check_dims
+from service.resolve import ImageParams
 
 router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)])
 
@@ -31,10 +30,8 @@ async def generate_image(body: GenerateRequest, request: Request) -> Response:
     """`curl -o out.png -d '{"prompt": "a red circle"}' -H 'content-type: application/json'
     http://127.0.0.1:8000/v1/generate`"""
     qds: ServiceState = request.app.state.qds
-    check_dims(body.width, body.height, qds.settings, "width")
-    out, fmt = await run_generation(
-        qds, request, body, width=body.width, height=body.height, n=1, size_param="width"
-    )
+    params = ImageParams.from_body(body)
+    out = await qds.run(request, params)
     request.state.log_extra = out.log_fields()
     ms = {
         "queue": out.queue_seconds,
@@ -55,4 +52,6 @@ async def generate_image(body: GenerateRequest, request: Request) -> Response:
         "X-Batch-Images": str(out.batch_images),
         "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in ms.items()),
     }
-    return Response(content=out.images[0], media_type=CONTENT_TYPES[fmt], headers=headers)
+    return Response(
+        content=out.images[0], media_type=CONTENT_TYPES[params.output_format], headers=headers
+    )

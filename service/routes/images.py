@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Request
 
 from service.auth import require_api_key
 from service.engine import ServiceState
-from service.errors import APIError
 from service.protocol import (
     ERROR_RESPONSES,
     ImageData,
@@ -17,8 +16,7 @@ from service.protocol import (
     ImagesResponse,
     Usage,
 )
-from service.routes.common import run_generation
-from service.validation import check_dims, parse_size
+from service.resolve import ImageParams
 
 router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
 
@@ -33,19 +31,8 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Image
     """OpenAI's Images API. `data[i].seed` reproduces image i alone (image i uses seed + i);
     `backend` / `quant_type` say which cache entry served the request."""
     qds: ServiceState = request.app.state.qds
-    if body.response_format not in (None, "b64_json"):
-        # url responses would need an image store with expiry; clients all handle b64_json.
-        raise APIError(
-            400,
-            f"response_format {body.response_format!r} is not supported; only b64_json is",
-            param="response_format",
-            code="unsupported_response_format",
-        )
-    width, height = parse_size(body.size)
-    check_dims(width, height, qds.settings, "size")
-    out, fmt = await run_generation(
-        qds, request, body, width=width, height=height, n=body.n, size_param="size"
-    )
+    params = ImageParams.from_body(body)
+    out = await qds.run(request, params)
     request.state.log_extra = {**out.log_fields(), "user": body.user}
     return ImagesResponse(
         created=int(time.time()),
@@ -53,7 +40,7 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Image
             ImageData(b64_json=base64.b64encode(img).decode("ascii"), seed=seed)
             for img, seed in zip(out.images, out.seeds, strict=True)
         ],
-        output_format=fmt,
+        output_format=params.output_format,
         size=f"{out.width}x{out.height}",
         model=qds.public_id(out.key),
         backend=out.key.backend,

@@ -1,0 +1,157 @@
+"""The one request-resolution step: request fields + settings + model defaults -> a fully
+resolved `GenerationRequest` (seed, size, steps and guidance all set).
+
+Rules that hold whatever the configuration are in the pydantic protocol (so the OpenAPI
+schema states them); this module holds the ones that depend on `ServiceSettings` or on the
+loaded model. Every failure is an `InvalidValue` naming the request field at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from quantization.generate import GenerationRequest
+from quantization.generate import resolve as fill_defaults
+from service.exceptions import InvalidValue
+from service.protocol import GenerateRequest, ImageGenerationRequest, OutputFormat
+
+if TYPE_CHECKING:
+    from quantization.loader import ModelDefaults
+    from service.settings import ServiceSettings
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """A generation request as the engine sees it, whichever endpoint it came through."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    output_format: OutputFormat = "png"
+    output_compression: int | None = None
+    model: str | None = None
+    quant_backend: str | None = None
+    quant_type: str | None = None
+    # The request field that carried the size: "size" (OpenAI) or None (width / height).
+    size_field: str | None = None
+
+    @classmethod
+    def from_body(cls, body: ImageGenerationRequest | GenerateRequest) -> ImageParams:
+        if isinstance(body, ImageGenerationRequest):
+            width, height = parse_size(body.size)
+            n, size_field = body.n, "size"
+        else:
+            width, height, n, size_field = body.width, body.height, 1, None
+        return cls(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            n=n,
+            width=width,
+            height=height,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            seed=body.seed,
+            output_format=body.output_format or "png",
+            output_compression=body.output_compression,
+            model=body.model,
+            quant_backend=body.quant_backend,
+            quant_type=body.quant_type,
+            size_field=size_field,
+        )
+
+    def size_param(self, side: str) -> str:
+        """The field to blame for a size problem on `side` ("width" or "height")."""
+        return self.size_field or side
+
+    def generation(self) -> GenerationRequest:
+        """The request as given, model defaults not yet filled in."""
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            width=self.width,
+            height=self.height,
+            num_images=self.n,
+        )
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """'WxH' -> (W, H); None / 'auto' -> (None, None) = the model's default size.
+
+    The protocol's pattern has already refused anything else.
+    """
+    if size is None or size == "auto":
+        return None, None
+    width, _, height = size.partition("x")
+    return int(width), int(height)
+
+
+def check_limits(params: ImageParams, settings: ServiceSettings) -> None:
+    """The configured limits that need no model: cheap, so the engine checks them before it
+    picks (and perhaps loads) a model; `resolve` checks them again."""
+    if not params.prompt.strip():
+        raise InvalidValue("prompt must not be empty", param="prompt")
+    limit = settings.max_prompt_chars
+    for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
+        if text is not None and len(text) > limit:
+            raise InvalidValue(
+                f"{name} has {len(text)} characters; the limit is QDS_MAX_PROMPT_CHARS={limit}",
+                param=name,
+                code="prompt_too_long",
+            )
+    steps = params.num_inference_steps
+    if steps is not None and steps > settings.max_steps:
+        raise InvalidValue(
+            f"num_inference_steps must be 1..{settings.max_steps} (QDS_MAX_STEPS); got {steps}",
+            param="num_inference_steps",
+        )
+    if params.n > settings.max_images:
+        raise InvalidValue(
+            f"n must be 1..{settings.max_images} (QDS_MAX_IMAGES); got {params.n}", param="n"
+        )
+    if params.width is not None and params.height is not None:
+        _check_pixels(params, params.width, params.height, settings.max_pixels)
+
+
+def _check_pixels(params: ImageParams, width: int, height: int, max_pixels: int) -> None:
+    if width * height <= max_pixels:
+        return
+    given = params.width is not None and params.height is not None
+    if given:
+        what = f"{width}x{height} = {width * height} pixels"
+    elif params.width is None and params.height is None:
+        what = f"the model's default size {width}x{height}"
+    else:
+        what = f"{width}x{height} (the side not given is the model's default)"
+    raise InvalidValue(
+        f"{what} exceeds QDS_MAX_PIXELS={max_pixels}" + ("" if given else "; give a smaller size"),
+        param=params.size_param("width"),
+        code="size_too_large",
+    )
+
+
+def resolve(
+    params: ImageParams, settings: ServiceSettings, defaults: ModelDefaults
+) -> GenerationRequest:
+    """The fully resolved request the engine queues and the batch key is computed from."""
+    check_limits(params, settings)
+    gen = fill_defaults(defaults, params.generation(), default_steps=settings.default_steps)
+    width, height = int(gen.width or 0), int(gen.height or 0)
+    multiple = defaults.size_multiple
+    for value, side in ((width, "width"), (height, "height")):
+        if value % multiple:
+            raise InvalidValue(
+                f"{side} {value} is not a multiple of {multiple}, which this model needs",
+                param=params.size_param(side),
+                code="invalid_size",
+            )
+    _check_pixels(params, width, height, settings.max_pixels)
+    return gen
