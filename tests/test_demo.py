@@ -48,11 +48,110 @@ def test_checker_agrees_with_captions() -> None:
     assert hits / len(samples) >= 0.98
 
 
-def test_checker_rejects_blank_and_noise() -> None:
-    blank = np.full((32, 32, 3), 255, dtype=np.uint8)
-    assert classify(blank) is None
-    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert not adheres(noise, "a blue square")
+def prompt_forms() -> list[str]:
+    """Every prompt form the caption grammar reads: shape, color and position each named or
+    not ("middle" as well as "center"), e.g. "a red circle on the left", "a blue square",
+    "a triangle", "a green thing in the middle", "a thing"."""
+    forms = []
+    for shape in (*shapes.SHAPES, None):
+        for color in (*shapes.COLORS, None):
+            for where in ("on the left", "in the center", "in the middle", "on the right", ""):
+                words = ["a", color or "", shape or "thing", where]
+                forms.append(" ".join(w for w in words if w))
+    return forms
+
+
+PROMPT_FORMS = prompt_forms()
+
+
+def _noise(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def _fill(rgb: tuple[int, int, int]) -> np.ndarray:
+    return np.broadcast_to(np.asarray(rgb, dtype=np.uint8), (32, 32, 3)).copy()
+
+
+def _specks(density: float, seed: int = 0) -> np.ndarray:
+    img = _fill(shapes.BACKGROUND)
+    img[np.random.default_rng(seed).random((32, 32)) < density] = shapes.COLORS["black"]
+    return img
+
+
+def _band(rgb: tuple[int, int, int], x0: int, x1: int) -> np.ndarray:
+    img = _fill(shapes.BACKGROUND)
+    img[:, x0:x1] = rgb
+    return img
+
+
+def _gray_noise(seed: int) -> np.ndarray:
+    g = np.random.default_rng(seed).integers(0, 256, (32, 32, 1), dtype=np.uint8)
+    return np.repeat(g, 3, axis=-1)
+
+
+def _faint_noise(seed: int) -> np.ndarray:
+    n = np.random.default_rng(seed).normal(0, 6, (32, 32, 3))
+    return np.clip(255 + n, 0, 255).astype(np.uint8)
+
+
+# Pictures that show no drawing. The checker before the fix read uniform noise as a square
+# (e.g. "a black square in the center"), and any solid fill or frame-high band as a square of
+# that color, so e.g. a solid blue image passed "a blue square".
+NOT_DRAWINGS: dict[str, np.ndarray] = {
+    **{f"uniform noise seed {s}": _noise(s) for s in range(3)},
+    "gray noise": _gray_noise(0),
+    **{f"solid {name}": _fill(rgb) for name, rgb in shapes.COLORS.items()},
+    "solid gray": _fill((128, 128, 128)),
+    "blank": _fill(shapes.BACKGROUND),
+    "near-white blank": _fill((246, 246, 246)),
+    "blank with faint noise": _faint_noise(0),
+    "left half blue": _band(shapes.COLORS["blue"], 0, 16),
+    "center band red": _band(shapes.COLORS["red"], 11, 21),
+    **{f"black specks {d:.0%}": _specks(d) for d in (0.1, 0.3, 0.5)},
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_DRAWINGS))
+def test_checker_rejects_noise_fills_and_blanks_for_every_prompt_form(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from examples.demo import checker
+
+    image = NOT_DRAWINGS[name]
+    verdict = checker.classify(image)
+    assert verdict is None, f"{name} read as {verdict}"
+    # adheres() classifies on every call: reuse this image's verdict across the prompts.
+    monkeypatch.setattr(checker, "classify", lambda _img: verdict)
+    accepted = [p for p in PROMPT_FORMS if checker.adheres(image, p)]
+    assert accepted == []
+
+
+def test_prompt_forms_cover_the_grammar() -> None:
+    parsed = {shapes.parse_caption(p) for p in PROMPT_FORMS}
+    shapes_ = (*shapes.SHAPES, None)
+    colors = (*shapes.COLORS, None)
+    positions = (*shapes.POSITIONS, None)
+    assert parsed == {(s, c, p) for s in shapes_ for c in colors for p in positions}
+
+
+def test_checker_reads_every_prompt_form_of_a_drawing() -> None:
+    """A drawn shape passes exactly the prompt forms that name only what it shows."""
+    for shape, color, position in (("square", "blue", "right"), ("triangle", "yellow", "left")):
+        verdict = classify(shapes.render(shape, color, position))
+        assert verdict is not None and verdict.score >= 0.8
+        accepted = {p for p in PROMPT_FORMS if adheres(shapes.render(shape, color, position), p)}
+        expected = {
+            p
+            for p in PROMPT_FORMS
+            if all(
+                want in (None, have)
+                for want, have in zip(
+                    shapes.parse_caption(p), (shape, color, position), strict=True
+                )
+            )
+        }
+        # Shape, color and position each named or left out: 2 x 2 x 2 forms.
+        assert accepted == expected and len(expected) == 8
 
 
 def test_adheres_ignores_unnamed_position() -> None:
