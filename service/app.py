@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from quantization.settings import QuantSettings
 from service.engine import ServiceState
 from service.errors import install_error_handlers
-from service.middleware import RequestContextMiddleware
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.routes import ROUTERS
 from service.settings import ServiceSettings
 
@@ -58,5 +58,8 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    # Added last = outermost: the request context wraps the body limit, so a 413 carries
+    # the request id and is logged and counted like any other answer.
+    app.add_middleware(BodyLimitMiddleware, settings=service)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -1,5 +1,6 @@
-"""Pure-ASGI middleware: request id, request metrics, one access-log line, and the last-resort
-500 handler (so an internal error still carries X-Request-ID and never a traceback).
+"""Pure-ASGI middleware: request id, request metrics, one access-log line, the last-resort
+500 handler (so an internal error still carries X-Request-ID and never a traceback), and the
+request body limit (413 while the body streams in, before anything buffers it).
 
 Pure ASGI rather than BaseHTTPMiddleware: the latter wraps `receive`, which breaks the
 endpoint's client-disconnect detection.
@@ -14,12 +15,14 @@ import time
 import uuid
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
+from fastapi import HTTPException
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import ClientGone
 from service.logs import request_id_var
 from service.protocol import error_body
+from service.settings import ServiceSettings
 
 log = logging.getLogger("qdserve.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -105,15 +108,84 @@ class RequestContextMiddleware:
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], rid: str) -> None:
     payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"x-request-id", rid.encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    if rid:
+        headers.append((b"x-request-id", rid.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over the configured size with 413, without buffering them.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read;
+    a chunked (or under-declared) body is counted as it streams and refused at the chunk that
+    crosses the limit, so at most one server read buffer (64 KiB in uvicorn) past the limit is
+    ever held. multipart/form-data (image uploads) has its own, larger limit. Starlette and
+    FastAPI have no body limit of their own, and uvicorn's `h11_max_incomplete_event_size`
+    bounds only headers, hence this.
+    """
+
+    def __init__(self, app: ASGIApp, settings: ServiceSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def _limit(self, headers: Headers) -> tuple[int, str]:
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type == "multipart/form-data":
+            return self.settings.max_upload_bytes, "QDS_MAX_UPLOAD_BYTES"
+        return self.settings.max_body_bytes, "QDS_MAX_BODY_BYTES"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        limit, setting = self._limit(headers)
+        message = f"request body exceeds {setting}={limit} bytes"
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _refuse(scope, send, f"{message} (Content-Length: {declared})")
+            return
+
+        received = 0
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > limit:
+                    # FastAPI re-raises HTTPException from body parsing (anything else it turns
+                    # into a 400), so the app's handlers answer it in the OpenAI shape.
+                    raise HTTPException(413, message)
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal response_started
+            if msg["type"] == "http.response.start":
+                response_started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except HTTPException as exc:
+            # Raised where no handler saw it (a body read outside FastAPI's parsing).
+            if exc.status_code != 413 or response_started:
+                raise
+            await _refuse(scope, send, message)
+
+
+async def _refuse(scope: Scope, send: Send, message: str) -> None:
+    state = scope.get("state") or {}
+    rid = state.get("request_id") or ""
+    qds = getattr(getattr(scope.get("app"), "state", None), "qds", None)
+    if qds is not None:
+        qds.metrics.errors.labels(kind="validation").inc()
+    body = error_body(message, code="request_too_large", request_id=rid or None)
+    # The unread body stays unread: uvicorn closes the connection after this response.
+    await _send_json(send, 413, body, rid)

@@ -253,6 +253,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Invalid request (the error's `param` names the field).",
         401: "Missing or wrong API key.",
         404: "Unknown model.",
+        413: "Request body over QDS_MAX_BODY_BYTES (QDS_MAX_UPLOAD_BYTES for multipart).",
         429: "Queue full; retry after the Retry-After header.",
         500: "Internal error; the body carries the request id found in the logs.",
         503: "Not ready, shutting down, model load failed, or out of memory.",

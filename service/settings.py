@@ -9,24 +9,25 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
-def parse_bytes(value: object) -> int | None:
-    """`8GB`, `8GiB`, `512MB`, `1e9`-free plain integers -> bytes; empty/None/0 -> None."""
+def parse_bytes(value: object, name: str = "QDS_CACHE_MEMORY_BUDGET") -> int | None:
+    """`8GB`, `8GiB`, `512MB`, `1e9`-free plain integers -> bytes; empty/None/0 -> None.
+
+    `name` is the variable the error message names.
+    """
     if value is None or value == "" or value == 0 or value == "0":
         return None
     if isinstance(value, int):
         return value
     match = _SIZE_RE.match(str(value))
     if not match:
-        raise ValueError(
-            f"QDS_CACHE_MEMORY_BUDGET={value!r} is not a size; use bytes or e.g. 8GB, 512MiB"
-        )
+        raise ValueError(f"{name}={value!r} is not a size; use bytes or e.g. 8GB, 512MiB")
     number, unit = float(match.group(1)), (match.group(2) or "").lower()
     base = 1024 if "i" in unit else 1000
     power = "_kmgt".index(unit[0]) if unit and unit[0] in "kmgt" else 0
@@ -64,6 +65,17 @@ class ServiceSettings(BaseSettings):
     max_steps: int = Field(default=50, ge=1, description="Largest num_inference_steps.")
     max_images: int = Field(default=4, ge=1, description="Largest n per request.")
     max_prompt_chars: int = Field(default=2000, ge=1, description="Longest prompt, characters.")
+    max_body_bytes: Annotated[int, NoDecode] = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body (bytes, or e.g. 1MiB) of JSON and other non-upload "
+        "requests; larger ones get 413 before they are buffered.",
+    )
+    max_upload_bytes: Annotated[int, NoDecode] = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest multipart/form-data body (bytes, or e.g. 32MiB), for image uploads.",
+    )
     default_steps: int | None = Field(
         default=None, ge=1, description="Steps when a request names none (model default if unset)."
     )
@@ -111,6 +123,15 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _budget(cls, value: object) -> int | None:
         return parse_bytes(value)
+
+    @field_validator("max_body_bytes", "max_upload_bytes", mode="before")
+    @classmethod
+    def _body_limits(cls, value: object, info: ValidationInfo) -> object:
+        name = f"QDS_{(info.field_name or '').upper()}"
+        # 0 / empty are not "no limit" here: an unbounded body is the defect this prevents.
+        if value in (0, "0", ""):
+            raise ValueError(f"{name} must be a positive size, e.g. 1MiB")
+        return parse_bytes(value, name)
 
     @field_validator("warmup_sizes")
     @classmethod
