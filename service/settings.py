@@ -106,7 +106,8 @@ class ServiceSettings(BaseSettings):
     shutdown_timeout: float = Field(
         default=30.0,
         ge=0,
-        description="Seconds a graceful shutdown waits for running / queued requests.",
+        description="Seconds a graceful shutdown waits for running / queued requests; 0 = "
+        "do not wait (fractions allowed).",
     )
 
     @field_validator("preload", "warmup_sizes", mode="before")

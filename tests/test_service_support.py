@@ -19,6 +19,7 @@ import uvicorn
 from quantization.settings import QuantSettings
 from service.app import create_app
 from service.engine import ServiceState
+from service.server import uvicorn_config
 from service.settings import ServiceSettings
 
 
@@ -29,15 +30,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, app: Any, port: int) -> None:
+    def __init__(self, app: Any, port: int, settings: ServiceSettings) -> None:
         self.app = app
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=10
-            )
-        )
+        # The configuration `qdserve serve` runs with (graceful-shutdown timeout included).
+        self.server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -85,13 +83,11 @@ def running_server(
     # One torch thread: the test machines share 2 cores between several processes, where
     # OpenMP's spinning threads make a 2-thread generation ~35x slower than a 1-thread one.
     service.setdefault("torch_threads", 1)
-    app = create_app(
-        QuantSettings(cache_dir=cache_dir, **(quant or {})),
-        ServiceSettings(**service),
-    )
+    settings = ServiceSettings(**service)
+    app = create_app(QuantSettings(cache_dir=cache_dir, **(quant or {})), settings)
     if setup is not None:
         setup(app.state.qds)
-    server = Server(app, free_port())
+    server = Server(app, free_port(), settings)
     server.thread.start()
     try:
         server.wait_listening()
