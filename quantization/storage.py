@@ -4,14 +4,23 @@
 returns a ratio of 1.0) and torchao, so this walks the tensors themselves: tensor subclasses
 are flattened through `__tensor_flatten__` (quanto, torchao), bitsandbytes 4-bit weights add
 their quantization state, GGUF parameters are raw bytes. Shared storages are counted once.
+
+The parameter count (what the same weights cost unquantized) comes from the architecture
+itself, rebuilt from the module's config on the meta device (no memory): quantizers that pack
+weights into plain uint8 tensors (SDNQ flattens 4-bit weights into half as many bytes and adds
+scale / zero-point parameters) leave nothing on the loaded tensors to recover the logical
+shape from.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger("qdserve.storage")
 
 
 @dataclass(frozen=True)
@@ -83,12 +92,50 @@ def is_quantized_tensor(t: torch.Tensor) -> bool:
     return t.dtype in (torch.int8, torch.uint8) or t.dtype.itemsize == 1
 
 
+def reference_shapes(module: torch.nn.Module) -> dict[str, torch.Size] | None:
+    """Parameter name -> shape of the same architecture unquantized, or None if the module
+    cannot be rebuilt from its config (then the loaded tensors are read instead)."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    cls = type(module)
+    try:
+        with torch.device("meta"):
+            if hasattr(config, "items"):  # diffusers: a frozen dict of __init__ arguments
+                kwargs = {k: v for k, v in config.items() if k != "quantization_config"}
+                fresh = cls.from_config(kwargs)  # type: ignore[attr-defined]
+            else:  # transformers: a PretrainedConfig
+                fresh = cls(config)
+    except Exception as exc:  # an architecture that needs more than its config to build
+        log.debug("cannot rebuild %s on meta: %s", cls.__name__, exc)
+        return None
+    return {name: p.shape for name, p in fresh.named_parameters()}
+
+
+def _kept_unquantized(loaded: torch.Tensor | None, shape: torch.Size) -> bool:
+    return (
+        loaded is not None
+        and type(loaded) in (torch.Tensor, torch.nn.Parameter)
+        and loaded.shape == shape
+        and loaded.dtype.is_floating_point
+        and loaded.dtype.itemsize > 1
+    )
+
+
 def module_storage(module: torch.nn.Module) -> StorageReport:
     seen: set[tuple[int, int]] = set()
     storage = params = quantized = 0
     # Buffers count too: some quantizers keep scales there. `seen` drops shared storages.
     for t in [*module.parameters(), *module.buffers()]:
         storage += tensor_bytes(t, seen)
+    reference = reference_shapes(module)
+    if reference is not None:
+        loaded = dict(module.named_parameters())
+        for name, shape in reference.items():
+            params += shape.numel()
+            if not _kept_unquantized(loaded.get(name), shape):
+                quantized += shape.numel()
+        return StorageReport(storage, params, quantized)
     for p in module.parameters():
         n = logical_numel(p)
         params += n
