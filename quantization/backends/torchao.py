@@ -59,6 +59,13 @@ class TorchAoBackend(QuantBackend):
         # torchao tensor subclasses are not safetensors-serializable in diffusers 0.42.
         return False
 
+    def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
+        # diffusers saves the config object as {"default": {"_type": "<class name>", ...}}.
+        saved = component_config.get("quant_type")
+        if isinstance(saved, dict):
+            saved = (saved.get("default") or {}).get("_type")
+        return next((k for k, cls in TORCHAO_TYPES.items() if cls == saved), None)
+
     def diffusers_config(self, req: ConfigRequest) -> Any:
         return self.diffusers_config_class()(
             torchao_config_object(req.quant_type or self.default_quant_type),
