@@ -74,6 +74,48 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+# -- variants --------------------------------------------------------------------------
+Variant = tuple[str, str | None]
+
+
+def registry_variants() -> tuple[list[Variant], dict[Variant, str]]:
+    """Every (backend, quant type) of the registry: those that run on this device, in registry
+    order with `none` first, and those that do not, with the reason. A newly registered
+    backend shows up in the benchmarks without an edit here."""
+    from quantization.backends import BACKENDS
+    from quantization.environment import detect_device
+
+    device = detect_device()
+    runnable: list[Variant] = []
+    skipped: dict[Variant, str] = {}
+    for backend in BACKENDS.values():
+        for qtype in backend.quant_types or (None,):
+            reason = backend.unavailable_reason(qtype, device)
+            if reason is None:
+                runnable.append((backend.key, qtype))
+            else:
+                skipped[(backend.key, qtype)] = reason
+    runnable.sort(key=lambda v: v[0] != "none")  # stable: the rest keep registry order
+    return runnable, skipped
+
+
+def parse_variant(text: str) -> Variant:
+    """ "quanto:int8" -> ("quanto", "int8"); "none" or "gguf:" -> no quant type."""
+    backend, _, qtype = text.partition(":")
+    return backend, (qtype if qtype not in ("", "-") else None)
+
+
+def prepared_settings(variant: Variant, work_dir: Path, **values: Any) -> Any:
+    """QuantSettings for a variant with the backend's offline step done (`prepare`: GGUF
+    converts the denoiser into `work_dir`; others need nothing)."""
+    from quantization.backends import get_backend
+    from quantization.settings import QuantSettings
+
+    backend, qtype = variant
+    settings = QuantSettings.unprepared(quant_backend=backend, quant_type=qtype, **values)
+    return get_backend(backend).prepare(settings, work_dir)
+
+
 # -- image distance --------------------------------------------------------------------
 def image_distance(a: Any, b: Any) -> dict[str, float | bool | None]:
     """PSNR (dB, 8-bit peak 255) and mean absolute difference (0..255) of two images.
@@ -115,7 +157,9 @@ def _git_commit() -> str | None:
         return None
 
 
-def run_meta(command: str) -> dict[str, Any]:
+def run_meta(command: str, torch_threads: int | None = None) -> dict[str, Any]:
+    """Machine, versions, date and commit of a run; `torch_threads` defaults to the
+    benchmarks' pinned TORCH_THREADS (pass what the run really used when it differs)."""
     import psutil
 
     from quantization.environment import library_version
@@ -145,7 +189,7 @@ def run_meta(command: str) -> dict[str, Any]:
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
-        "torch_threads": TORCH_THREADS,
+        "torch_threads": TORCH_THREADS if torch_threads is None else torch_threads,
         # The CPUs are shared with other work: the load average says how busy they were.
         "loadavg_1_5_15_at_start": list(os.getloadavg()),
         "versions": versions,
@@ -162,11 +206,17 @@ def meta_line(meta: dict[str, Any]) -> str:
         f"{m['memory_bytes'] / 2**30:.1f} GiB RAM, {m['platform']}, Python {m['python']}, "
         f"load average at start {meta.get('loadavg_1_5_15_at_start', ['?'])[0]:.2f} "
         "(CPUs shared with other work); "
-        f"torch {v['torch']} ({meta['torch_threads']} intra-op thread), diffusers "
+        f"torch {v['torch']} ({_threads(meta['torch_threads'])}), diffusers "
         f"{v['diffusers']}, transformers {v['transformers']}, optimum-quanto "
         f"{v['optimum-quanto']}, torchao {v['torchao']}, gguf {v['gguf']}, fastapi "
         f"{v['fastapi']}, uvicorn {v['uvicorn']}, litserve {v['litserve']}."
     )
+
+
+def _threads(value: Any) -> str:
+    if isinstance(value, dict):  # per server: {"qdserve": "default (2)", ...}
+        return "intra-op threads " + ", ".join(f"{k} {v}" for k, v in value.items())
+    return f"{value} intra-op thread{'' if value == 1 else 's'}"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

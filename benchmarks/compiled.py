@@ -23,6 +23,7 @@ from benchmarks.common import (
     image_distance,
     md_table,
     meta_line,
+    prepared_settings,
     run_meta,
     summarize,
     write_json,
@@ -37,18 +38,16 @@ CASES: list[tuple[str, str | None]] = [
 CASE_TIMEOUT_S = 300
 
 
-def run_case(backend: str, qtype: str | None, gguf_file: str | None, runs: int) -> dict[str, Any]:
+def run_case(settings: Any, runs: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
     from quantization.generate import GenerationRequest, generate
     from quantization.loader import load_pipeline
-    from quantization.settings import QuantSettings
     from service.engine import compile_denoiser, default_warmup
 
-    loaded = load_pipeline(
-        QuantSettings(quant_backend=backend, quant_type=qtype, gguf_file=gguf_file, device="cpu")
-    )
+    backend, qtype = settings.quant_backend, settings.quant_type
+    loaded = load_pipeline(settings)
     size = loaded.defaults.size
 
     def timed() -> tuple[list[float], Any]:
@@ -93,20 +92,18 @@ def run_case(backend: str, qtype: str | None, gguf_file: str | None, runs: int) 
 
 
 def measure(quick: bool, work: Path) -> dict[str, Any]:
-    from quantization.embedded import embedded_model_path
-    from quantization.gguf_convert import convert_to_gguf
-
     cases = CASES[:1] if quick else CASES
     runs = 3 if quick else 8
     results = []
     for backend, qtype in cases:
         cid = f"{backend}:{qtype or '-'}"
+        settings_path = work / f"{cid}.settings.json"
+        # The backend's offline step (GGUF: convert the denoiser) before the case's process.
+        settings = prepared_settings((backend, qtype), work, device="cpu")
+        write_json(settings_path, settings.model_dump(mode="json"))
         argv = [sys.executable, "-m", "benchmarks.compiled", "--case", cid]
         argv += ["--runs", str(runs), "--result", str(work / f"{cid}.json")]
-        if backend == "gguf":
-            gguf = work / f"{qtype}.gguf"
-            convert_to_gguf(embedded_model_path(), gguf, qtype or "Q8_0")
-            argv += ["--gguf-file", str(gguf)]
+        argv += ["--settings", str(settings_path)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -215,10 +212,12 @@ def _child(argv: list[str]) -> int:
     parser.add_argument("--case", required=True)
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--result", type=Path, required=True)
-    parser.add_argument("--gguf-file")
+    parser.add_argument("--settings", type=Path, required=True, help="prepared, as JSON")
     args = parser.parse_args(argv)
-    backend, _, qtype = args.case.partition(":")
-    result = run_case(backend, None if qtype == "-" else qtype, args.gguf_file, args.runs)
+    from quantization.settings import QuantSettings
+
+    settings = QuantSettings(**json.loads(args.settings.read_text()))
+    result = run_case(settings, args.runs)
     write_json(args.result, result)
     return 0
 

@@ -20,30 +20,22 @@ from benchmarks.common import (
     REPO,
     TORCH_THREADS,
     PeakRSS,
+    Variant,
     fmt,
     image_distance,
     md_table,
     meta_line,
     mib,
+    prepared_settings,
+    registry_variants,
     run_meta,
     summarize,
     write_json,
 )
 
-# (backend, quant type): the CPU-capable set; unavailable ones are recorded with the reason.
-CASES: list[tuple[str, str | None]] = [
-    ("none", None),
-    ("quanto", "int8"),
-    ("quanto", "int4"),
-    ("quanto", "int2"),
-    ("quanto", "float8"),
-    ("torchao", "int8wo"),
-    ("torchao", "int8dq"),
-    ("torchao", "float8wo"),
-    ("gguf", "Q8_0"),
-    ("gguf", "Q4_0"),
-]
-QUICK_CASES = [("none", None), ("quanto", "int8")]
+# The full run takes every variant the registry can run here (`registry_variants`); those it
+# cannot run are recorded with the reason. `--quick` (tests, smoke) takes these two.
+QUICK_CASES: list[Variant] = [("none", None), ("quanto", "int8")]
 SEEDS = [0, 1, 2, 3]
 
 
@@ -51,17 +43,8 @@ def case_id(backend: str, qtype: str | None) -> str:
     return f"{backend}:{qtype or '-'}"
 
 
-def all_cases() -> list[tuple[str, str | None]]:
-    """Every backend and quant type the registry knows (available or not)."""
-    from quantization.backends import BACKENDS
-
-    return [(b.key, q) for b in BACKENDS.values() for q in (b.quant_types or (None,))]
-
-
 # -- one case, in a child process -------------------------------------------------------
-def run_case(
-    backend: str, qtype: str | None, gguf_file: str | None, runs: int, warmup: int, out: Path
-) -> dict[str, Any]:
+def run_case(settings: Any, runs: int, warmup: int, out: Path) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
@@ -70,12 +53,9 @@ def run_case(
     from quantization.backends import get_backend
     from quantization.generate import GenerationRequest, generate
     from quantization.loader import load_pipeline
-    from quantization.settings import QuantSettings
 
+    backend, qtype = settings.quant_backend, settings.quant_type
     sampler = PeakRSS()
-    settings = QuantSettings(
-        quant_backend=backend, quant_type=qtype, gguf_file=gguf_file, device="cpu"
-    )
     rss0 = sampler.rss()
     loaded = load_pipeline(settings)
     rss_loaded = sampler.rss()
@@ -121,15 +101,15 @@ def run_case(
 
 
 # -- the parent ------------------------------------------------------------------------
-def _spawn_case(
-    backend: str, qtype: str | None, gguf: Path | None, work: Path, runs: int, warmup: int
-) -> dict[str, Any]:
+def _spawn_case(settings: Any, work: Path, runs: int, warmup: int) -> dict[str, Any]:
+    """Run one prepared case in a fresh process; its settings travel as JSON."""
+    backend, qtype = settings.quant_backend, settings.quant_type
     cid = case_id(backend, qtype)
     result_path = work / f"{cid}.json"
+    settings_path = work / f"{cid}.settings.json"
+    write_json(settings_path, settings.model_dump(mode="json"))
     argv = [sys.executable, "-m", "benchmarks.matrix", "--case", cid, "--work", str(work)]
-    argv += ["--runs", str(runs), "--warmup", str(warmup)]
-    if gguf is not None:
-        argv += ["--gguf-file", str(gguf)]
+    argv += ["--runs", str(runs), "--warmup", str(warmup), "--settings", str(settings_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
     if proc.returncode != 0 or not result_path.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -138,34 +118,28 @@ def _spawn_case(
 
 
 def measure(out_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
-    from quantization.backends import get_backend
-    from quantization.embedded import embedded_model_path
-    from quantization.environment import detect_device
-    from quantization.gguf_convert import convert_to_gguf
-
-    cases = QUICK_CASES if quick else CASES
+    runnable, skipped = registry_variants()
+    cases = QUICK_CASES if quick else runnable
     runs, warmup = (3, 1) if quick else (12, 2)
-    device = detect_device()
     work.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    unavailable = []
-    for backend, qtype in all_cases():
-        reason = get_backend(backend).unavailable_reason(qtype, device)
-        if reason and (backend, qtype) not in cases:
-            unavailable.append(
-                {"backend": backend, "quant_type": qtype, "unavailable": reason, "measured": False}
-            )
+    unavailable = [
+        {"backend": b, "quant_type": q, "unavailable": reason, "measured": False}
+        for (b, q), reason in skipped.items()
+    ]
     for backend, qtype in cases:
-        gguf = None
-        conversion = None
-        if backend == "gguf":
-            gguf = work / f"denoiser-{qtype}.gguf"
-            t0 = time.perf_counter()
-            convert_to_gguf(embedded_model_path(), gguf, qtype or "Q8_0")
-            conversion = time.perf_counter() - t0
-        row = _spawn_case(backend, qtype, gguf, work, runs, warmup)
-        if conversion is not None:
-            row["gguf_conversion_seconds"] = conversion
+        t0 = time.perf_counter()
+        try:
+            # The backend's offline step (GGUF: convert the denoiser), outside the timed load.
+            settings = prepared_settings((backend, qtype), work, device="cpu")
+        except Exception as exc:  # one broken backend must not hide the others
+            results.append(
+                {"backend": backend, "quant_type": qtype, "error": f"prepare failed: {exc}"}
+            )
+            continue
+        prepare_s = time.perf_counter() - t0
+        row = _spawn_case(settings, work, runs, warmup)
+        row["prepare_seconds"] = prepare_s
         row["measured"] = "error" not in row
         results.append(row)
     # Distance from the unquantized images at the same seeds.
@@ -315,12 +289,12 @@ def _child(argv: list[str]) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--gguf-file")
+    parser.add_argument("--settings", type=Path, required=True, help="prepared, as JSON")
     args = parser.parse_args(argv)
-    backend, _, qtype = args.case.partition(":")
-    result = run_case(
-        backend, None if qtype == "-" else qtype, args.gguf_file, args.runs, args.warmup, args.work
-    )
+    from quantization.settings import QuantSettings
+
+    settings = QuantSettings(**json.loads(args.settings.read_text()))
+    result = run_case(settings, args.runs, args.warmup, args.work)
     write_json(args.work / f"{args.case}.json", result)
     return 0
 

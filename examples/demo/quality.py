@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ def _prompt_set() -> list[str]:
 
 
 PROMPTS: list[str] = _prompt_set()
+# The checkout's docs/ (the report's default home), not the current folder.
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 SEEDS: list[int] = [0, 1]
 DEFAULT_STEPS = 12
 DEFAULT_GUIDANCE = 3.5
@@ -190,14 +192,17 @@ def write_report(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     notes: str = "",
+    header: str = "",
 ) -> None:
-    """docs/quality.md-style table plus the PNG grid."""
+    """docs/quality.md-style table plus the PNG grid; `header` (the run's machine, date and
+    commit line) goes under the title."""
     md_path.parent.mkdir(parents=True, exist_ok=True)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     grid([r for r in rows if r.images], prompts).save(png_path)
-    lines = [
-        "# Quality per backend (demo model)",
-        "",
+    lines = ["# Quality per backend (demo model)", ""]
+    if header:
+        lines += [header, ""]
+    lines += [
         f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
         f"{SIZE}x{SIZE}, {steps} steps, guidance {guidance}. Adherence: the pixel checker "
         "(`examples/demo/checker.py`) finds the prompted shape, color and position. "
@@ -224,26 +229,29 @@ def write_report(
 
 def report(
     named: Iterable[tuple[str, Any]],
-    md_path: Path = Path("docs/quality.md"),
-    png_path: Path = Path("docs/quality.png"),
+    md_path: Path = DOCS / "quality.md",
+    png_path: Path = DOCS / "quality.png",
     prompts: Sequence[str] = PROMPTS,
     seeds: Sequence[int] = SEEDS,
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     notes: str = "",
+    header: str = "",
 ) -> list[Row]:
     """Evaluate (name, pipeline) pairs (first = unquantized reference) and write the report."""
     rows = evaluate(named, prompts, seeds, steps, guidance)
-    write_report(rows, md_path, png_path, prompts, seeds, steps, guidance, notes)
+    write_report(rows, md_path, png_path, prompts, seeds, steps, guidance, notes, header)
     return rows
 
 
 def report_with_loader(
     names: Sequence[str],
     load: Callable[[str], Any],
+    skipped: Mapping[str, str] | None = None,
     **kwargs: Any,
 ) -> list[Row]:
-    """Like `report`, loading each backend by name with `load`; load errors become rows.
+    """Like `report`, loading each backend by name with `load`; load errors become rows, and
+    so do the `skipped` names (name -> why it cannot run here), which are not loaded.
 
     Pipelines are loaded one at a time and dropped after use, so memory holds at most the
     reference images and one pipeline.
@@ -258,49 +266,27 @@ def report_with_loader(
                 continue
             yield name, pipe
             del pipe
+        for name, why in (skipped or {}).items():
+            yield name, RuntimeError(f"not run here: {why}")
 
     return report(lazily(), **kwargs)
 
 
-# Every backend / quant type the report tries, as "backend:quant_type". Those that cannot run
-# on this machine (bitsandbytes, ModelOpt and torchao int4 without CUDA) become rows that say
-# why, instead of disappearing from the table.
-DEFAULT_BACKENDS: list[str] = [
-    "quanto:int8",
-    "quanto:float8",
-    "quanto:int4",
-    "quanto:int2",
-    "torchao:int8wo",
-    "torchao:int8dq",
-    "torchao:float8wo",
-    "torchao:int4wo",
-    "gguf:Q8_0",
-    "gguf:Q5_0",
-    "gguf:Q4_0",
-    "bitsandbytes_4bit:nf4",
-    "bitsandbytes_8bit:",
-    "modelopt:FP8",
-]
+def variant_name(backend: str, qtype: str | None) -> str:
+    """The report's row name: "none", "quanto:int8", or the bare key without quant types."""
+    return f"{backend}:{qtype}" if qtype else backend
 
 
 def service_loader(model: Path, workdir: Path) -> Callable[[str], Any]:
     """A `load(name)` for `report_with_loader` built on the service's own loader, so the
-    report measures exactly what `qdserve serve` would run. GGUF files are converted from
-    the model folder into `workdir` first."""
-    from quantization.gguf_convert import convert_to_gguf
+    report measures exactly what `qdserve serve` would run, after the backend's offline step
+    (`prepare`: GGUF converts the denoiser into `workdir`)."""
+    from benchmarks.common import parse_variant, prepared_settings
     from quantization.loader import load_pipeline
-    from quantization.settings import QuantSettings
 
     def load(name: str) -> Any:
-        backend, _, qtype = name.partition(":")
-        kwargs: dict[str, Any] = {"model": str(model), "quant_backend": backend}
-        if qtype:
-            kwargs["quant_type"] = qtype
-        if backend == "gguf":
-            kwargs["gguf_file"] = convert_to_gguf(
-                model, workdir / f"transformer-{qtype}.gguf", qtype
-            )
-        pipe = load_pipeline(QuantSettings(**kwargs)).pipeline
+        settings = prepared_settings(parse_variant(name), workdir, model=str(model))
+        pipe = load_pipeline(settings).pipeline
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -308,32 +294,50 @@ def service_loader(model: Path, workdir: Path) -> Callable[[str], Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write the quality report for the demo model: unquantized first, then every backend."""
+    """Write the quality report for the demo model: unquantized first, then every variant the
+    backend registry can run here (those it cannot are rows that say why)."""
     import argparse
     import tempfile
 
+    import torch
+
+    from benchmarks.common import meta_line, registry_variants, run_meta
     from quantization.embedded import embedded_model_path
 
-    p = argparse.ArgumentParser(prog="bench quality", description="demo-model quality report")
+    p = argparse.ArgumentParser(prog="qdserve bench quality", description="demo-model quality")
     p.add_argument("--model", type=Path, default=None, help="default: the embedded model")
-    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma list")
-    p.add_argument("--md", type=Path, default=Path("docs/quality.md"))
-    p.add_argument("--png", type=Path, default=Path("docs/quality.png"))
+    p.add_argument(
+        "--backends",
+        default="",
+        help="comma list of backend:quant_type (default: every variant the registry runs here)",
+    )
+    p.add_argument("--md", type=Path, default=DOCS / "quality.md")
+    p.add_argument("--png", type=Path, default=DOCS / "quality.png")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list")
     args = p.parse_args(argv)
     model = args.model or embedded_model_path()
-    names = ["none"] + [b for b in args.backends.split(",") if b]
+    runnable, unavailable = registry_variants()
+    if args.backends:
+        chosen = [b for b in args.backends.split(",") if b]
+        skipped = {}
+    else:
+        chosen = [variant_name(*v) for v in runnable if v[0] != "none"]
+        skipped = {variant_name(*v): why for v, why in unavailable.items()}
+    command = "qdserve bench quality" + (f" {' '.join(argv)}" if argv else "")
+    header = meta_line(run_meta(command, torch_threads=torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="qds-quality-") as tmp:
         rows = report_with_loader(
-            names,
+            ["none", *chosen],
             service_loader(model, Path(tmp)),
+            skipped=skipped,
             md_path=args.md,
             png_path=args.png,
             seeds=[int(s) for s in args.seeds.split(",")],
             steps=args.steps,
             guidance=args.guidance,
+            header=header,
         )
     for r in rows:
         print(
