@@ -237,6 +237,7 @@ def plan_quantization(
     denoiser: str,
     dtype: torch.dtype,
     skip: frozenset[str] = frozenset(),
+    device: str | None = None,
 ) -> dict[str, Any]:
     """component -> quantization config object (diffusers' or transformers' class)."""
     backend = get_backend(settings.quant_backend)
@@ -247,6 +248,7 @@ def plan_quantization(
         compute_dtype=dtype,
         modules_to_not_convert=tuple(settings.modules_to_not_convert),
         bnb_double_quant=settings.bnb_double_quant,
+        device=device,
     )
     mapping: dict[str, Any] = {}
     for wanted in settings.components_to_quantize:
@@ -328,7 +330,7 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
             kwargs[denoiser] = model
             quantized_names.add(denoiser)
         skip = frozenset(quantized_names)
-        mapping = plan_quantization(settings, libraries, denoiser, dtype, skip)
+        mapping = plan_quantization(settings, libraries, denoiser, dtype, skip, device)
         if mapping:
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
         quantized_names |= set(mapping)

@@ -37,6 +37,8 @@ class ConfigRequest:
     compute_dtype: torch.dtype
     modules_to_not_convert: tuple[str, ...] = ()
     bnb_double_quant: bool = True
+    # Where the model will run ("cpu", "cuda", "cuda:N"); None when not known.
+    device: str | None = None
 
 
 # key -> backend class, in definition order; filled by QuantBackend.__init_subclass__.

@@ -1,0 +1,115 @@
+"""SDNQ on the embedded model on CPU: loads, stores its real bytes, generates, saves, reloads.
+
+Measured here (sdnq 0.2.8, random-weight embedded model, fp32 transformer of 9.24 M
+parameters): SDNQ keeps Flux's embedders, norm_out and proj_out unquantized (8.5 % of the
+parameters), so int8 stores 0.316 of fp32 (floor 0.25) and uint4 0.228 (floor 0.125).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantization.backends import ConfigRequest, get_backend
+from quantization.generate import GenerationRequest, generate
+from quantization.loader import LoadedPipeline, load_pipeline
+from quantization.prequantize import quantize_and_save
+from quantization.settings import QuantSettings
+
+PROMPT = GenerationRequest(prompt="a red circle on the left", seed=7, num_inference_steps=2)
+
+
+def _pixels(loaded: LoadedPipeline) -> np.ndarray:
+    return np.asarray(generate(loaded, PROMPT).images[0]).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def sdnq_int8(embedded_path: Path) -> LoadedPipeline:
+    return load_pipeline(
+        QuantSettings(model=str(embedded_path), quant_backend="sdnq", quant_type="int8")
+    )
+
+
+def test_int8_stores_real_bytes_and_stays_close(
+    embedded_path: Path, sdnq_int8: LoadedPipeline
+) -> None:
+    base = load_pipeline(QuantSettings(model=str(embedded_path)))
+    t, ref = sdnq_int8.components["transformer"], base.components["transformer"]
+    assert t.quantized and not sdnq_int8.components["vae"].quantized
+    # Same logical parameters although SDNQ adds scale parameters to every layer.
+    assert t.parameters == ref.parameters
+    assert 0.30 <= t.storage_bytes / ref.storage_bytes <= 0.33
+    image = _pixels(sdnq_int8)
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    assert np.abs(image - _pixels(base)).mean() <= 1.5
+    assert (sdnq_int8.backend, sdnq_int8.quant_type) == ("sdnq", "int8")
+
+
+def test_uint4_halves_int8_storage_of_quantized_layers(embedded_path: Path) -> None:
+    loaded = load_pipeline(
+        QuantSettings(model=str(embedded_path), quant_backend="sdnq", quant_type="uint4")
+    )
+    t = loaded.components["transformer"]
+    assert 0.21 <= t.storage_bytes / t.unquantized_bytes <= 0.24
+
+
+def test_text_encoder_quantized_through_transformers(embedded_path: Path) -> None:
+    loaded = load_pipeline(
+        QuantSettings(
+            model=str(embedded_path),
+            quant_backend="sdnq",
+            components_to_quantize=["denoiser", "text_encoder_2"],
+        )
+    )
+    te = loaded.components["text_encoder_2"]
+    assert te.quantized and te.storage_bytes < 0.5 * te.unquantized_bytes
+    assert not loaded.components["text_encoder"].quantized
+    assert _pixels(loaded).std() > 0
+
+
+def test_round_trip_through_qdserve_quantize(
+    embedded_path: Path, tmp_path: Path, sdnq_int8: LoadedPipeline
+) -> None:
+    settings = QuantSettings(model=str(embedded_path), quant_backend="sdnq", quant_type="int8")
+    out = quantize_and_save(settings, tmp_path / "pq")
+    assert list((out / "transformer").glob("*.safetensors"))
+    reloaded = load_pipeline(QuantSettings(model=str(out)))
+    assert reloaded.pre_quantized and (reloaded.backend, reloaded.quant_type) == ("sdnq", "int8")
+    assert np.array_equal(_pixels(reloaded), _pixels(sdnq_int8))
+
+
+def test_folder_saved_by_plain_diffusers_reloads_as_sdnq(
+    tmp_path: Path, sdnq_int8: LoadedPipeline
+) -> None:
+    sdnq_int8.pipeline.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "qdserve.json").exists()
+    config = json.loads((tmp_path / "plain" / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "sdnq"
+    reloaded = load_pipeline(QuantSettings(model=str(tmp_path / "plain")))
+    assert (reloaded.backend, reloaded.quant_type, reloaded.pre_quantized) == ("sdnq", "int8", True)
+    assert reloaded.components["transformer"].quantized
+    assert not reloaded.components["vae"].quantized
+
+
+def test_cpu_load_defaults_sdnq_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SDNQ_USE_TORCH_COMPILE", raising=False)
+    get_backend("sdnq")._kwargs(ConfigRequest("int8", torch.float32, device="cpu"))
+    assert os.environ["SDNQ_USE_TORCH_COMPILE"] == "0"
+    monkeypatch.setenv("SDNQ_USE_TORCH_COMPILE", "1")  # the operator's choice stands
+    get_backend("sdnq")._kwargs(ConfigRequest("int8", torch.float32, device="cpu"))
+    assert os.environ["SDNQ_USE_TORCH_COMPILE"] == "1"
+
+
+def test_sdnq_types_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(
+        ValidationError, match="QDS_QUANT_TYPE='nf4' is not a quant type of backend"
+    ):
+        QuantSettings(quant_backend="sdnq", quant_type="nf4")
+    assert QuantSettings(quant_backend="sdnq").resolved_quant_type == "int8"
