@@ -15,8 +15,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -985,4 +986,36 @@ def plan_model(
         priority,
         floor,
         compute_dtype,
+    )
+
+
+def plan_request(
+    model: str | None = None,
+    device: str | None = None,
+    capability: str | None = None,
+    memory: str | None = None,
+    budget: str | None = None,
+    priority: str | None = None,
+    floor: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Plan:
+    """`qdserve plan`: each flag, else its QDS_* variable, else the default.
+
+    No `--capability` / `--memory` plans for this machine (`--device cpu` for its CPU); with
+    them, for the described device.
+    """
+    env = os.environ if environ is None else environ
+    if capability is None and memory is None:
+        spec = detect_device_spec(device or env.get("QDS_DEVICE", "auto"))
+    else:
+        spec = describe_device(device or "cuda", capability, memory)
+    return plan_model(
+        model or env.get("QDS_MODEL", "embedded"),
+        spec,
+        budget or env.get("QDS_MEMORY_BUDGET") or None,
+        priority or env.get("QDS_PRIORITY", "quality"),
+        floor
+        if floor is not None
+        else float(env.get("QDS_QUALITY_FLOOR_PSNR", DEFAULT_PSNR_FLOOR)),
+        env.get("QDS_COMPUTE_DTYPE", "auto"),
     )

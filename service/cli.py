@@ -1,4 +1,4 @@
-"""`qdserve` command line: serve, backends, quantize, convert-gguf, bench, train-demo."""
+"""`qdserve` command line: serve, backends, quantize, convert-gguf, plan, bench, train-demo."""
 
 from __future__ import annotations
 
@@ -120,6 +120,20 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from quantization.planning import PlanError, plan_request
+
+    try:
+        plan = plan_request(
+            args.model, args.device, args.capability, args.memory, args.budget, args.priority
+        )
+    except PlanError as exc:
+        print(f"qdserve plan: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
+    return 0
+
+
 # `bench` and `train-demo` run code that is not installed with the package (benchmarks/ and
 # examples/ of a checkout): find the checkout this package was installed from (an editable
 # install) or the current folder, and import from there.
@@ -205,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="overrides QDS_MODEL")
     p.set_defaults(func=cmd_convert_gguf)
+
+    p = sub.add_parser(
+        "plan", help="what QDS_QUANT_BACKEND=auto would load, and why (reads no weights)"
+    )
+    p.add_argument("--model", help="QDS_MODEL value, or flux-dev / sd3-medium (shipped configs)")
+    p.add_argument("--device", help="cpu or cuda (default: this machine, QDS_DEVICE)")
+    p.add_argument("--capability", help="describe a CUDA device: compute capability, e.g. 8.9")
+    p.add_argument("--memory", help="describe a device: its memory, e.g. 16GB or 24GiB")
+    p.add_argument("--budget", help="overrides QDS_MEMORY_BUDGET (default: memory - 10%%)")
+    p.add_argument("--priority", choices=("quality", "speed", "memory"), help="QDS_PRIORITY")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     # Listed here for `qdserve --help`; main() hands their arguments to them unparsed.
     sub.add_parser(

@@ -258,3 +258,34 @@ def test_bad_descriptions_are_refused() -> None:
         describe_device("cuda", "eight", "16GB")
     with pytest.raises(PlanError, match="allowed: cpu, cuda"):
         describe_device("tpu", None, "16GB")
+
+
+def test_qdserve_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    args = ["plan", "--model", "sd3-medium", "--device", "cuda", "--capability", "8.9"]
+    assert main([*args, "--memory", "24GB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["architecture"] == "sd3-medium"
+    assert data["device"] == {
+        "kind": "cuda",
+        "name": "GPU sm_89",
+        "capability": "8.9",
+        "total_bytes": 24 * 10**9,
+        "described": True,
+    }
+    assert data["budget_bytes"] == 21_600_000_000
+    assert {c["backend"] for c in data["components"].values()} == {"none"}
+    assert data["total_bytes"] <= data["budget_bytes"]
+
+    assert main([*args, "--memory", "24GB", "--budget", "12GB", "--priority", "speed"]) == 0
+    text = capsys.readouterr().out
+    assert "budget:   12.00 GB (QDS_MEMORY_BUDGET=12GB)" in text
+    assert "priority: speed" in text
+    assert "    - not " in text  # rejected alternatives are listed
+
+    flux = ["plan", "--model", "flux-dev", "--device", "cuda", "--capability", "7.5"]
+    assert main([*flux, "--memory", "16GB"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qdserve plan: no plan for black-forest-labs/FLUX.1-dev fits")
+    assert "needs 14.59 GB" in err
