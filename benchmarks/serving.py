@@ -1,7 +1,7 @@
-"""Serving benchmarks through real servers on loopback: overhead, load, peer, batching.
+"""Serving benchmarks through real servers on loopback: overhead, load, batching.
 
-Servers are subprocesses: `qdserve serve` (the real uvicorn app) and, for `peer`, LitServe
-(benchmarks/peer_server.py). The client is a bounded, self-stopping httpx client in this
+Servers are subprocesses: `qdserve serve` (the real uvicorn app); the side-by-side with
+LitServe is `benchmarks/peer.py`. The client is a bounded, self-stopping httpx client in this
 process. Comparisons are interleaved in one run (A, B, B, A, ...) so drift on the shared
 CPUs hits both sides alike.
 """
@@ -27,7 +27,6 @@ from benchmarks.common import (
     latency_summary,
     md_table,
     meta_line,
-    peer_server,
     qdserve_server,
     ratio,
     run_load,
@@ -317,7 +316,7 @@ def overhead(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
                     data = r.json()
                     base64.b64decode(data["data"][0]["b64_json"])
                     http.append(time.perf_counter() - t0)
-                    usage.append(data["usage"])
+                    usage.append(data["timings"])
         client.close()
         info = _server_info(server)
     # Where the time of one direct call goes (hooks on the components; separate pass).
@@ -400,7 +399,7 @@ def render_overhead(data: dict[str, Any]) -> str:
                 f"(+{data['http_minus_direct_median_seconds'] * 1e3:.1f} ms); "
                 "HTTP / (direct + PNG): "
                 f"{data['ratio_http_to_direct_plus_png_median']:.3f}.",
-                "Server-reported timings (medians, `usage` of the response):",
+                "Server-reported timings (medians, `timings` of the response):",
                 md_table(["field", "value (ms / images)"], urows),
                 "Where a direct call's time goes (mean per call; encode_prompt_total contains "
                 "both text encoders):",
@@ -503,107 +502,6 @@ def _mem(info: dict[str, Any]) -> str:
     )
 
 
-# -- peer ------------------------------------------------------------------------------
-def peer(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
-    import importlib.metadata
-
-    levels = [(1, 4), (4, 8)] if quick else [(1, 24), (4, 48), (16, 96)]
-    rounds = 2 if quick else 4
-    specs: dict[str, Callable[[Path], Server]] = {
-        "qdserve": lambda d: qdserve_server(
-            "qdserve-peer",
-            d,
-            QDS_BATCH_WINDOW_MS=str(WINDOW_MS),
-            QDS_MAX_BATCH=str(MAX_BATCH),
-        ),
-        "litserve": lambda d: peer_server("litserve", d, MAX_BATCH, WINDOW_MS / 1000),
-    }
-    with _servers(specs, log_dir) as srv:
-        res = _interleave(srv, levels, rounds=rounds)
-        info = {name: _server_info(s) for name, s in srv.items()}
-    ratios = {}
-    for conc in res["qdserve"]:
-        q, p = res["qdserve"][conc], res["litserve"][conc]
-        ratios[conc] = {
-            "throughput_qdserve_over_litserve": ratio(q["throughput_rps"], p["throughput_rps"]),
-            "p50_litserve_over_qdserve": ratio(
-                p["latency_seconds"]["p50"], q["latency_seconds"]["p50"]
-            ),
-            "p99_litserve_over_qdserve": ratio(
-                p["latency_seconds"]["p99"], q["latency_seconds"]["p99"]
-            ),
-        }
-    return {
-        "levels": res,
-        "ratios": ratios,
-        "servers": info,
-        "rounds": rounds,
-        "peer": {
-            "framework": "litserve",
-            "version": importlib.metadata.version("litserve"),
-            "config": {
-                "max_batch_size": MAX_BATCH,
-                "batch_timeout_s": WINDOW_MS / 1000,
-                "accelerator": "cpu",
-                "devices": 1,
-                "workers_per_device": 1,
-                "num_api_servers": 1,
-                "torch_threads": TORCH_THREADS,
-                "code": "benchmarks/peer_server.py",
-            },
-        },
-        "qdserve_config": {"QDS_BATCH_WINDOW_MS": WINDOW_MS, "QDS_MAX_BATCH": MAX_BATCH},
-        "method": f"same requests (OpenAI images JSON, b64 PNG) to both, {rounds} interleaved "
-        "rounds per level with alternating order; both servers up for the whole run, the one "
-        "not being measured paused (SIGSTOP; idle LitServe polls its queues at ~10% of a "
-        "core), same pipeline (quantization.loader, default settings), same batching window "
-        "and size.",
-    }
-
-
-def render_peer(data: dict[str, Any]) -> str:
-    rows = _level_rows(data["levels"]["qdserve"], "qdserve") + _level_rows(
-        data["levels"]["litserve"], "litserve"
-    )
-    rrows = [
-        [
-            c,
-            fmt(r["throughput_qdserve_over_litserve"], 2),
-            fmt(r["p50_litserve_over_qdserve"], 2),
-            fmt(r["p99_litserve_over_qdserve"], 2),
-        ]
-        for c, r in data["ratios"].items()
-    ]
-    peer_cfg = data["peer"]
-    srows = [
-        [name, fmt(i["start_to_ready_seconds"], 1), _mem(i)] for name, i in data["servers"].items()
-    ]
-    return (
-        "\n\n".join(
-            [
-                "# qdserve vs LitServe (same pipeline, same machine)",
-                meta_line(data["meta"]),
-                f"Peer: LitServe {peer_cfg['version']}, config {peer_cfg['config']}. "
-                f"qdserve: {data['qdserve_config']}. " + data["method"],
-                md_table(LEVEL_HEADER, rows),
-                "Ratios (> 1 means qdserve is better):",
-                md_table(
-                    [
-                        "concurrency",
-                        "throughput qdserve/litserve",
-                        "p50 litserve/qdserve",
-                        "p99 litserve/qdserve",
-                    ],
-                    rrows,
-                ),
-                "Start-up and memory:",
-                md_table(["server", "spawn to ready s", "memory after the run"], srows),
-            ]
-        )
-        + "\n"
-    )
-
-
 # -- batching --------------------------------------------------------------------------
 def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     levels = [(4, 8)] if quick else [(4, 48), (16, 96)]
@@ -669,7 +567,6 @@ PARTS: dict[
 ] = {
     "overhead": (overhead, render_overhead),
     "load": (load, render_load),
-    "peer": (peer, render_peer),
     "batching": (batching, render_batching),
 }
 
@@ -698,11 +595,6 @@ def headline(name: str, data: dict[str, Any]) -> str:
             f"p50 {r['latency_seconds']['p50'] * 1e3:.0f} ms, "
             f"p99 {r['latency_seconds']['p99'] * 1e3:.0f} ms"
             for c, r in data["levels"].items()
-        )
-    if name == "peer":
-        return "throughput qdserve/litserve: " + ", ".join(
-            f"c{c} {fmt(r['throughput_qdserve_over_litserve'], 2)}"
-            for c, r in data["ratios"].items()
         )
     if name == "batching":
         return "; ".join(

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from quantization.token_usage import TokenUsage, count_usage
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -37,6 +39,9 @@ class GenerationResult:
     steps: int
     inference_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    # Token counts (prompt, input images, output patches) for OpenAI's `usage`; filled where
+    # the pipeline is (quantization.token_usage), None from callers that do not count.
+    usage: TokenUsage | None = None
 
 
 def image_seeds(seed: int, n: int) -> list[int]:
@@ -172,7 +177,7 @@ def generate_batch(
 
     results = []
     offset = 0
-    for seeds in seeds_per_req:
+    for req, seeds in zip(requests, seeds_per_req, strict=True):
         results.append(
             GenerationResult(
                 images=images[offset : offset + len(seeds)],
@@ -185,6 +190,7 @@ def generate_batch(
                     "step_seconds_mean": sum(step_times) / len(step_times) if step_times else 0.0,
                     "batch_images": float(len(images)),
                 },
+                usage=count_usage(loaded, req),
             )
         )
         offset += len(seeds)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantization.backends import BACKENDS
+from quantization.token_usage import TokenUsage
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 CONTENT_TYPES: dict[OutputFormat, str] = {
@@ -176,29 +177,157 @@ class GenerateRequest(_Common):
 
 
 class ImageData(BaseModel):
+    """OpenAI's `Image` (b64_json only) plus `seed`, qdserve's extension."""
+
     b64_json: str
-    seed: int = Field(description="The seed that reproduces this image alone.")
-    revised_prompt: str | None = None
+    # Absent, never null, when there is none: OpenAI's schema types it as a string.
+    revised_prompt: str | None = Field(default=None, description="Never set by qdserve.")
+    seed: int = Field(description="Extension: the seed that reproduces this image alone.")
 
 
-class Usage(BaseModel):
-    """Timings of the request (seconds); OpenAI's usage object is token based, ours is time."""
+class InputTokensDetails(BaseModel):
+    text_tokens: int = Field(description="Prompt (and negative prompt) tokens.")
+    image_tokens: int = Field(description="Latent patches of the input images (edits).")
+
+
+class OutputTokensDetails(BaseModel):
+    image_tokens: int = Field(description="Latent patches of the generated images.")
+    text_tokens: int = Field(default=0, description="Always 0: no text is generated.")
+
+
+class ImagesUsage(BaseModel):
+    """OpenAI's `ImageGenUsage` / `ImagesUsage` with real counts from the serving pipeline:
+    prompt tokens from its sequence tokenizer (T5 for Flux) and image tokens as the
+    denoiser's latent patches (quantization.token_usage says how)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens_details: OutputTokensDetails
+
+    @classmethod
+    def of(cls, usage: TokenUsage) -> ImagesUsage:
+        return cls(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+            input_tokens_details=InputTokensDetails(
+                text_tokens=usage.text_tokens, image_tokens=usage.image_tokens
+            ),
+            output_tokens_details=OutputTokensDetails(image_tokens=usage.output_tokens),
+        )
+
+
+class Timings(BaseModel):
+    """Extension: where the request's time went (seconds), and the batch it ran in."""
 
     queue_seconds: float
     inference_seconds: float
     encode_seconds: float
-    batch_images: int
+    batch_images: int = Field(description="Images in the step batch when the request finished.")
 
 
 class ImagesResponse(BaseModel):
+    """OpenAI's `ImagesResponse`; `size` may be any served `WxH` (OpenAI enumerates three)."""
+
     created: int
     data: list[ImageData]
-    output_format: str
+    output_format: OutputFormat
     size: str
+    # Absent only where the engine ran a stand-in that counts nothing (tests).
+    usage: ImagesUsage | None = None
+    # Extensions: which cache entry served the request, and its timings.
     model: str
     backend: str
-    quant_type: str | None
-    usage: Usage
+    quant_type: str | None = None
+    timings: Timings
+
+
+# -- stream events (server-sent events; OpenAI's ImageGen*/ImageEdit* event schemas) --------
+class _ImageEvent(BaseModel):
+    b64_json: str
+    created_at: int
+    size: str
+    # qdserve takes OpenAI's quality and background and ignores them: "auto" says so.
+    quality: Literal["auto"] = "auto"
+    background: Literal["auto"] = "auto"
+    output_format: OutputFormat
+    # Extensions: which image of the request (n > 1) and the seed that reproduces it.
+    index: int = Field(description="Extension: the image's position in the request (0..n-1).")
+    seed: int
+
+
+class _PartialImageEvent(_ImageEvent):
+    partial_image_index: int = Field(description="0-based index of this partial image.")
+    # Extension: after which denoising step the preview was taken.
+    step: int
+    total_steps: int
+
+
+class _CompletedEvent(_ImageEvent):
+    usage: ImagesUsage = Field(description="The whole request's usage (on each image's event).")
+    model: str
+    backend: str
+    quant_type: str | None = None
+    timings: Timings
+
+
+class ImageGenPartialImageEvent(_PartialImageEvent):
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+
+
+class ImageGenCompletedEvent(_CompletedEvent):
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+
+
+class ImageEditPartialImageEvent(_PartialImageEvent):
+    type: Literal["image_edit.partial_image"] = "image_edit.partial_image"
+
+
+class ImageEditCompletedEvent(_CompletedEvent):
+    type: Literal["image_edit.completed"] = "image_edit.completed"
+
+
+# The event classes of each OpenAI endpoint: (partial image, completed).
+GENERATION_EVENTS = (ImageGenPartialImageEvent, ImageGenCompletedEvent)
+EDIT_EVENTS = (ImageEditPartialImageEvent, ImageEditCompletedEvent)
+
+
+class ProgressEvent(BaseModel):
+    """`POST /v1/generate` with stream: one after every denoising step of the request."""
+
+    type: Literal["progress"] = "progress"
+    step: int = Field(description="Steps done (1..total).")
+    total: int
+
+
+class PartialImageEvent(BaseModel):
+    """`POST /v1/generate` with stream and partial_images: a preview of the latents."""
+
+    type: Literal["partial_image"] = "partial_image"
+    partial_image_index: int
+    step: int
+    total: int
+    b64_json: str
+    output_format: OutputFormat
+
+
+class CompletedEvent(BaseModel):
+    """`POST /v1/generate` with stream: the last event, carrying the image."""
+
+    type: Literal["completed"] = "completed"
+    b64_json: str
+    output_format: OutputFormat
+    seed: int
+    width: int
+    height: int
+    steps: int
+    model: str
+    backend: str
+    quant_type: str | None = None
+    usage: ImagesUsage
+    timings: Timings
 
 
 class ModelCard(BaseModel):
