@@ -52,17 +52,12 @@ class PlanError(RuntimeError):
 
 # --- sizes ---------------------------------------------------------------------------------
 
+# The same units as QDS_CACHE_MEMORY_BUDGET (service/settings.py): 1000-based unless "i".
 _UNITS = {
     "": 1,
     "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
+    **{f"{u}{b}": 1000**p for p, u in enumerate("kmgt", 1) for b in ("", "b")},
+    **{f"{u}i{b}": 1024**p for p, u in enumerate("kmgt", 1) for b in ("", "b")},
 }
 
 
@@ -99,6 +94,8 @@ class ComponentSpec:
     class_name: str
     parameters: int
     float_buffers: int  # elements of floating-point buffers (they move with the dtype too)
+    linear_weights: int = 0  # elements of nn.Linear weights: what every backend quantizes
+    other_buffer_bytes: int = 0  # integer buffers (position ids): their own dtype
 
     @property
     def role(self) -> Role:
@@ -111,7 +108,7 @@ class ComponentSpec:
         return "other"
 
     def unquantized_bytes(self, dtype_bytes: int) -> int:
-        return (self.parameters + self.float_buffers) * dtype_bytes
+        return (self.parameters + self.float_buffers) * dtype_bytes + self.other_buffer_bytes
 
 
 @dataclass(frozen=True)
@@ -129,8 +126,8 @@ class ModelSpec:
 
 
 @lru_cache(maxsize=64)
-def _count(library: str, class_name: str, config_json: str) -> tuple[int, int]:
-    """(parameters, floating buffer elements) of a class built on the meta device."""
+def _count(library: str, class_name: str, config_json: str) -> tuple[int, int, int, int]:
+    """(parameters, float buffer elements, Linear weight elements, other buffer bytes)."""
     import torch
     from accelerate import init_empty_weights
 
@@ -146,7 +143,11 @@ def _count(library: str, class_name: str, config_json: str) -> tuple[int, int]:
             model = cls(cls.config_class.from_dict(config))
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for b in model.buffers() if torch.is_floating_point(b))
-    return params, buffers
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    other = sum(
+        b.numel() * b.element_size() for b in model.buffers() if not torch.is_floating_point(b)
+    )
+    return params, buffers, linear, other
 
 
 def resolve_model_folder(model: str) -> tuple[str, Path]:
@@ -172,9 +173,10 @@ def resolve_model_folder(model: str) -> tuple[str, Path]:
     return model, Path(folder)
 
 
-def read_model_spec(model: str) -> ModelSpec:
+def read_model_spec(model: str, display: str | None = None) -> ModelSpec:
     """Component configs and parameter counts of a diffusers pipeline, without its weights."""
     model_id, folder = resolve_model_folder(model)
+    model_id = display or model_id
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise PlanError(f"{folder} has no model_index.json; point at a diffusers pipeline folder")
@@ -189,8 +191,8 @@ def read_model_spec(model: str) -> ModelSpec:
         if not config_path.is_file():
             continue  # schedulers, tokenizers: no config.json with weights behind it
         library, class_name = spec
-        params, buffers = _count(library, class_name, config_path.read_text())
-        components.append(ComponentSpec(name, library, class_name, params, buffers))
+        counts = _count(library, class_name, config_path.read_text())
+        components.append(ComponentSpec(name, library, class_name, *counts))
     if not any(c.role == "denoiser" for c in components):
         raise PlanError(f"{model_id}: no transformer or unet component to plan for")
     meta_path = folder / "qdserve.json"
@@ -389,12 +391,18 @@ def quantized_bytes(
     if not runs:
         return None
     arch_, run = max(runs, key=lambda ar: ar[1].ratio_vs_bf16)
-    why = "largest measured storage ratio" + (
-        f" over {len(runs)} architectures" if len(runs) > 1 else ""
+    why = "the largest measured storage ratio" + (
+        f" of {len(runs)} architectures" if len(runs) > 1 else ""
     )
+    # Only Linear weights are quantized; the rest (embeddings, norms, biases, convolutions)
+    # stays in the compute dtype. A whole-model ratio over-states a Linear-only one (it carries
+    # the measured model's own unquantized rest), so this errs on the large side.
+    rest = comp.parameters + comp.float_buffers - comp.linear_weights
+    linear = math.ceil(run.ratio_vs_bf16 * comp.linear_weights * 2)
     return (
-        math.ceil(run.ratio_vs_bf16 * comp.parameters * 2),
-        f"{run.ratio_vs_bf16:.4f} x bf16 bytes ({why}: {arch_}, {run.source})",
+        linear + rest * dtype_bytes + comp.other_buffer_bytes,
+        f"Linear weights x 2 bytes x {run.ratio_vs_bf16:.4f} ({why}: {arch_}, {run.source}) "
+        f"+ {rest:,} other parameters x {dtype_bytes} bytes",
     )
 
 
@@ -615,6 +623,7 @@ def _prune(options: list[Option]) -> list[Option]:
 class ComponentPlan:
     name: str
     role: Role
+    library: str
     class_name: str
     parameters: int
     choice: Option
@@ -841,7 +850,15 @@ def make_plan(
                 "(no measurement of a quantized " + comp.role + " exists here)"
             )
             plans.append(
-                ComponentPlan(comp.name, comp.role, comp.class_name, comp.parameters, opt, reason)
+                ComponentPlan(
+                    comp.name,
+                    comp.role,
+                    comp.library,
+                    comp.class_name,
+                    comp.parameters,
+                    opt,
+                    reason,
+                )
             )
             continue
         plans.append(
@@ -926,7 +943,14 @@ def _explain(
     size = f"size {human(chosen.bytes)} ({chosen.bytes_source})"
     reason = f"{head}. {size}; quality {chosen.quality_text()}{speed}"
     return ComponentPlan(
-        comp.name, comp.role, comp.class_name, comp.parameters, chosen, reason, tuple(alternatives)
+        comp.name,
+        comp.role,
+        comp.library,
+        comp.class_name,
+        comp.parameters,
+        chosen,
+        reason,
+        tuple(alternatives),
     )
 
 
@@ -1019,3 +1043,40 @@ def plan_request(
         else float(env.get("QDS_QUALITY_FLOOR_PSNR", DEFAULT_PSNR_FLOOR)),
         env.get("QDS_COMPUTE_DTYPE", "auto"),
     )
+
+
+def plan_for_load(
+    model_id: str,
+    source: str,
+    device: str,
+    memory_budget: str | int | None,
+    priority: str,
+    floor: float,
+    compute_dtype: str,
+) -> Plan:
+    """The loader's `QDS_QUANT_BACKEND=auto` step: plan for the device the model will run on."""
+    spec = read_model_spec(source, display=model_id)
+    dev = detect_device_spec(device)
+    return make_plan(spec, dev, resolve_budget(dev, memory_budget), priority, floor, compute_dtype)
+
+
+def quant_mapping(plan: Plan, request: Callable[[str | None], Any]) -> dict[str, Any]:
+    """component -> diffusers / transformers quantization config for each quantized choice.
+
+    `request(quant_type)` builds the backend's ConfigRequest (the loader knows the dtype, the
+    device and the modules left unconverted). The result is a `quant_mapping` for diffusers'
+    PipelineQuantizationConfig: each component carries its own backend's config.
+    """
+    from quantization.backends import get_backend
+
+    mapping: dict[str, Any] = {}
+    for comp in plan.components:
+        if not comp.quantized:
+            continue
+        backend = get_backend(comp.choice.backend)
+        req = request(comp.choice.quant_type)
+        if comp.library == "diffusers":
+            mapping[comp.name] = backend.diffusers_config(req)
+        else:
+            mapping[comp.name] = backend.transformers_config(req)
+    return mapping
