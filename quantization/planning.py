@@ -25,15 +25,12 @@ from typing import Any, Literal
 
 from quantization import plan_tables as tables
 from quantization.environment import DeviceInfo
+from quantization.quality_guard import DEFAULT_PSNR_FLOOR  # the same floor plans and checks
 
-Priority = Literal["quality", "speed", "memory"]
 PRIORITIES: tuple[str, ...] = ("quality", "speed", "memory")
 # Policy, not a measurement: what is held back from the device's memory for what no table
 # here measures (the CUDA context, allocator fragmentation, the server process itself).
 DEFAULT_MARGIN_FRACTION = 0.10
-# Policy drawn from the measured PSNR column (docs/quality.md): quanto int2 measured 24.4 dB
-# (21.9 on random weights, docs/benchmarks/matrix.md), every 4-bit or wider cell >= 33.7 dB.
-DEFAULT_PSNR_FLOOR = 30.0
 
 PUBLISHED_CONFIGS = Path(__file__).parent / "plan_configs"
 PUBLISHED_MODELS = {

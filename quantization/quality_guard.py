@@ -281,3 +281,32 @@ def enforce(report: QualityReport) -> QualityReport:
     if not report.passed:
         raise QualityRefused(report)
     return report
+
+
+def guard(loaded: LoadedPipeline, settings: Any, load: Any) -> QualityReport | None:
+    """The loader's `QDS_QUALITY_CHECK` step: None when off or nothing is quantized; else the
+    report (kept on the loaded pipeline), raising QualityRefused below the floor.
+
+    `load(settings)` loads the unquantized reference when no references folder is configured;
+    it is released again before this returns.
+    """
+    if not getattr(settings, "quality_check", False):
+        return None
+    if not any(c.quantized for c in loaded.components.values()):
+        return None
+    floor = QualityFloor(
+        psnr_db=float(getattr(settings, "quality_floor_psnr", DEFAULT_PSNR_FLOOR)),
+        adherence=getattr(settings, "quality_floor_adherence", DEFAULT_ADHERENCE_FLOOR) or None,
+    )
+    folder = getattr(settings, "quality_references", None)
+    if folder is not None:
+        report = check_against_references(loaded, Path(folder), floor)
+    else:
+        # Nothing is quantized in the reference, so its own load skips this check.
+        reference = load(settings.with_backend("none"))
+        try:
+            report = check_against_model(loaded, reference, floor)
+        finally:
+            reference.release()
+    loaded.extra["quality"] = report.describe()
+    return enforce(report)
