@@ -1,0 +1,498 @@
+"""Step-level continuous batching for Flux pipelines: samples join and leave between steps.
+
+`generate_batch` runs whole pipeline calls: a request that arrives while a batch denoises
+waits for all of its steps. Here the denoising loop of diffusers' `FluxPipeline.__call__` is
+unrolled one step at a time with the pipeline's own components (`encode_prompt`,
+`prepare_latents`, the scheduler's sigma schedule, the transformer, the VAE and the image
+processor), so that:
+
+- each request keeps its own sigma schedule and step index; the transformer takes a timestep
+  per sample (shape (B,)), so samples at different steps share one forward;
+- a request joins at the next step boundary (`add`) and leaves after its own last step
+  (`step` returns it, decoded), or at once when dropped (`remove`);
+- a request run alone gets exactly what `generate()` computes for it (same CPU generator per
+  image, seed + i; same schedule; same float32 Euler update), and in a batch the same up to
+  the rounding of batched matmuls (tests/test_stepping.py states the measured tolerance).
+
+Only `FluxPipeline` itself qualifies (`supports_stepping`): its subclasses and other families
+(SD3, SDXL) add inputs or use other schedulers, and keep whole-call batching. Nothing here
+knows about HTTP or processes; the engine drives `add` / `remove` / `step`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from quantization.generate import GenerationRequest, GenerationResult, image_seeds, resolve
+from quantization.token_usage import count_usage
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image
+
+    from quantization.loader import LoadedPipeline
+    from quantization.prompt_cache import PromptCache
+
+# FluxPipeline.__call__'s default, used when the model defaults name no sequence length.
+_FLUX_MAX_SEQUENCE_LENGTH = 512
+
+
+def supports_stepping(loaded: LoadedPipeline) -> bool:
+    """True when this pipeline can run the step-level loop (Flux-family denoisers, which take
+    a timestep per sample). Others fall back to whole-call batching (generate_batch)."""
+    try:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    pipe = loaded.pipeline
+    # Exact type: subclasses (img2img, inpaint, Kontext, ...) change the loop's inputs.
+    if type(pipe) is not FluxPipeline:
+        return False
+    scheduler = pipe.scheduler
+    # Stochastic sampling draws fresh noise inside scheduler.step; the loop here does not.
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and not scheduler.config.get(
+        "stochastic_sampling", False
+    )
+
+
+def step_key(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[Any, ...]:
+    """Requests with equal step keys can share a transformer forward at any step: same resolved
+    width, height, guidance, CFG mode (negative prompt or not). Steps may differ (each sample
+    keeps its own sigma schedule)."""
+    r = resolve(loaded.defaults, req) if _unresolved(req) else req
+    return (r.width, r.height, r.guidance_scale, r.negative_prompt is not None)
+
+
+def variant_id(loaded: LoadedPipeline) -> str:
+    """What changes a prompt's embeddings: model, backend, quantized components, dtype, device."""
+    quantized = ",".join(sorted(n for n, c in loaded.components.items() if c.quantized))
+    dtype = str(loaded.compute_dtype).removeprefix("torch.")
+    return (
+        f"{loaded.model}|{loaded.model_path}|{loaded.backend}:{loaded.quant_type}"
+        f"|q={quantized}|{dtype}|{loaded.device}"
+    )
+
+
+def _unresolved(req: GenerationRequest) -> bool:
+    return None in (req.width, req.height, req.num_inference_steps, req.guidance_scale, req.seed)
+
+
+@dataclass
+class _Job:
+    job_id: str
+    request: GenerationRequest
+    seeds: list[int]
+    embeds: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # prompt, pooled, text ids
+    negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    latents: torch.Tensor  # packed, (images, tokens, channels)
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor  # len(timesteps) + 1, ends at 0
+    added: float
+    step: int = 0
+    velocity: torch.Tensor | None = None  # the last step's prediction, for previews
+    forward_seconds: float = 0.0
+    batch_images_sum: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return self.request.num_images
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+
+class StepBatch:
+    """Samples being denoised together; samples join and leave at step boundaries.
+
+    Not thread-safe: one thread drives a batch (and its pipeline) at a time.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedPipeline,
+        *,
+        prompt_cache: PromptCache | None = None,
+        max_images: int = 4,
+        variant: str | None = None,
+    ) -> None:
+        if not supports_stepping(loaded):
+            raise ValueError(
+                f"{type(loaded.pipeline).__name__} cannot run the step-level loop (only "
+                "FluxPipeline with a deterministic flow-match Euler scheduler); use generate_batch"
+            )
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.loaded = loaded
+        self.pipe = loaded.pipeline
+        self.prompt_cache = prompt_cache
+        self.max_images = max_images
+        self.variant = variant or variant_id(loaded)
+        self.steps_run = 0  # transformer steps run by this batch (CFG's second forward not counted)
+        accepts = inspect.signature(self.pipe.__call__).parameters
+        default_len = (
+            accepts["max_sequence_length"].default if "max_sequence_length" in accepts else None
+        )
+        self._max_sequence_length = int(
+            loaded.defaults.max_sequence_length or default_len or _FLUX_MAX_SEQUENCE_LENGTH
+        )
+        # Schedules come from a private copy: set_timesteps mutates the scheduler, and the
+        # pipeline's own one may serve whole-call generate_batch on the same pipeline.
+        self._scheduler = copy.deepcopy(self.pipe.scheduler)
+        self._schedules: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._key: tuple[Any, ...] | None = None
+        self._img_ids: torch.Tensor | None = None
+        # Concatenated prompt embeddings of the current members; rebuilt when they change.
+        self._stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # -- membership ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return sum(j.images for j in self._jobs.values())
+
+    def job_ids(self) -> list[str]:
+        return list(self._jobs)
+
+    @property
+    def key(self) -> tuple[Any, ...] | None:
+        """The step key every member shares (None while empty: anything may start it)."""
+        return self._key
+
+    def can_join(self, req: GenerationRequest) -> bool:
+        """Same step key and room left. An empty batch takes any request, even one with more
+        images than max_images, so a large request is never stuck."""
+        if not self._jobs:
+            return True
+        return (
+            step_key(self.loaded, req) == self._key
+            and len(self) + req.num_images <= self.max_images
+        )
+
+    def add(self, job_id: str, req: GenerationRequest) -> None:
+        """Encode the prompt (through the prompt cache), draw the initial latents from CPU
+        generators seeded per image (image i uses seed + i, as generate_batch does), and put the
+        request's images in the batch at step 0 of their own schedule. req is fully resolved
+        (seed, width, height, steps set)."""
+        import torch
+
+        if job_id in self._jobs:
+            raise ValueError(f"job {job_id!r} is already in the batch")
+        if _unresolved(req):
+            raise ValueError("resolve the request first (quantization.generate.resolve)")
+        if req.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {req.num_images}")
+        if not self.can_join(req):
+            raise ValueError(
+                f"job {job_id!r} cannot join: step key {step_key(self.loaded, req)} vs "
+                f"{self._key}, {len(self)} of {self.max_images} images taken"
+            )
+        added = time.perf_counter()
+        pipe = self.pipe
+        device = pipe._execution_device
+        with torch.no_grad():
+            embeds = self._encode(req.prompt)
+            negative = (
+                self._encode(req.negative_prompt) if req.negative_prompt is not None else None
+            )
+            encoded = time.perf_counter()
+            seeds = image_seeds(int(req.seed or 0), req.num_images)
+            # One CPU generator per image, as generate_batch passes them: the same seed gives
+            # the same initial noise on every device and in every batch.
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            latents, img_ids = pipe.prepare_latents(
+                req.num_images,
+                pipe.transformer.config.in_channels // 4,
+                int(req.height or 0),
+                int(req.width or 0),
+                embeds[0].dtype,
+                device,
+                generators,
+            )
+            timesteps, sigmas = self._schedule(int(req.num_inference_steps or 0), latents.shape[1])
+        if self._img_ids is None:
+            self._img_ids = img_ids
+        self._jobs[job_id] = _Job(
+            job_id=job_id,
+            request=req,
+            seeds=seeds,
+            embeds=embeds,
+            negative=negative,
+            latents=latents,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            added=added,
+            timings={
+                "encode_seconds": encoded - added,
+                "prepare_seconds": time.perf_counter() - encoded,
+            },
+        )
+        self._key = step_key(self.loaded, req)
+        self._stacked = None
+
+    def remove(self, job_id: str) -> bool:
+        """Drop a request's samples (client gone, deadline, shutdown) before the next step."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return False
+        self._membership_changed()
+        return True
+
+    def progress(self, job_id: str) -> tuple[int, int]:
+        """(steps done, total steps) of a request in the batch; KeyError when not in it."""
+        job = self._jobs[job_id]
+        return job.step, job.total
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[str, GenerationResult]]:
+        """Run ONE denoiser forward for all samples, advance each by its own sigma, decode and
+        return the requests whose last step this was (removed from the batch). Raises on a
+        pipeline error (torch.OutOfMemoryError included) without catching it."""
+        import torch
+
+        if not self._jobs:
+            return []
+        jobs = list(self._jobs.values())
+        start = time.perf_counter()
+        with torch.no_grad():
+            noise_pred = self._velocity(jobs)
+            finished: list[_Job] = []
+            offset = 0
+            for job in jobs:
+                v = noise_pred[offset : offset + job.images]
+                offset += job.images
+                # FlowMatchEulerDiscreteScheduler.step, per request: the scheduler object keeps
+                # ONE step index (and sigma) for the whole batch, which is exactly what samples
+                # on different schedules cannot share, so the update is written out here with
+                # the same operations: upcast to float32, x + (sigma_next - sigma) * v, cast
+                # back to the prediction's dtype.
+                sigma = job.sigmas[job.step]
+                sigma_next = job.sigmas[job.step + 1]
+                sample = job.latents.to(torch.float32)
+                job.latents = (sample + (sigma_next - sigma) * v).to(v.dtype)
+                job.velocity = v
+                job.step += 1
+                if job.step == job.total:
+                    finished.append(job)
+        forward = time.perf_counter() - start
+        batch_images = len(self)
+        for job in jobs:
+            job.forward_seconds += forward
+            job.batch_images_sum += batch_images
+        self.steps_run += 1
+        if not finished:
+            return []
+        for job in finished:
+            del self._jobs[job.job_id]
+        self._membership_changed()
+        return self._finish(finished)
+
+    def latents_preview(self, job_id: str) -> list[Image]:
+        """A cheap preview of the request's current latents: the VAE on the predicted x0.
+
+        After step k the latents sit at sigma_k and the last velocity v predicts the clean
+        sample x0 = x - sigma_k * v (flow matching: x = (1 - sigma) x0 + sigma * noise). Before
+        the first step it shows the initial noise. Cost: one VAE decode of the request's
+        images (the same as its final decode), no transformer forward.
+        """
+        import torch
+
+        job = self._jobs[job_id]
+        with torch.no_grad():
+            if job.velocity is None:
+                x0 = job.latents
+            else:
+                sigma = job.sigmas[job.step]
+                x0 = (job.latents.to(torch.float32) - sigma * job.velocity).to(job.latents.dtype)
+            return self._decode(x0, job.request)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _membership_changed(self) -> None:
+        self._stacked = None
+        if not self._jobs:
+            self._key = None
+            self._img_ids = None
+
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled_prompt_embeds, text_ids) for one prompt, batch 1."""
+        pipe = self.pipe
+
+        def encode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return tuple(  # type: ignore[return-value]
+                pipe.encode_prompt(
+                    prompt=[text],
+                    prompt_2=None,
+                    device=pipe._execution_device,
+                    num_images_per_prompt=1,
+                    max_sequence_length=self._max_sequence_length,
+                )
+            )
+
+        if self.prompt_cache is None:
+            return encode()
+        return self.prompt_cache.get_or_encode(self.prompt_key(text), encode)  # type: ignore[return-value]
+
+    def prompt_key(self, text: str) -> tuple[str, str, str]:
+        """The prompt cache key of `text` for this batch's model variant."""
+        # The kind names what was computed: the same text as a prompt or as a negative
+        # prompt gives the same embeddings, so both share one entry.
+        kind = f"flux.encode_prompt:max_sequence_length={self._max_sequence_length}"
+        return (self.variant, text, kind)
+
+    def _schedule(self, steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and sigmas exactly as FluxPipeline.__call__ sets them, once per length."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        cached = self._schedules.get((steps, image_seq_len))
+        if cached is not None:
+            return cached
+        scheduler = self._scheduler
+        config = scheduler.config
+        sigmas: Any = np.linspace(1.0, 1 / steps, steps)
+        if getattr(config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(
+            scheduler, steps, self.pipe._execution_device, sigmas=sigmas, mu=mu
+        )
+        schedule = (timesteps, scheduler.sigmas)
+        self._schedules[(steps, image_seq_len)] = schedule
+        return schedule
+
+    def _stack(self, jobs: list[_Job]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-image prompt embeddings of all members, in batch order (cached until they change)."""
+        import torch
+
+        if self._stacked is None:
+
+            def rows(pick: str) -> tuple[torch.Tensor, torch.Tensor]:
+                pairs = [(getattr(j, pick), j.images) for j in jobs]
+                return (
+                    torch.cat([e[0].expand(n, -1, -1) for e, n in pairs]),
+                    torch.cat([e[1].expand(n, -1) for e, n in pairs]),
+                )
+
+            stacked = {"cond": rows("embeds")}
+            if jobs[0].negative is not None:
+                stacked["uncond"] = rows("negative")
+            self._stacked = stacked
+        return self._stacked
+
+    def _velocity(self, jobs: list[_Job]) -> torch.Tensor:
+        """The transformer's prediction for every member, true CFG applied (FluxPipeline's)."""
+        import torch
+
+        pipe = self.pipe
+        transformer = pipe.transformer
+        latents = torch.cat([j.latents for j in jobs])
+        # A timestep per sample: each request is at its own step of its own schedule.
+        timestep = torch.cat([j.timesteps[j.step].expand(j.images) for j in jobs]).to(latents.dtype)
+        guidance_scale = float(jobs[0].request.guidance_scale or 0.0)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full(
+                [latents.shape[0]], guidance_scale, device=latents.device, dtype=torch.float32
+            )
+        stacked = self._stack(jobs)
+        text_ids = jobs[0].embeds[2]
+
+        def forward(kind: str, embeds: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor) -> Any:
+            with _cache_context(transformer, kind):
+                return transformer(
+                    hidden_states=latents,
+                    timestep=timestep / 1000,
+                    guidance=guidance,
+                    pooled_projections=embeds[1],
+                    encoder_hidden_states=embeds[0],
+                    txt_ids=ids,
+                    img_ids=self._img_ids,
+                    joint_attention_kwargs={},
+                    return_dict=False,
+                )[0]
+
+        noise_pred = forward("cond", stacked["cond"], text_ids)
+        if "uncond" in stacked:
+            negative = jobs[0].negative
+            assert negative is not None
+            neg_noise_pred = forward("uncond", stacked["uncond"], negative[2])
+            # The scale generate_batch passes as true_cfg_scale when a negative prompt is set.
+            true_cfg_scale = max(guidance_scale, 1.5)
+            noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
+        return noise_pred
+
+    def _decode(self, packed: torch.Tensor, req: GenerationRequest) -> list[Image]:
+        """VAE decode + postprocess, as at the end of FluxPipeline.__call__."""
+        pipe = self.pipe
+        vae = pipe.vae
+        latents = pipe._unpack_latents(
+            packed, int(req.height or 0), int(req.width or 0), pipe.vae_scale_factor
+        )
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        latents = latents.to(_module_device(vae))
+        image = vae.decode(latents, return_dict=False)[0]
+        return list(pipe.image_processor.postprocess(image, output_type="pil"))
+
+    def _finish(self, finished: list[_Job]) -> list[tuple[str, GenerationResult]]:
+        import torch
+
+        results = []
+        with torch.no_grad():
+            for job in finished:
+                # One decode per request, with that request's images only: the VAE sees the
+                # batch generate() would give it, so a request's pixels do not depend on who
+                # else finished at the same step.
+                start = time.perf_counter()
+                images = self._decode(job.latents, job.request)
+                done = time.perf_counter()
+                req = job.request
+                results.append(
+                    (
+                        job.job_id,
+                        GenerationResult(
+                            images=images,
+                            seeds=job.seeds,
+                            width=int(req.width or 0),
+                            height=int(req.height or 0),
+                            steps=job.total,
+                            inference_seconds=done - job.added,
+                            timings={
+                                **job.timings,
+                                "step_seconds_mean": job.forward_seconds / job.total,
+                                "batch_images": job.batch_images_sum / job.total,
+                                "decode_seconds": done - start,
+                            },
+                            usage=count_usage(self.loaded, req),
+                        ),
+                    )
+                )
+        return results
+
+
+def _cache_context(transformer: Any, name: str) -> Any:
+    """The transformer's cache context (FluxPipeline uses it for its caching hooks)."""
+    import contextlib
+
+    ctx = getattr(transformer, "cache_context", None)
+    return ctx(name) if ctx is not None else contextlib.nullcontext()
+
+
+def _module_device(module: Any) -> Any:
+    try:
+        from diffusers.utils.torch_utils import get_module_execution_device
+    except ImportError:  # pragma: no cover - older diffusers
+        return next(module.parameters()).device
+    return get_module_execution_device(module)
