@@ -24,15 +24,14 @@ def test_keys_are_diffusers_quantizer_keys() -> None:
     from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     assert set(BACKENDS) - {"none"} <= set(AUTO_QUANTIZER_MAPPING)
-    assert set(BACKENDS) == {
-        "none",
-        "bitsandbytes_4bit",
-        "bitsandbytes_8bit",
-        "gguf",
-        "quanto",
-        "torchao",
-        "modelopt",
-    }
+    assert all(key == backend.key for key, backend in BACKENDS.items())
+
+
+def test_listing_order_is_stable() -> None:
+    # none first, then the original backends in their order; later ones after them.
+    first = ["none", "bitsandbytes_4bit", "bitsandbytes_8bit", "gguf", "quanto", "torchao"]
+    assert list(BACKENDS)[: len(first) + 1] == [*first, "modelopt"]
+    assert "sdnq" in BACKENDS
 
 
 def test_configs_are_diffusers_and_transformers_classes() -> None:
@@ -144,7 +143,9 @@ def test_backends_command_lists_every_combination() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     combos = {(r["backend"], r["quant_type"]): r for r in rows}
-    assert len(combos) == 1 + 2 + 1 + 7 + 4 + 5 + 5
+    assert list(combos) == [
+        (b.key, q or "-") for b in BACKENDS.values() for q in (b.quant_types or (None,))
+    ]
     assert combos[("quanto", "int4")]["available"] == "yes"
     if not torch.cuda.is_available():
         assert combos[("bitsandbytes_4bit", "nf4")]["available"] == "no"

@@ -1,4 +1,5 @@
-"""SDNQ on the embedded model on CPU: loads, stores its real bytes, generates, saves, reloads.
+"""SDNQ specifics on the embedded model on CPU (every type also runs through the registry-wide
+tests in tests/test_loading.py: load, storage, closeness, text encoders, qdserve quantize).
 
 Measured here (sdnq 0.2.8, random-weight embedded model, fp32 transformer of 9.24 M
 parameters): SDNQ keeps Flux's embedders, norm_out and proj_out unquantized (8.5 % of the
@@ -18,7 +19,6 @@ import torch
 from quantization.backends import ConfigRequest, get_backend
 from quantization.generate import GenerationRequest, generate
 from quantization.loader import LoadedPipeline, load_pipeline
-from quantization.prequantize import quantize_and_save
 from quantization.settings import QuantSettings
 
 PROMPT = GenerationRequest(prompt="a red circle on the left", seed=7, num_inference_steps=2)
@@ -56,31 +56,6 @@ def test_uint4_halves_int8_storage_of_quantized_layers(embedded_path: Path) -> N
     )
     t = loaded.components["transformer"]
     assert 0.21 <= t.storage_bytes / t.unquantized_bytes <= 0.24
-
-
-def test_text_encoder_quantized_through_transformers(embedded_path: Path) -> None:
-    loaded = load_pipeline(
-        QuantSettings(
-            model=str(embedded_path),
-            quant_backend="sdnq",
-            components_to_quantize=["denoiser", "text_encoder_2"],
-        )
-    )
-    te = loaded.components["text_encoder_2"]
-    assert te.quantized and te.storage_bytes < 0.5 * te.unquantized_bytes
-    assert not loaded.components["text_encoder"].quantized
-    assert _pixels(loaded).std() > 0
-
-
-def test_round_trip_through_qdserve_quantize(
-    embedded_path: Path, tmp_path: Path, sdnq_int8: LoadedPipeline
-) -> None:
-    settings = QuantSettings(model=str(embedded_path), quant_backend="sdnq", quant_type="int8")
-    out = quantize_and_save(settings, tmp_path / "pq")
-    assert list((out / "transformer").glob("*.safetensors"))
-    reloaded = load_pipeline(QuantSettings(model=str(out)))
-    assert reloaded.pre_quantized and (reloaded.backend, reloaded.quant_type) == ("sdnq", "int8")
-    assert np.array_equal(_pixels(reloaded), _pixels(sdnq_int8))
 
 
 def test_folder_saved_by_plain_diffusers_reloads_as_sdnq(
