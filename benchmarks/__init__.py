@@ -36,6 +36,12 @@ def _serving(name: str) -> Callable[[list[str], Path, bool], Any]:
     return run
 
 
+def _peer(argv: list[str], out: Path, quick: bool) -> Any:
+    from benchmarks import peer
+
+    return peer.main(argv, out, quick)
+
+
 def _compile(argv: list[str], out: Path, quick: bool) -> Any:
     from benchmarks import compiled
 
@@ -59,7 +65,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "matrix": _matrix,
     "overhead": _serving("overhead"),
     "load": _serving("load"),
-    "peer": _serving("peer"),
+    "peer": _peer,
     "batching": _serving("batching"),
     "compile": _compile,
     "gpu-report": _gpu_report,

@@ -214,8 +214,8 @@ def meta_line(meta: dict[str, Any]) -> str:
 
 
 def _threads(value: Any) -> str:
-    if isinstance(value, dict):  # per server: {"qdserve": "default (2)", ...}
-        return "intra-op threads " + ", ".join(f"{k} {v}" for k, v in value.items())
+    if isinstance(value, dict):  # per table: {"defaults": "torch default (2)", "pinned": 1}
+        return "intra-op threads: " + ", ".join(f"{k} table {v}" for k, v in value.items())
     return f"{value} intra-op thread{'' if value == 1 else 's'}"
 
 
@@ -306,6 +306,8 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     start_seconds: float | None = None
+    # False: the bench's own QDS_* variables are not passed on (a server "at its defaults").
+    inherit_qds: bool = True
 
     @property
     def base_url(self) -> str:
@@ -316,7 +318,10 @@ class Server:
 
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{self.name}.log"
-        env = {**os.environ, **self.env}
+        inherited = {
+            k: v for k, v in os.environ.items() if self.inherit_qds or not k.startswith("QDS_")
+        }
+        env = {**inherited, **self.env}
         argv = [a.replace("{port}", str(self.port)) for a in self.argv]
         started = time.perf_counter()
         with self.log_path.open("wb") as log:
@@ -396,31 +401,6 @@ def qdserve_server(name: str, log_dir: Path, **env: str) -> Server:
     return server.start(log_dir)
 
 
-def peer_server(
-    name: str, log_dir: Path, max_batch: int, batch_timeout_s: float, **env: str
-) -> Server:
-    """The LitServe peer (benchmarks/peer_server.py) serving the same pipeline."""
-    server = Server(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.peer_server",
-            "--port",
-            "{port}",
-            "--max-batch-size",
-            str(max_batch),
-            "--batch-timeout",
-            str(batch_timeout_s),
-            "--torch-threads",
-            str(TORCH_THREADS),
-        ],
-        {"HF_HUB_OFFLINE": "1", **env},
-        "/health",
-    )
-    return server.start(log_dir)
-
-
 # -- load generation -------------------------------------------------------------------
 def image_body(seed: int, size: int = 32, steps: int | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -495,8 +475,8 @@ async def _load(
                 if r.status_code == 200:
                     latencies.append(dt)
                     data = r.json()
-                    if isinstance(data.get("usage"), dict):
-                        usage.append(data["usage"])
+                    if isinstance(data.get("timings"), dict):
+                        usage.append(data["timings"])
                 else:
                     key = f"http_{r.status_code}"
                     errors[key] = errors.get(key, 0) + 1

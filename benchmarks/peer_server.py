@@ -2,18 +2,22 @@
 
 Not part of qdserve. It is what a user might write instead: LitServe (`pip install
 litserve`) around the same `quantization.loader.load_pipeline` / `generate_batch`, answering
-the same OpenAI-style JSON at the same path with base64 PNGs, so `qdserve bench peer` can send
-identical requests to both servers. Configuration: one inference worker on the CPU
-(`accelerator="cpu", devices=1, workers_per_device=1`), one API server process,
-`max_batch_size` / `batch_timeout` from the command line (LitServe's dynamic batching).
+the same OpenAI-style JSON at the same path with base64 PNGs (Pillow's default PNG level), so
+`qdserve bench peer` can send identical requests to both servers. LitServe at its defaults
+except the batching of its docs' typical example (`max_batch_size` / `batch_timeout` from the
+command line) and one worker on one device; torch keeps its default thread count unless
+`--torch-threads` pins it.
 
 Run from the checkout:
-`python -m benchmarks.peer_server --port 8100 --max-batch-size 4 --batch-timeout 0.025`
+`python -m benchmarks.peer_server --port 8100 --settings settings.json --max-batch-size 4
+--batch-timeout 0.025` (settings.json: a QuantSettings dump; without it, the service's
+defaults from the QDS_* environment).
 """
 
 import argparse
 import base64
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,9 +33,10 @@ PATH = "/v1/images/generations"
 class DiffusersAPI(ls.LitAPI):
     """decode -> (LitServe batches) -> one generate_batch call -> PNG base64 per request."""
 
-    def __init__(self, torch_threads: int, **kwargs: Any) -> None:
+    def __init__(self, torch_threads: int, settings: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.torch_threads = torch_threads
+        self.settings = settings
 
     def setup(self, device: str) -> None:
         import torch
@@ -41,7 +46,7 @@ class DiffusersAPI(ls.LitAPI):
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        self.loaded = load_pipeline(QuantSettings(device="cpu"))
+        self.loaded = load_pipeline(QuantSettings(**self.settings))
 
     # LitServe reads this signature to build its route: a request without an annotation is
     # the raw Starlette request's JSON body.
@@ -85,7 +90,7 @@ class DiffusersAPI(ls.LitAPI):
         data = []
         for image, seed in zip(output.images, output.seeds, strict=True):
             buf = io.BytesIO()
-            image.save(buf, format="PNG", compress_level=6)
+            image.save(buf, format="PNG")
             data.append({"b64_json": base64.b64encode(buf.getvalue()).decode(), "seed": seed})
         return {"data": data, "size": f"{output.width}x{output.height}"}
 
@@ -93,24 +98,22 @@ class DiffusersAPI(ls.LitAPI):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--settings", type=Path, help="QuantSettings as JSON (same as qdserve's)")
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--batch-timeout", type=float, default=0.025)
-    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     args = parser.parse_args(argv)
+    settings = json.loads(args.settings.read_text()) if args.settings else {}
     api = DiffusersAPI(
         args.torch_threads,
+        settings,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
         api_path=PATH,
     )
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=300)
-    server.run(
-        host="127.0.0.1",
-        port=args.port,
-        num_api_servers=1,
-        log_level="warning",
-        generate_client_file=False,
-    )
+    server = ls.LitServer(api, devices=1, workers_per_device=1)
+    # generate_client_file=False only keeps LitServe from writing client.py into the checkout.
+    server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
 
 
 if __name__ == "__main__":

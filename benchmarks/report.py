@@ -12,7 +12,7 @@ SECTIONS = [
     ("matrix", "Backend matrix (CPU): load, storage, peak memory, latency, PSNR vs none"),
     ("overhead", "Service overhead: direct pipeline call vs HTTP, interleaved"),
     ("load", "Load test: throughput and p50/p95/p99 at concurrency 1, 4, 16"),
-    ("peer", "Side by side with LitServe (batching on), interleaved"),
+    ("peer", "Side by side with LitServe: defaults (headline) and pinned threads, interleaved"),
     ("batching", "Micro-batching gain (QDS_BATCH_WINDOW_MS on vs off)"),
     ("compile", "QDS_COMPILE (regional torch.compile) per backend"),
     ("gpu", "GPU (NVIDIA H200) denoiser numbers next to the published H100 anchors"),
@@ -78,6 +78,12 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
         data = _load(out, name)
         head = headline(name, data) if data else ""
         lines.append(f"| {title} | [{md.name}]({md.name}) | {head} |")
+    for md in sorted(out.glob("peer-*.md")):  # `qdserve bench peer --variant ...`
+        data = _load(out, md.stem)
+        head = headline("peer", data) if data else ""
+        lines.append(
+            f"| Side by side with LitServe, {md.stem[5:]} | [{md.name}]({md.name}) | {head} |"
+        )
     lines += dominant(out)
     runs = sorted(p.name for p in out.glob("gpu-h200-run*") if p.is_dir())
     if runs:

@@ -1,0 +1,517 @@
+"""`qdserve bench peer`: qdserve and a plain LitServe server side by side, as users run them.
+
+The peer is `benchmarks/peer_server.py`: a LitServe `LitAPI` around the same
+`quantization.loader.load_pipeline` / `generate_batch`, with LitServe's batching as its docs'
+typical example sets it (max batch 4, 25 ms). Both servers load the same pipeline folder with
+the same quantization settings (`--variant`, default unquantized) and get the same requests:
+OpenAI images JSON (b64 PNG) at the same seeds, at concurrency 1, 4 and 16.
+
+Two tables:
+
+- defaults (the headline): every server as a user starts it, torch at its default thread
+  count, qdserve with no QDS_* tuning, LitServe with only its batching example set;
+- pinned: the same with both servers pinned to `--pinned-threads` torch threads (default 1).
+  Pinning hides how a server shares the cores with its own HTTP work, which is why it is the
+  second table, not the first.
+
+Each table also has a ceiling row: a direct in-process pipeline call (no HTTP) at batch 1 and
+batch 4 with the table's thread count. Rounds are interleaved (A, B, B, A, ...) with the
+server not being measured paused (SIGSTOP), so drift on shared CPUs hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    PROMPT,
+    LoadResult,
+    Server,
+    Variant,
+    fmt,
+    image_body,
+    latency_summary,
+    md_table,
+    meta_line,
+    parse_variant,
+    prepared_settings,
+    ratio,
+    run_load,
+    run_meta,
+    summarize,
+    write_json,
+)
+
+GEN_PATH = "/v1/images/generations"
+TABLES = ("defaults", "pinned")
+# LitServe's batching as its documentation's typical example sets it.
+LITSERVE_MAX_BATCH = 4
+LITSERVE_BATCH_TIMEOUT_S = 0.025
+SERVERS = ("qdserve", "litserve")
+# Enough requests that a level always ends by time (`--seconds`), never by count.
+UNBOUNDED = 10**9
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    variant: str = "none"
+    rounds: int = 3
+    seconds: float = 20.0
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    pinned_threads: int = 1
+    tables: tuple[str, ...] = TABLES
+    direct_calls: int = 10
+
+    @property
+    def parsed_variant(self) -> Variant:
+        return parse_variant(self.variant)
+
+    @property
+    def slug(self) -> str:
+        """File stem: peer (unquantized) or peer-quanto-int8."""
+        backend, qtype = self.parsed_variant
+        if backend == "none":
+            return "peer"
+        return "peer-" + "-".join(p for p in (backend, qtype) if p).replace("_", "-")
+
+
+def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
+    p = argparse.ArgumentParser(prog="qdserve bench peer", description=__doc__)
+    p.add_argument(
+        "--variant",
+        default="none",
+        help="backend:quant_type both servers load, e.g. quanto:int8 or torchao:int8wo",
+    )
+    p.add_argument("--rounds", type=int, default=1 if quick else 3, help="interleaved rounds")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0 if quick else 20.0,
+        help="measured seconds per server, level and round",
+    )
+    p.add_argument(
+        "--concurrency", default="1,4" if quick else "1,4,16", help="comma list of levels"
+    )
+    p.add_argument("--pinned-threads", type=int, default=1, help="threads in the pinned table")
+    p.add_argument(
+        "--tables", default=",".join(TABLES), help="defaults, pinned or both (comma list)"
+    )
+    p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
+    args = p.parse_args(list(argv))
+    tables = tuple(t for t in args.tables.split(",") if t)
+    if unknown := set(tables) - set(TABLES):
+        p.error(f"unknown table(s) {sorted(unknown)}; choose from {', '.join(TABLES)}")
+    return PeerOptions(
+        variant=args.variant,
+        rounds=args.rounds,
+        seconds=args.seconds,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",") if c),
+        pinned_threads=args.pinned_threads,
+        tables=tables,
+        direct_calls=args.direct_calls,
+    )
+
+
+# -- the two servers ---------------------------------------------------------------------
+def qdserve_env(settings: Any, threads: int | None) -> dict[str, str]:
+    """qdserve's environment: the pipeline and quantization settings, nothing else unless
+    pinned. (The bench's own QDS_* variables are not passed on: defaults mean defaults.)"""
+    env = {"QDS_MODEL": str(settings.model), "QDS_QUANT_BACKEND": settings.quant_backend}
+    if settings.quant_type:
+        env["QDS_QUANT_TYPE"] = settings.quant_type
+    if settings.gguf_file:
+        env["QDS_GGUF_FILE"] = str(settings.gguf_file)
+    if threads:
+        env["QDS_TORCH_THREADS"] = str(threads)
+    return env
+
+
+def litserve_argv(settings_path: Path, threads: int | None) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.peer_server",
+        "--port",
+        "{port}",
+        "--settings",
+        str(settings_path),
+        "--max-batch-size",
+        str(LITSERVE_MAX_BATCH),
+        "--batch-timeout",
+        str(LITSERVE_BATCH_TIMEOUT_S),
+        "--torch-threads",
+        str(threads or 0),
+    ]
+
+
+def start_servers(
+    settings: Any, settings_path: Path, threads: int | None, log_dir: Path, table: str
+) -> dict[str, Server]:
+    qdserve = Server(
+        f"qdserve-{table}",
+        [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"],
+        {"HF_HUB_OFFLINE": "1", **qdserve_env(settings, threads)},
+        "/readyz",
+        inherit_qds=False,
+    )
+    litserve = Server(
+        f"litserve-{table}",
+        litserve_argv(settings_path, threads),
+        {"HF_HUB_OFFLINE": "1"},
+        "/health",
+        inherit_qds=False,
+    )
+    servers: dict[str, Server] = {}
+    try:
+        for name, server in (("qdserve", qdserve), ("litserve", litserve)):
+            servers[name] = server.start(log_dir)
+            server.pause()  # idle until measured: its start-up work must not slow the other
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+def same_requests(round_index: int, level: int) -> Callable[[int], dict[str, Any]]:
+    """The i-th request of a round and level: identical for both servers."""
+    base = 100_000 * (round_index + 1) + 1_000 * level
+    return lambda i: image_body(base + i)
+
+
+def interleave(
+    servers: dict[str, Server], opts: PeerOptions
+) -> dict[str, dict[str, list[LoadResult]]]:
+    """For each level and round, each server in turn (order alternating), the other paused."""
+    results: dict[str, dict[str, list[LoadResult]]] = {n: {} for n in servers}
+    names = list(servers)
+    try:
+        for conc in opts.concurrency:
+            for rnd in range(opts.rounds):
+                for name in names if rnd % 2 == 0 else names[::-1]:
+                    for other in names:
+                        if other != name:
+                            servers[other].pause()
+                    servers[name].resume()
+                    url = servers[name].base_url + GEN_PATH
+                    body = same_requests(rnd, conc)
+                    run_load(url, body, conc, conc)  # untimed warm-up at this concurrency
+                    res = run_load(url, body, conc, UNBOUNDED, max_seconds=opts.seconds)
+                    results[name].setdefault(str(conc), []).append(res)
+                    servers[name].pause()
+    finally:
+        for server in servers.values():
+            server.resume()
+    return results
+
+
+def merge(results: list[LoadResult]) -> dict[str, Any]:
+    """Rounds pooled: images over summed wall time, latency percentiles over all requests."""
+    lat = [x for r in results for x in r.latencies]
+    wall = sum(r.wall_seconds for r in results)
+    ok = sum(r.ok for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    batches = [float(u["batch_images"]) for r in results for u in r.usage if "batch_images" in u]
+    return {
+        "requests": sum(r.requests for r in results),
+        "ok": ok,
+        "errors": errors,
+        "wall_seconds": wall,
+        "images_per_second": ok / wall if wall else None,
+        "latency_seconds": latency_summary(lat) if lat else None,
+        "per_round_images_per_second": [r.ok / r.wall_seconds for r in results if r.wall_seconds],
+        "mean_batch_images": sum(batches) / len(batches) if batches else None,
+    }
+
+
+def server_info(server: Server) -> dict[str, Any]:
+    import psutil
+
+    memory = None
+    if server.proc is not None:
+        try:
+            root = psutil.Process(server.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+            memory = {
+                "rss_bytes": sum(p.memory_info().rss for p in procs),
+                "processes": len(procs),
+            }
+        except psutil.Error:
+            pass
+    return {
+        "start_to_ready_seconds": server.start_seconds,
+        "memory_after_run": memory,
+        "argv": " ".join(server.argv[1:]),
+        "env": dict(server.env),
+    }
+
+
+# -- the ceiling ---------------------------------------------------------------------------
+def direct_calls(loaded: Any, threads: int, calls: int) -> dict[str, Any]:
+    """A direct in-process pipeline call at batch 1 and batch 4 with `threads` torch threads
+    (servers stopped meanwhile): the most a server could serve on this machine."""
+    import torch
+
+    from quantization.generate import GenerationRequest, generate_batch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict[str, Any] = {}
+    try:
+        for batch in (1, LITSERVE_MAX_BATCH):
+
+            def call(seed: int, batch: int = batch) -> None:
+                generate_batch(
+                    loaded, [GenerationRequest(PROMPT, seed=seed + j) for j in range(batch)]
+                )
+
+            call(0)  # warm-up
+            times = []
+            for i in range(calls):
+                t0 = time.perf_counter()
+                call(1000 + i * batch)
+                times.append(time.perf_counter() - t0)
+            med = summarize(times)["median"]
+            out[str(batch)] = {
+                "batch": batch,
+                "calls": calls,
+                "seconds_per_call": latency_summary(times),
+                "images_per_second": batch / med,
+            }
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+# -- one run ---------------------------------------------------------------------------------
+def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
+    import torch
+
+    from quantization.loader import load_pipeline, resolve_model
+
+    default_threads = torch.get_num_threads()  # before anything pins it: torch's default
+    settings = prepared_settings(opts.parsed_variant, work)
+    # One folder for both servers (and the direct call), named by its path.
+    _, folder = resolve_model(settings)
+    settings = type(settings).model_validate({**settings.model_dump(), "model": folder})
+    settings_path = work / "settings.json"
+    write_json(settings_path, settings.model_dump(mode="json"))
+    loaded = load_pipeline(settings)
+    tables: dict[str, Any] = {}
+    for table in opts.tables:
+        threads = None if table == "defaults" else opts.pinned_threads
+        direct_threads = default_threads if threads is None else threads
+        servers = start_servers(settings, settings_path, threads, work / "logs", table)
+        try:
+            raw = interleave(servers, opts)
+            info = {name: server_info(s) for name, s in servers.items()}
+        finally:
+            for server in servers.values():
+                server.stop()
+        levels = {
+            name: {c: merge(rs) for c, rs in by_level.items()} for name, by_level in raw.items()
+        }
+        direct = direct_calls(loaded, direct_threads, opts.direct_calls)
+        tables[table] = {
+            "torch_threads": {
+                "qdserve": f"torch default ({default_threads})" if threads is None else threads,
+                "litserve": f"torch default ({default_threads})" if threads is None else threads,
+                "direct": direct_threads,
+            },
+            "levels": levels,
+            "direct": direct,
+            "ratios": ratios(levels, direct),
+            "servers": info,
+        }
+    return {
+        "variant": opts.variant,
+        "model_folder": folder,
+        "settings": settings.model_dump(mode="json"),
+        "options": {**asdict(opts), "concurrency": list(opts.concurrency)},
+        "peer": {
+            "framework": "litserve",
+            "version": importlib.metadata.version("litserve"),
+            "code": "benchmarks/peer_server.py",
+            "max_batch_size": LITSERVE_MAX_BATCH,
+            "batch_timeout_s": LITSERVE_BATCH_TIMEOUT_S,
+        },
+        "tables": tables,
+        "torch_threads_default": default_threads,
+    }
+
+
+def ratios(levels: dict[str, dict[str, Any]], direct: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for conc, q in levels["qdserve"].items():
+        p = levels["litserve"][conc]
+        q_lat, p_lat = q["latency_seconds"] or {}, p["latency_seconds"] or {}
+        out[conc] = {
+            "images_per_second_qdserve_over_litserve": ratio(
+                q["images_per_second"], p["images_per_second"]
+            ),
+            "p50_qdserve_over_litserve": ratio(q_lat.get("p50"), p_lat.get("p50")),
+            "p99_qdserve_over_litserve": ratio(q_lat.get("p99"), p_lat.get("p99")),
+        }
+        if conc == "1":
+            call = direct["1"]["seconds_per_call"]["p50"]
+            out[conc]["p50_qdserve_over_direct_batch1"] = ratio(q_lat.get("p50"), call)
+            out[conc]["p50_litserve_over_direct_batch1"] = ratio(p_lat.get("p50"), call)
+    return out
+
+
+# -- the report --------------------------------------------------------------------------------
+HEADER = ["server", "concurrency", "ok", "errors", "img/s", "p50 ms", "p99 ms", "mean batch"]
+TITLES = {
+    "defaults": "As users run them (defaults): the headline",
+    "pinned": "Both pinned to the same torch thread count",
+}
+
+
+def _ms(seconds: float | None) -> str:
+    return fmt(None if seconds is None else seconds * 1e3, 0)
+
+
+def table_rows(t: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name in SERVERS:
+        for conc, r in t["levels"][name].items():
+            lat = r["latency_seconds"] or {}
+            rows.append(
+                [
+                    name,
+                    conc,
+                    str(r["ok"]),
+                    str(sum(r["errors"].values())),
+                    fmt(r["images_per_second"], 2),
+                    _ms(lat.get("p50")),
+                    _ms(lat.get("p99")),
+                    fmt(r.get("mean_batch_images"), 2),
+                ]
+            )
+    for batch, d in t["direct"].items():
+        s = d["seconds_per_call"]
+        rows.append(
+            [
+                f"direct pipeline call, batch {batch} (ceiling)",
+                "-",
+                str(d["calls"]),
+                "0",
+                fmt(d["images_per_second"], 2),
+                _ms(s["p50"]),
+                _ms(s["p99"]),
+                batch,
+            ]
+        )
+    return rows
+
+
+def ratio_rows(t: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            conc,
+            fmt(r["images_per_second_qdserve_over_litserve"], 2),
+            fmt(r["p50_qdserve_over_litserve"], 2),
+            fmt(r["p99_qdserve_over_litserve"], 2),
+            fmt(r.get("p50_qdserve_over_direct_batch1"), 3),
+        ]
+        for conc, r in t["ratios"].items()
+    ]
+
+
+def render(data: dict[str, Any]) -> str:
+    opts, peer = data["options"], data["peer"]
+    variant = data["variant"]
+    parts = [
+        f"# qdserve vs LitServe, side by side ({'unquantized' if variant == 'none' else variant})",
+        meta_line(data["meta"]),
+        "Which server is which:\n\n"
+        "- **qdserve**: `qdserve serve` (this project), started with only the pipeline "
+        "settings in its environment (`QDS_MODEL`, `QDS_QUANT_BACKEND`, `QDS_QUANT_TYPE`, "
+        "`QDS_GGUF_FILE`), plus `QDS_TORCH_THREADS` in the pinned table; every other setting "
+        "at its default.\n"
+        f"- **litserve**: LitServe {peer['version']}, `{peer['code']}`: a `LitAPI` around the "
+        "same `load_pipeline` / `generate_batch`, LitServe's batching as in its docs' typical "
+        f"example (max_batch_size {peer['max_batch_size']}, batch_timeout "
+        f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
+        "(`torch.set_num_threads` only in the pinned table).\n"
+        "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP, at "
+        "batch 1 and 4, with the table's thread count: the ceiling.",
+        f"Both servers load the same pipeline folder (`{data['model_folder']}`) with the same "
+        f"quantization (`{variant}`) and get the same requests (OpenAI images JSON, b64 PNG, "
+        f"same seeds): concurrency {', '.join(map(str, opts['concurrency']))}; per level "
+        f"{opts['rounds']} interleaved round(s) of {opts['seconds']:g} s per server after an "
+        "untimed warm-up, the server not being measured paused (SIGSTOP). img/s: images "
+        "answered over the summed wall time; p50/p99 over every request of the level.",
+    ]
+    for name, t in data["tables"].items():
+        threads = t["torch_threads"]
+        parts += [
+            f"## {TITLES[name]}",
+            f"torch threads: qdserve {threads['qdserve']}, litserve {threads['litserve']}, "
+            f"direct call {threads['direct']}.",
+            md_table(HEADER, table_rows(t)),
+            "Ratios (qdserve / litserve: img/s > 1 and latency < 1 favour qdserve):",
+            md_table(
+                [
+                    "concurrency",
+                    "img/s qdserve/litserve",
+                    "p50 qdserve/litserve",
+                    "p99 qdserve/litserve",
+                    "p50 qdserve / direct batch 1",
+                ],
+                ratio_rows(t),
+            ),
+            "Start-up and memory: "
+            + "; ".join(
+                f"{n} {fmt(i['start_to_ready_seconds'], 1)} s to ready, "
+                + (
+                    f"RSS {i['memory_after_run']['rss_bytes'] / 2**20:.0f} MiB over "
+                    f"{i['memory_after_run']['processes']} process(es)"
+                    if i.get("memory_after_run")
+                    else "memory -"
+                )
+                for n, i in t["servers"].items()
+            )
+            + ".",
+        ]
+    return "\n\n".join(parts) + "\n"
+
+
+def headline(data: dict[str, Any]) -> str:
+    parts = []
+    for name, t in data["tables"].items():
+        ratios_ = ", ".join(
+            f"c{c} {fmt(r['images_per_second_qdserve_over_litserve'], 2)}"
+            for c, r in t["ratios"].items()
+        )
+        parts.append(f"{name}: img/s qdserve/litserve {ratios_}")
+    return f"{data['variant']}: " + "; ".join(parts)
+
+
+def command_line(argv: Sequence[str], quick: bool) -> str:
+    return " ".join(["qdserve bench peer", *(["--quick"] if quick else []), *argv])
+
+
+def main(argv: Sequence[str], out: Path, quick: bool) -> dict[str, Any]:
+    opts = parse_options(argv, quick)
+    meta = run_meta(command_line(argv, quick), torch_threads=opts.pinned_threads)
+    with tempfile.TemporaryDirectory(prefix="qds-peer-") as tmp:
+        data = {"meta": meta, **measure(opts, Path(tmp))}
+    meta["torch_threads"] = {
+        name: t["torch_threads"]["qdserve"] for name, t in data["tables"].items()
+    }
+    data["headline"] = headline(data)
+    write_json(out / f"{opts.slug}.json", data)
+    (out / f"{opts.slug}.md").write_text(render(data))
+    return data
