@@ -316,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        # On CPUs shared with other work, 1 thread avoids OpenMP spin contention.
+        torch.set_num_threads(args.threads)
     model = args.model or embedded_model_path()
     runnable, unavailable = registry_variants()
     if args.backends:
