@@ -176,6 +176,74 @@ class GenerateRequest(_Common):
     )
 
 
+# -- image edits (multipart/form-data: these are the text fields; files are parsed apart) ---
+class _EditFields(BaseModel):
+    strength: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Extension: how far the input is noised before denoising (diffusers' "
+        "strength; steps run = steps - int(steps * (1 - strength))). Default 0.6 without a "
+        "mask (img2img), 1.0 with one (the masked area is repainted).",
+    )
+
+
+class ImageEditRequest(_EditFields, _Common):
+    """`POST /v1/images/edits`: OpenAI's text fields plus the extensions. The files are
+    `image` (or `image[]`; one image) and optionally `mask` (its alpha-0 pixels are edited)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=_MAX_TEXT,
+        description="What the edited image should show (QDS_MAX_PROMPT_CHARS characters at most).",
+    )
+    model: str | None = Field(
+        default=None, max_length=1024, description="A model id from GET /v1/models."
+    )
+    n: int = Field(
+        default=1, ge=1, le=MAX_IMAGES, description="Images to generate (1..QDS_MAX_IMAGES)."
+    )
+    size: str | None = Field(
+        default=None,
+        pattern=SIZE_PATTERN,
+        description='"WxH" (the image and mask are resized to it), or "auto" / omitted: the '
+        "input image's size, scaled down to fit QDS_MAX_PIXELS and rounded down to the "
+        "model's size multiple.",
+    )
+    response_format: Literal["b64_json"] | None = Field(
+        default="b64_json", description="Only b64_json is supported (no url responses)."
+    )
+    quality: str | None = Field(default=None, description="Accepted and ignored (OpenAI field).")
+    background: str | None = Field(default=None, description="Accepted and ignored.")
+    input_fidelity: str | None = Field(default=None, description="Accepted and ignored.")
+    user: str | None = Field(
+        default=None, max_length=256, description="End-user id; logged, never a label."
+    )
+
+
+class EditBytesRequest(_EditFields, _Common):
+    """`POST /v1/edit` (multipart): one edited image, returned as raw bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=_MAX_TEXT,
+        description="What the edited image should show (QDS_MAX_PROMPT_CHARS characters at most).",
+    )
+    model: str | None = Field(
+        default=None, max_length=1024, description="A model id from GET /v1/models."
+    )
+    width: int | None = Field(
+        default=None, ge=1, le=MAX_SIDE, description="Pixels; the input's (see size) if omitted."
+    )
+    height: int | None = Field(
+        default=None, ge=1, le=MAX_SIDE, description="Pixels; the input's (see size) if omitted."
+    )
+
+
 class ImageData(BaseModel):
     """OpenAI's `Image` (b64_json only) plus `seed`, qdserve's extension."""
 

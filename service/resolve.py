@@ -8,9 +8,10 @@ loaded model. Every failure is an `InvalidValue` naming the request field at fau
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
+from quantization import edit
 from quantization.generate import GenerationRequest
 from quantization.generate import resolve as fill_defaults
 from service.exceptions import InvalidValue
@@ -19,6 +20,7 @@ from service.protocol import GenerateRequest, ImageGenerationRequest, OutputForm
 if TYPE_CHECKING:
     from quantization.loader import ModelDefaults
     from service.settings import ServiceSettings
+    from service.uploads import EditImages
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class ImageParams:
     quant_type: str | None = None
     # The request field that carried the size: "size" (OpenAI) or None (width / height).
     size_field: str | None = None
+    # Image edits (service.routes.edits): the decoded uploads and the strength; None for a
+    # generation. The resolve step then returns a `quantization.edit.EditRequest`.
+    edit: EditImages | None = None
+    strength: float | None = None
 
     @classmethod
     def from_body(cls, body: ImageGenerationRequest | GenerateRequest) -> ImageParams:
@@ -143,6 +149,8 @@ def resolve(
 ) -> GenerationRequest:
     """The fully resolved request the engine queues and the batch key is computed from."""
     check_limits(params, settings)
+    if params.edit is not None:
+        params = _edit_size(params, settings, defaults)
     gen = fill_defaults(defaults, params.generation(), default_steps=settings.default_steps)
     width, height = int(gen.width or 0), int(gen.height or 0)
     multiple = defaults.size_multiple
@@ -154,4 +162,32 @@ def resolve(
                 code="invalid_size",
             )
     _check_pixels(params, width, height, settings.max_pixels)
+    if params.edit is not None:
+        request = edit.EditRequest(
+            **{f.name: getattr(gen, f.name) for f in fields(gen)},
+            image=params.edit.image,
+            mask=params.edit.mask,
+            strength=params.strength,
+        )
+        # Fills the kind's default strength; everything else is already resolved.
+        return edit.resolve(defaults, request)
     return gen
+
+
+def _edit_size(
+    params: ImageParams, settings: ServiceSettings, defaults: ModelDefaults
+) -> ImageParams:
+    """An edit's output size when the request leaves it (or one side) open: the input's,
+    scaled to fit QDS_MAX_PIXELS (`edit.auto_size`), a lone side completed by the input's
+    aspect ratio; never the model's default size."""
+    assert params.edit is not None
+    in_w, in_h = params.edit.image.size
+    multiple = defaults.size_multiple
+    width, height = params.width, params.height
+    if width is None and height is None:
+        width, height = edit.auto_size((in_w, in_h), multiple, settings.max_pixels)
+    elif height is None:
+        height = max(multiple, round(width * in_h / in_w) // multiple * multiple)
+    elif width is None:
+        width = max(multiple, round(height * in_w / in_h) // multiple * multiple)
+    return replace(params, width=width, height=height)

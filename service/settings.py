@@ -76,6 +76,15 @@ class ServiceSettings(BaseSettings):
         ge=1024,
         description="Largest multipart/form-data body (bytes, or e.g. 32MiB), for image uploads.",
     )
+    max_upload_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64,
+        # Pillow's Image.MAX_IMAGE_PIXELS (it warns above, refuses above twice that): capped
+        # so that this limit, checked from the header before decoding, is the one that fires.
+        le=89_478_485,
+        description="Largest uploaded image, width x height, refused from its header before "
+        "any pixel is decoded (decompression bombs); at most 89478485.",
+    )
     default_steps: int | None = Field(
         default=None, ge=1, description="Steps when a request names none (model default if unset)."
     )
