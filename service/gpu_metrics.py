@@ -2,14 +2,22 @@
 
 A collector (not a background thread) so every scrape sees the current numbers and an idle
 service does no work. Without CUDA it yields nothing: absent series, not fake zeros.
+
+The pipelines run in the engine process (service.core), whose CUDA allocator is the one that
+matters: there the engine reads `local_readings()` and sends them over; the HTTP process's
+collector is built with `read=` the engine's last report. Called without `read`, it reads this
+process's own allocator (benchmarks, tests, and the engine itself).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+# device label ("cuda:0") -> {"allocated", "reserved", "peak", "total"} in bytes.
+GpuReadings = dict[str, dict[str, int]]
 
 
 def _cuda_devices() -> list[int]:
@@ -22,43 +30,49 @@ def _cuda_devices() -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
+def local_readings() -> GpuReadings:
+    """This process's CUDA allocator, per device; {} without CUDA."""
+    devices = _cuda_devices()
+    if not devices:
+        return {}
+    import torch
+
+    return {
+        f"cuda:{i}": {
+            "allocated": torch.cuda.memory_allocated(i),
+            "reserved": torch.cuda.memory_reserved(i),
+            "peak": torch.cuda.max_memory_allocated(i),
+            "total": torch.cuda.get_device_properties(i).total_memory,
+        }
+        for i in devices
+    }
+
+
+_HELP = {
+    "allocated": "Bytes held by tensors (torch allocator).",
+    "reserved": "Bytes reserved by the torch caching allocator.",
+    "peak": "Peak allocated bytes since start or last reset.",
+    "total": "Total memory of the device.",
+}
+
+
 class GpuMemoryCollector(Collector):
     """qds_gpu_memory_{allocated,reserved,peak,total}_bytes per CUDA device."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        devices = _cuda_devices()
-        if not devices:
-            return
-        import torch
+    def __init__(self, read: Callable[[], GpuReadings] | None = None) -> None:
+        self.read = read
 
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        readings = self.read() if self.read is not None else local_readings()
+        if not readings:
+            return
         families = {
-            "allocated": GaugeMetricFamily(
-                "qds_gpu_memory_allocated_bytes",
-                "Bytes held by tensors (torch allocator).",
-                labels=["device"],
-            ),
-            "reserved": GaugeMetricFamily(
-                "qds_gpu_memory_reserved_bytes",
-                "Bytes reserved by the torch caching allocator.",
-                labels=["device"],
-            ),
-            "peak": GaugeMetricFamily(
-                "qds_gpu_memory_peak_bytes",
-                "Peak allocated bytes since start or last reset.",
-                labels=["device"],
-            ),
-            "total": GaugeMetricFamily(
-                "qds_gpu_memory_total_bytes", "Total memory of the device.", labels=["device"]
-            ),
+            kind: GaugeMetricFamily(f"qds_gpu_memory_{kind}_bytes", doc, labels=["device"])
+            for kind, doc in _HELP.items()
         }
-        for index in devices:
-            label = [f"cuda:{index}"]
-            families["allocated"].add_metric(label, torch.cuda.memory_allocated(index))
-            families["reserved"].add_metric(label, torch.cuda.memory_reserved(index))
-            families["peak"].add_metric(label, torch.cuda.max_memory_allocated(index))
-            families["total"].add_metric(
-                label, torch.cuda.get_device_properties(index).total_memory
-            )
+        for device, values in readings.items():
+            for kind, family in families.items():
+                family.add_metric([device], values[kind])
         yield from families.values()
 
 

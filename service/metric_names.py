@@ -21,6 +21,10 @@ COUNTERS = (
     "qds_cache_evictions_total",
     "qds_model_loads_total",  # backend, outcome
     "qds_gpu_oom_total",
+    "qds_cancelled_total",  # reason: client_gone, timeout, shutdown
+    "qds_prompt_cache_hits_total",
+    "qds_prompt_cache_misses_total",
+    "qds_engine_restarts_total",
 )
 GAUGES = (
     "qds_queue_depth",
@@ -29,6 +33,8 @@ GAUGES = (
     "qds_model_ready",  # 1 when the default model is loaded and warm
     "qds_model_memory_bytes",  # model, backend, quant_type, component
     "qds_model_load_seconds",  # model, backend
+    "qds_prompt_cache_bytes",
+    "qds_engine_resident_memory_bytes",
 )
 # Read at scrape time by a custom collector; absent (not zero) without CUDA.
 GPU_GAUGES = (

@@ -2,13 +2,20 @@
 
 A per-app `CollectorRegistry` (not the global default) lets tests run several apps in one
 process without "Duplicated timeseries" errors; the process / platform collectors are added to
-each registry so `process_*` memory gauges are still exported.
+each registry so `process_*` memory gauges are still exported (the HTTP process's own; the
+engine process reports its resident memory as `qds_engine_resident_memory_bytes`).
+
+The registry lives in the HTTP process. The engine process (service.core) records its
+observations (latency, loads, model memory, GPU memory, cancellations, prompt cache) with
+`service.core.telemetry.MetricsRecorder`, and they are applied here; see that module for why
+this and not prometheus-client's multiprocess mode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import platform
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -24,7 +31,7 @@ from prometheus_client import (
 )
 
 from quantization.environment import detect_device, library_version
-from service.gpu_metrics import GpuMemoryCollector
+from service.gpu_metrics import GpuMemoryCollector, GpuReadings
 
 # `*_created` timestamp series are not part of the metric contract and only add cardinality.
 disable_created_metrics()
@@ -43,7 +50,8 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        r.register(GpuMemoryCollector())
+        self._gpu = GpuMemoryCollector()
+        r.register(self._gpu)
 
         self.request_duration = Histogram(
             "qds_request_duration_seconds",
@@ -54,21 +62,21 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "qds_queue_wait_seconds",
-            "Time a request waited for the inference worker",
+            "Time a request waited in the engine queue before joining a step batch",
             ["backend"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_duration = Histogram(
             "qds_inference_duration_seconds",
-            "Pipeline call duration (one batch)",
+            "Time a request spent in the engine's batches (first step to its images decoded)",
             ["model", "backend", "quant_type"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.step_duration = Histogram(
             "qds_step_duration_seconds",
-            "Duration of one denoising step",
+            "Duration of one denoising step (of the whole step batch)",
             ["model", "backend", "quant_type"],
             buckets=STEP_BUCKETS,
             registry=r,
@@ -95,7 +103,9 @@ class Metrics:
             registry=r,
         )
         self.gpu_oom = Counter("qds_gpu_oom", "Out-of-memory errors during inference", registry=r)
-        self.queue_depth = Gauge("qds_queue_depth", "Requests waiting for the worker", registry=r)
+        self.queue_depth = Gauge(
+            "qds_queue_depth", "Requests waiting to join a step batch in the engine", registry=r
+        )
         self.inflight = Gauge(
             "qds_inflight_requests", "Generation requests being handled", registry=r
         )
@@ -115,27 +125,64 @@ class Metrics:
             ["model", "backend"],
             registry=r,
         )
+        self.cancelled = Counter(
+            "qds_cancelled",
+            "Requests removed from the queue or the running batch before their end, by reason "
+            "(client_gone, timeout, shutdown)",
+            ["reason"],
+            registry=r,
+        )
+        self.prompt_cache_hits = Counter(
+            "qds_prompt_cache_hits", "Prompt embeddings reused from the cache", registry=r
+        )
+        self.prompt_cache_misses = Counter(
+            "qds_prompt_cache_misses", "Prompts run through the text encoders", registry=r
+        )
+        self.prompt_cache_bytes = Gauge(
+            "qds_prompt_cache_bytes", "Bytes of prompt embeddings held by the cache", registry=r
+        )
+        self.engine_restarts = Counter(
+            "qds_engine_restarts",
+            "Times the engine process died and was started again",
+            registry=r,
+        )
+        self.engine_memory = Gauge(
+            "qds_engine_resident_memory_bytes",
+            "Resident memory of the engine process (the pipelines live there)",
+            registry=r,
+        )
         self.build_info = Info("qds_build", "qdserve build and library versions", registry=r)
         self.build_info.info(build_labels())
+
+    def gpu_source(self, read: Callable[[], GpuReadings]) -> None:
+        """Read the GPU gauges from `read` (the engine process's last report) instead of this
+        process's own CUDA allocator."""
+        self._gpu.read = read
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def loaded(self, loaded: Any) -> None:
-        """Record a newly loaded pipeline's memory and load time."""
-        for name, comp in loaded.components.items():
-            self.model_memory.labels(
-                loaded.model, loaded.backend, loaded.quant_type or "", name
-            ).set(comp.storage_bytes)
-        self.model_load_seconds.labels(loaded.model, loaded.backend).set(loaded.load_seconds)
+        record_loaded(self, loaded)
 
     def evicted(self, loaded: Any) -> None:
-        for name in loaded.components:
-            # Already absent (a second eviction of a re-loaded variant): nothing to remove.
-            with contextlib.suppress(KeyError):
-                self.model_memory.remove(
-                    loaded.model, loaded.backend, loaded.quant_type or "", name
-                )
+        record_evicted(self, loaded)
+
+
+def record_loaded(metrics: Any, loaded: Any) -> None:
+    """Record a newly loaded pipeline's memory and load time (on `Metrics` or a recorder)."""
+    for name, comp in loaded.components.items():
+        metrics.model_memory.labels(
+            loaded.model, loaded.backend, loaded.quant_type or "", name
+        ).set(comp.storage_bytes)
+    metrics.model_load_seconds.labels(loaded.model, loaded.backend).set(loaded.load_seconds)
+
+
+def record_evicted(metrics: Any, loaded: Any) -> None:
+    for name in loaded.components:
+        # Already absent (a second eviction of a re-loaded variant): nothing to remove.
+        with contextlib.suppress(KeyError):
+            metrics.model_memory.remove(loaded.model, loaded.backend, loaded.quant_type or "", name)
 
 
 def build_labels() -> dict[str, str]:

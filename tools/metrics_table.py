@@ -73,8 +73,9 @@ def families() -> list[tuple[str, str, list[str], str, tuple[float, ...]]]:
             buckets = tuple(getattr(collector, "_upper_bounds", ()))
             rows[name] = (name, family.type, labels, family.documentation, buckets)
         elif isinstance(collector, GpuMemoryCollector):
+            # A collector reading this process's allocator (the app's reads the engine's).
             with _one_fake_cuda_device():
-                for family in collector.collect():
+                for family in GpuMemoryCollector().collect():
                     labels = sorted({k for s in family.samples for k in s.labels})
                     doc = family.documentation
                     rows[family.name] = (family.name, family.type, labels, doc, ())
