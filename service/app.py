@@ -1,4 +1,8 @@
-"""The FastAPI application: `create_app()` wires settings, cache, worker, metrics and routes."""
+"""The FastAPI application: `create_app()` wires settings, the engine client, metrics and routes.
+
+The app is the HTTP process; the pipelines run in the engine core (service.core), started by
+the lifespan and stopped after uvicorn has drained the in-flight requests.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. Settings default to the environment (`QDS_*`).
 
-    Start-up loads the default model on a background thread, so /healthz answers at once and
+    Start-up starts the engine, which loads the default model, so /healthz answers at once and
     /readyz says 503 (with the reason) until the model is loaded and warm.
     """
     quant = quant if quant is not None else QuantSettings()
@@ -44,7 +48,8 @@ def create_app(
             yield
         finally:
             # uvicorn has already waited for in-flight requests (timeout_graceful_shutdown);
-            # anything still queued is answered 503, a running batch finishes.
+            # anything still queued is answered 503, a running batch finishes, then the
+            # engine exits.
             await asyncio.to_thread(state.stop, service.shutdown_timeout)
 
     app = FastAPI(

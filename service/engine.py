@@ -1,44 +1,48 @@
-"""The service's state and the request path shared by every generation endpoint.
+"""The service's state and the request path shared by every generation endpoint (HTTP side).
 
-request -> pick the cache variant -> lease it (single-flight load) -> check the size against
-the model -> enqueue a job for the worker -> await it under the deadline (cancelling it if
-the client leaves) -> encode the images (on the loop if tiny, else in a thread).
+request -> pick the cache variant -> make sure the engine has it loaded (single-flight load
+there) -> resolve the request against the model's defaults -> submit it to the engine core
+(queue admission: 429 when full) -> await the result under the deadline (cancelling it in the
+engine if the client leaves or the deadline passes) -> encode the images (on the loop if tiny,
+else in a thread).
+
+The pipelines, the model cache and the scheduler live in the engine core (`service.core`),
+in its own process by default (`QDS_ENGINE=process`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from quantization.backends import BackendUnavailable
-from quantization.generate import GenerationRequest, batch_key, generate
-from quantization.loader import ModelLoadError, load_pipeline
+from quantization.loader import load_pipeline
 from quantization.settings import QuantSettings
 from service import exceptions as errors
-from service.cache import ModelCache
+from service.core.client import EngineClient, JobFailed, PendingJob
+from service.core.engine_core import (
+    EngineConfig,
+    EngineHooks,
+    compile_denoiser,
+    default_warmup,
+)
+from service.core.messages import Finished
 from service.imaging import encode_all
 from service.metrics import Metrics
 from service.resolve import ImageParams, check_limits, resolve
 from service.settings import ServiceSettings
-from service.variants import ModelKey, Variants, key_for
-from service.worker import (
-    InferenceWorker,
-    Job,
-    JobResult,
-    OutOfMemory,
-    QueueFull,
-    ShuttingDown,
-)
+from service.variants import ModelKey, Variants
 
 if TYPE_CHECKING:
     from fastapi import Request
 
     from quantization.loader import LoadedPipeline
+    from quantization.token_usage import TokenUsage
+    from service.cache import ModelCache
+    from service.core.scheduler import Job, Scheduler
 
 log = logging.getLogger("qdserve.engine")
 
@@ -50,7 +54,6 @@ _POLL_S = 0.1
 # hop to a thread and back, whose GIL hand-offs slow the running pipeline call. Larger ones go
 # to a thread (PNG level 1: ~56 ms for 1024x1024), where Pillow's encoder releases the GIL.
 INLINE_ENCODE_PIXELS = 128 * 128
-WARMUP_STEPS = 2
 
 
 class ClientGone(Exception):
@@ -69,6 +72,8 @@ class Outcome:
     inference_seconds: float
     encode_seconds: float
     batch_images: int
+    # Token counts from the engine (quantization.token_usage), for OpenAI's `usage`.
+    usage: TokenUsage | None = None
 
     def log_fields(self) -> dict[str, object]:
         """The access-log fields every generation endpoint records (bounded, no prompt)."""
@@ -83,141 +88,85 @@ class Outcome:
         }
 
 
-def default_warmup(loaded: LoadedPipeline, sizes: list[tuple[int, int]]) -> None:
-    """One short generation per size, so compilation happens before the first user request."""
-    for width, height in sizes:
-        start = time.perf_counter()
-        generate(
-            loaded,
-            GenerationRequest(
-                "warm-up", num_inference_steps=WARMUP_STEPS, seed=0, width=width, height=height
-            ),
-        )
-        log.info("warm-up %dx%d took %.1fs", width, height, time.perf_counter() - start)
-
-
-def compile_denoiser(loaded: LoadedPipeline) -> None:
-    """Regional compilation: compile one repeated block once, reuse it for all of them."""
-    pipe = loaded.pipeline
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if denoiser is None or not hasattr(denoiser, "compile_repeated_blocks"):
-        raise ModelLoadError("QDS_COMPILE=1 but this pipeline's denoiser has no repeated blocks")
-    denoiser.compile_repeated_blocks()
-
-
 @dataclass
 class ServiceState:
     quant: QuantSettings
     settings: ServiceSettings
     metrics: Metrics = field(default_factory=Metrics)
-    ready: bool = False
-    reason: str = "starting"
     warnings: list[str] = field(default_factory=list)
-    # Hooks, replaceable before start-up (tests, benchmarks).
+    # Hooks, replaceable before start-up (tests, benchmarks). They run in the engine: with
+    # QDS_ENGINE=process they travel by pickle, so only module-level functions work there.
     warmup: Callable[[LoadedPipeline, list[tuple[int, int]]], None] = default_warmup
     compile: Callable[[LoadedPipeline], None] = compile_denoiser
     load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
+    before_batch: Callable[[list[Job]], None] | None = None
+    make_batch: Callable[..., Any] | None = None
+    kind_of: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         self.variants = Variants(self.quant)
         self.default_key = self.variants.default_key
         self.model_id = self.variants.model_id
-        self.preload_variants: dict[ModelKey, QuantSettings] = {}
-        self.cache = ModelCache(
-            self._load_variant,
-            max_entries=self.settings.cache_max_entries,
-            memory_budget=self.settings.cache_memory_budget,
-            metrics=self.metrics,
-            on_loaded=self._on_loaded,
-        )
-        self.worker = InferenceWorker(
-            max_queue=self.settings.max_queue,
-            batch_window_s=self.settings.batch_window_ms / 1000.0,
-            max_batch=self.settings.max_batch,
-            metrics=self.metrics,
-        )
-        self._startup_done = threading.Event()
-        self._startup_thread: threading.Thread | None = None
-
-    # -- start-up / shut-down ----------------------------------------------------------
-    def warmup_sizes(self, loaded: LoadedPipeline) -> list[tuple[int, int]]:
-        sizes = [tuple(int(v) for v in s.split("x")) for s in self.settings.warmup_sizes]
-        return [(w, h) for w, h in sizes] or [(loaded.defaults.size, loaded.defaults.size)]
-
-    def _load_variant(self, settings: QuantSettings) -> LoadedPipeline:
-        loaded = self.load(settings)
-        try:
-            if self.settings.compile:
-                self.compile(loaded)
-            if self.settings.compile or self.settings.warmup_sizes:
-                if key_for(settings) == self.default_key and not self._startup_done.is_set():
-                    self._set_reason(
-                        "warming up "
-                        + ", ".join(self.settings.warmup_sizes or ["the default size"])
-                    )
-                self.warmup(loaded, self.warmup_sizes(loaded))
-        except BaseException:
-            loaded.release()
-            raise
-        return loaded
-
-    def _on_loaded(self, key: ModelKey, _loaded: LoadedPipeline) -> None:
-        # A default model that failed at start-up and later loads on a request: ready now.
-        if key == self.default_key and self._startup_done.is_set() and not self.ready:
-            self._set_ready()
-
-    def _set_reason(self, reason: str) -> None:
-        self.reason = reason
-        log.info("not ready: %s", reason)
-
-    def _set_ready(self) -> None:
-        self.ready = True
-        self.reason = "ready"
-        self.metrics.model_ready.set(1)
-        log.info("ready: serving %s", self.default_key.variant_id)
-
-    def start(self) -> None:
-        """Start the worker, and load the default model (and preloads) in the background."""
-        if self.settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
-        self.worker.start()
         self.preload_variants, warnings = self.variants.preload(self.settings.preload)
         self.warnings.extend(warnings)
-        self._startup_thread = threading.Thread(
-            target=self._startup, name="qds-startup", daemon=True
+        self.engine = EngineClient(
+            EngineConfig(self.quant, self.settings, self.preload_variants),
+            mode=self.settings.engine,
+            metrics=self.metrics,
+            max_queue=self.settings.max_queue,
         )
-        self._startup_thread.start()
+        # GPU gauges come from the engine's allocator, not this process's.
+        self.metrics.gpu_source(self.engine.gpu_readings)
+        # /v1/models and request checks read the engine's cache through this mirror.
+        self.cache = self.engine.models
 
-    def _startup(self) -> None:
-        self._set_reason(f"loading {self.default_key.variant_id}")
-        try:
-            self.cache.load(self.default_key, self.quant).result()
-        except Exception as exc:
-            self._set_reason(f"loading {self.default_key.variant_id} failed: {exc}")
-            log.error("default model failed to load: %s", exc)
-            self._startup_done.set()
-            return
-        for key, variant in self.preload_variants.items():
-            try:
-                self.cache.load(key, variant).result()
-            except Exception as exc:
-                msg = f"preloading {key.variant_id} failed: {exc}"
-                self.warnings.append(msg)
-                log.warning(msg)
-        self._startup_done.set()
-        self._set_ready()
-
-    def wait_started(self, timeout: float | None = None) -> bool:
-        return self._startup_done.wait(timeout)
+    # -- start-up / shut-down ----------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine core; it loads the default model (and preloads) itself."""
+        hooks = EngineHooks(
+            load=self.load,
+            warmup=self.warmup,
+            compile=self.compile,
+            before_batch=self.before_batch,
+        )
+        if self.make_batch is not None:
+            hooks.make_batch = self.make_batch
+        if self.kind_of is not None:
+            hooks.kind_of = self.kind_of
+        self.engine.config.hooks = hooks
+        self.engine.start(asyncio.get_running_loop())
 
     def stop(self, timeout: float | None = None) -> None:
-        self.ready = False
-        self.reason = "shutting down"
-        self.metrics.model_ready.set(0)
-        self.worker.stop(timeout)
-        self.cache.close()
+        """Stop the engine: queued requests get 503, running ones finish (up to `timeout`)."""
+        self.engine.stop(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    @property
+    def reason(self) -> str:
+        return self.engine.reason
+
+    def all_warnings(self) -> list[str]:
+        return [*self.warnings, *self.engine.warnings]
+
+    def queue_depth(self) -> int:
+        return self.engine.depth()
+
+    # -- the inline engine's internals (QDS_ENGINE=inline: tests, debugging) -------------
+    @property
+    def core_cache(self) -> ModelCache:
+        return self._core().cache
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._core().scheduler
+
+    def _core(self) -> Any:
+        if self.engine.core is None:
+            raise RuntimeError("the engine runs in its own process (QDS_ENGINE=inline for this)")
+        return self.engine.core
 
     # -- choosing a cache variant ------------------------------------------------------
     def select(
@@ -250,82 +199,55 @@ class ServiceState:
         )
         if not allowed:
             raise self._not_loaded(key)
-        if not self.worker.accepting:
+        if not self.engine.accepting:
             raise errors.ShuttingDown()
         try:
-            lease = await asyncio.wait_for(
-                self.cache.acquire(key, variant, allow_load=allowed),
+            defaults = await asyncio.wait_for(
+                self.engine.ensure_loaded(key, variant, allow_load=allowed),
                 timeout=max(0.0, deadline - time.monotonic()),
             )
         except TimeoutError:
             raise _timeout(self.settings.request_timeout, "waiting for the model to load") from None
         except LookupError:
             raise self._not_loaded(key) from None
-        except BackendUnavailable as exc:
-            raise errors.BackendUnavailable(str(exc), param="quant_backend") from None
-        except (ModelLoadError, ValueError, RuntimeError, OSError) as exc:
-            raise errors.ModelLoadFailed(f"loading {key.variant_id} failed: {exc}") from None
+        except JobFailed as exc:
+            raise _load_error(key, exc) from None
 
-        job: Job | None = None
-        try:
-            loaded = lease.loaded
-            gen = resolve(params, self.settings, loaded.defaults)
-            loop = asyncio.get_running_loop()
-            job = Job(
-                request=gen,
-                lease=lease,
-                batch_key=(key, batch_key(loaded, gen)),
-                loop=loop,
-                future=loop.create_future(),
-                request_id=getattr(request.state, "request_id", None),
-            )
-            try:
-                self.worker.submit(job)
-            except QueueFull as exc:
-                raise errors.QueueFull(
-                    f"the queue is full ({self.settings.max_queue} waiting); retry after "
-                    f"{exc.retry_after}s",
-                    retry_after=exc.retry_after,
-                ) from None
-            except ShuttingDown:
-                raise errors.ShuttingDown() from None
-            result = await self._wait(request, job, deadline)
-        finally:
-            # Until the worker owns the job, the lease is ours to give back.
-            if job is None or job.state == "new":
-                lease.release()
+        gen = resolve(params, self.settings, defaults)
+        job = self.engine.submit(key, variant, gen, allow_load=allowed)
+        finished = await self._wait(request, job, deadline)
 
+        result = finished.result
         start = time.perf_counter()
-        pixels = result.result.width * result.result.height * len(result.result.images)
+        pixels = result.width * result.height * len(result.images)
         if pixels <= INLINE_ENCODE_PIXELS:
-            images = encode_all(
-                result.result.images, params.output_format, params.output_compression
-            )
+            images = encode_all(result.images, params.output_format, params.output_compression)
         else:
             images = await asyncio.to_thread(
-                encode_all, result.result.images, params.output_format, params.output_compression
+                encode_all, result.images, params.output_format, params.output_compression
             )
         return Outcome(
             key=key,
             images=images,
-            seeds=result.result.seeds,
-            width=result.result.width,
-            height=result.result.height,
-            steps=result.result.steps,
-            queue_seconds=result.queue_seconds,
-            inference_seconds=result.result.inference_seconds,
+            seeds=result.seeds,
+            width=result.width,
+            height=result.height,
+            steps=result.steps,
+            queue_seconds=finished.queue_seconds,
+            inference_seconds=result.inference_seconds,
             encode_seconds=time.perf_counter() - start,
-            batch_images=result.batch_images,
+            batch_images=finished.batch_images,
+            usage=result.usage,
         )
 
-    async def _wait(self, request: Request, job: Job, deadline: float) -> JobResult:
+    async def _wait(self, request: Request, job: PendingJob, deadline: float) -> Finished:
         """Await the job under the deadline; withdraw it if the client disconnects.
 
         The disconnect is awaited (one task blocked in the ASGI `receive`, which uvicorn
         answers with http.disconnect when the connection drops), not polled: polling with
         `request.is_disconnected()` every 100 ms cost each waiting request ten wake-ups a
-        second, each building and cancelling an anyio cancel scope under the GIL the
-        pipeline needs (measured at concurrency 16); it also notices a departure at once.
+        second, each building and cancelling an anyio cancel scope (measured at concurrency
+        16); it also notices a departure at once.
         """
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -336,29 +258,24 @@ class ServiceState:
                 )
         except asyncio.CancelledError:
             # The handler itself was cancelled (forced shutdown): withdraw the job.
-            self.worker.cancel(job)
+            self.engine.cancel(job, "shutdown")
             raise
         finally:
             gone.cancel()
         if not job.future.done():
             if gone.done() and not gone.cancelled():
-                removed = self.worker.cancel(job)
-                log.info("client left; job %s", "dropped before start" if removed else "abandoned")
+                queued = self.engine.cancel(job, "client_gone")
+                log.info("client left; job %s", "dropped before start" if queued else "abandoned")
                 raise ClientGone
-            started = not self.worker.cancel(job)
+            queued = self.engine.cancel(job, "timeout")
             raise _timeout(
                 self.settings.request_timeout,
-                "while running" if started else "while queued (removed from the queue)",
+                "while queued (removed from the queue)" if queued else "while running",
             )
         try:
             return job.future.result()
-        except OutOfMemory as exc:
-            raise errors.OutOfMemory(
-                f"out of memory while generating ({exc}); memory was released and the service "
-                "keeps serving: retry with fewer images, a smaller size or a smaller quant type"
-            ) from None
-        except ShuttingDown:
-            raise errors.ShuttingDown() from None
+        except JobFailed as exc:
+            raise _job_error(job.key, exc) from None
 
     def _not_loaded(self, key: ModelKey) -> errors.ModelNotLoaded:
         return errors.ModelNotLoaded(
@@ -366,6 +283,31 @@ class ServiceState:
             f"(QDS_ALLOW_ON_DEMAND_LOAD); loaded: {', '.join(self.loaded_ids()) or 'none'}",
             param="quant_backend",
         )
+
+
+def _load_error(key: ModelKey, exc: JobFailed) -> Exception:
+    if exc.kind == "backend_unavailable":
+        return errors.BackendUnavailable(exc.message, param="quant_backend")
+    if exc.kind == "shutting_down":
+        return errors.ShuttingDown()
+    if exc.kind == "not_loaded":
+        return errors.ModelNotLoaded(exc.message, param="quant_backend")
+    return errors.ModelLoadFailed(f"loading {key.variant_id} failed: {exc.message}")
+
+
+def _job_error(key: ModelKey, exc: JobFailed) -> Exception:
+    if exc.kind == "oom":
+        return errors.OutOfMemory(
+            f"out of memory while generating ({exc.message}); memory was released and the "
+            "service keeps serving: retry with fewer images, a smaller size or a smaller quant "
+            "type"
+        )
+    if exc.kind == "shutting_down":
+        return errors.ShuttingDown()
+    if exc.kind in ("backend_unavailable", "load_failed", "not_loaded"):
+        return _load_error(key, exc)
+    # An internal error: logged with the request id by the middleware, never shown.
+    return RuntimeError(f"the engine failed running {key.variant_id}: {exc.message}")
 
 
 async def _disconnected(request: Request) -> None:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.exceptions import (
     BackendUnavailable,
+    EngineUnavailable,
     InvalidValue,
     ModelLoadFailed,
     ModelNotFound,
@@ -54,6 +55,7 @@ HTTP_MAPPING: dict[type[ServiceError], HttpMapping] = {
     ShuttingDown: HttpMapping(503, None),
     OutOfMemory: HttpMapping(503, "oom"),
     ModelLoadFailed: HttpMapping(503, "internal"),
+    EngineUnavailable: HttpMapping(503, "internal"),
 }
 
 

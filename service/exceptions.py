@@ -73,3 +73,9 @@ class RequestTimeout(ServiceError):
 
 class OutOfMemory(ServiceError):
     default_code = "out_of_memory"
+
+
+class EngineUnavailable(ServiceError):
+    """The engine process died (or is restarting): requests in flight cannot finish."""
+
+    default_code = "engine_unavailable"

@@ -97,10 +97,20 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line; text: human-readable."
     )
-    batch_window_ms: float = Field(
-        default=0.0, ge=0, description="Micro-batching window; 0 turns batching off."
+    max_batch: int = Field(
+        default=4,
+        ge=1,
+        description="Most images denoised together: requests join a running batch at the next "
+        "step (no batching window); 1 turns batching off.",
     )
-    max_batch: int = Field(default=4, ge=1, description="Most images in one pipeline call.")
+    engine: Literal["process", "inline"] = Field(
+        default="process",
+        description="process: the pipelines run in their own process (production); inline: "
+        "on a thread of the HTTP process (tests and debugging only).",
+    )
+    prompt_cache_bytes: int = Field(
+        default=64 * 2**20, ge=0, description="Bytes of prompt embeddings cached; 0 turns it off."
+    )
     compile: bool = Field(default=False, description="torch.compile the denoiser's blocks.")
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."

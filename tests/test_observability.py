@@ -277,8 +277,8 @@ def test_prometheus_scrapes_request_counts_and_histograms_per_backend(
 
     # The request count through PromQL equals what was sent.
     assert prometheus.scalar(f"sum({req})") - before_requests == sum(sent.values())
-    # A latency histogram per backend with one observation per request (one image, no
-    # batching: one pipeline call each), and its +Inf bucket equal to its count.
+    # A latency histogram per backend with one observation per request, and its +Inf bucket
+    # equal to its count.
     counts = prometheus.by(count_q, "backend")
     inf = prometheus.by(
         'sum by (backend) (qds_inference_duration_seconds_bucket{le="+Inf"})', "backend"
@@ -320,8 +320,8 @@ def test_counters_and_histograms_match_the_requests(server: Server) -> None:
     assert delta("qds_cache_misses_total") == 0
     assert delta("qds_images_generated_total", backend="none") == 2
     assert delta("qds_images_generated_total", backend="quanto") == 2
-    # One pipeline call per request: one inference and queue-wait observation each, and one
-    # step observation per denoising step of each call.
+    # One inference and queue-wait observation per request, and (requests sent one at a time,
+    # so no step is shared) one step observation per denoising step of each.
     for backend, calls in (("none", 2), ("quanto", 1)):
         assert delta("qds_inference_duration_seconds_count", backend=backend) == calls
         assert delta("qds_queue_wait_seconds_count", backend=backend) == calls
@@ -386,8 +386,9 @@ def test_label_sets_are_bounded(server: Server) -> None:
         "backend": {k.backend for k in keys},
         "quant_type": {k.quant_type or "" for k in keys},
         "model": {qds.model_id},
-        "component": {c for e in qds.cache.entries() for c in e.loaded.components},
+        "component": {c for e in qds.cache.entries() for c in e.components},
         "kind": ERROR_KINDS,
+        "reason": {"client_gone", "timeout", "shutdown"},
         "outcome": {"success", "failure"},
     }
     from service.metrics import build_labels
@@ -445,8 +446,8 @@ def test_error_counter_counts_by_kind(server: Server) -> None:
 
 
 def _queue_full(server: Server) -> None:
-    """Hold the worker, fill the one-slot queue, get one 429; then let both through."""
-    worker = server.qds.worker
+    """Hold the engine, fill the one-slot queue, get one 429; then let both through."""
+    scheduler = server.qds.scheduler
     arrived: list[int] = []
     gate = threading.Event()
 
@@ -454,20 +455,20 @@ def _queue_full(server: Server) -> None:
         arrived.append(1)
         gate.wait(30)
 
-    worker.before_batch = hold
+    scheduler.before_batch = hold
     try:
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(generate, server, {})
             wait_for(lambda: arrived, 20, "first request running")
             queued = pool.submit(generate, server, {})
-            wait_for(lambda: worker.depth() == 1, 20, "second request queued")
+            wait_for(lambda: server.qds.queue_depth() == 1, 20, "second request queued")
             r = generate(server, {})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             gate.set()
             assert running.result(30).status_code == 200
             assert queued.result(30).status_code == 200
     finally:
-        worker.before_batch = None
+        scheduler.before_batch = None
         gate.set()
 
 

@@ -231,8 +231,8 @@ def test_request_id_echo_and_generated(http) -> None:
 
 
 def test_sixteen_concurrent_requests_never_overlap(server: Server) -> None:
-    worker = server.qds.worker
-    calls_before = worker.pipeline_calls
+    scheduler = server.qds.scheduler
+    finished_before = scheduler.finished_jobs
 
     def one(i: int) -> int:
         with server.client() as c:
@@ -242,21 +242,22 @@ def test_sixteen_concurrent_requests_never_overlap(server: Server) -> None:
     with ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(one, range(16)))
     assert statuses == [200] * 16
-    assert worker.pipeline_calls - calls_before == 16  # batching is off here
-    # The worker counts pipeline calls running at once; it never saw two.
-    assert worker.max_concurrent == 1
+    assert scheduler.finished_jobs - finished_before == 16
+    # Requests share the device through step batches, never through two steps at once: the
+    # scheduler counts steps running at once and never saw two.
+    assert scheduler.max_concurrent == 1
 
 
 def test_internal_error_is_500_with_request_id(server: Server, http, caplog) -> None:
     def boom(_batch) -> None:
         raise RuntimeError("secret internal detail")
 
-    server.qds.worker.before_batch = boom
+    server.qds.scheduler.before_batch = boom
     try:
         with caplog.at_level(logging.ERROR, logger="qdserve"):
             r = http.post(IMG, json={"prompt": "x"}, headers={"X-Request-ID": "err-42"})
     finally:
-        server.qds.worker.before_batch = None
+        server.qds.scheduler.before_batch = None
     assert r.status_code == 500
     err = r.json()["error"]
     assert err["request_id"] == "err-42" and err["code"] == "internal_error"
@@ -271,11 +272,11 @@ def test_oom_is_503_frees_and_keeps_serving(server: Server, http) -> None:
     def oom(_batch) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    server.qds.worker.before_batch = oom
+    server.qds.scheduler.before_batch = oom
     try:
         r = http.post(IMG, json={"prompt": "x"})
     finally:
-        server.qds.worker.before_batch = None
+        server.qds.scheduler.before_batch = None
     assert r.status_code == 503
     err = r.json()["error"]
     assert err["code"] == "out_of_memory" and "out of memory" in err["message"]
@@ -303,7 +304,7 @@ def test_metrics_exports_exactly_the_contract(http) -> None:
 
 def test_loop_stays_responsive_during_inference(server: Server, http) -> None:
     gate = threading.Event()
-    server.qds.worker.before_batch = lambda _b: gate.wait(10)
+    server.qds.scheduler.before_batch = lambda _b: gate.wait(10)
     try:
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(lambda: server.client().post(IMG, json={"prompt": "x"}))
@@ -313,7 +314,7 @@ def test_loop_stays_responsive_during_inference(server: Server, http) -> None:
             gate.set()
             assert fut.result(timeout=30).status_code == 200
     finally:
-        server.qds.worker.before_batch = None
+        server.qds.scheduler.before_batch = None
         gate.set()
 
 

@@ -1,5 +1,8 @@
 """Model cache through a real server: backends side by side, single flight, failed loads,
-LRU eviction under the entry cap and the memory budget, in-use entries never evicted."""
+LRU eviction under the entry cap and the memory budget, in-use entries never evicted.
+
+The cache lives in the engine core; these servers run it inline (`qds.core_cache`), and
+`qds.cache` is the HTTP process's mirror of it (what /v1/models shows)."""
 
 from __future__ import annotations
 
@@ -42,14 +45,14 @@ def server(cache_dir: Path) -> Iterator[Server]:
 
 
 def test_two_backends_side_by_side_each_serves_its_requests(server: Server) -> None:
-    worker = server.qds.worker
+    scheduler = server.qds.scheduler
     none_key, quanto_key = server.qds.default_key, _key(server, "quanto", "int8")
     assert {none_key, quanto_key} <= set(server.qds.cache.loaded_keys())
     for backend, key in (("none", none_key), ("quanto", quanto_key), ("none", none_key)):
         r = _post(server, {"prompt": "a", "seed": 3, "quant_backend": backend})
         assert r.status_code == 200 and r.json()["backend"] == backend
-        # The pipeline call ran on that backend's cache entry.
-        assert worker.batch_log[-1][0][0][0] == key
+        # The last denoising step ran on that backend's cache entry.
+        assert scheduler.step_log[-1][0][0] == key
     # Selecting by model id, as listed by /v1/models.
     with server.client() as c:
         ids = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
@@ -59,7 +62,7 @@ def test_two_backends_side_by_side_each_serves_its_requests(server: Server) -> N
 
 
 def test_single_flight_under_concurrent_misses(server: Server) -> None:
-    cache = server.qds.cache
+    cache = server.qds.core_cache
     key = _key(server, "torchao", "int8wo")
     real = cache.loader
 
@@ -84,7 +87,7 @@ def test_single_flight_under_concurrent_misses(server: Server) -> None:
 
 
 def test_failed_load_reported_to_all_waiters_then_retry_succeeds(server: Server) -> None:
-    cache = server.qds.cache
+    cache = server.qds.core_cache
     key = _key(server, "torchao", "int8dq")
     real = cache.loader
     calls: list[int] = []
@@ -132,11 +135,11 @@ def small(cache_dir: Path) -> Iterator[Server]:
 
 
 def _entry(server: Server, key):
-    return next(e for e in server.qds.cache.entries() if e.key == key)
+    return next(e for e in server.qds.core_cache.entries() if e.key == key)
 
 
 def test_lru_eviction_under_entry_cap_frees_memory(small: Server) -> None:
-    cache = small.qds.cache
+    cache = small.qds.core_cache
     none_key = small.qds.default_key
     quanto_key = _key(small, "quanto", "int8")
     torchao_key = _key(small, "torchao", "int8wo")
@@ -158,7 +161,7 @@ def test_lru_eviction_under_entry_cap_frees_memory(small: Server) -> None:
 
 
 def test_lru_eviction_under_memory_budget(small: Server) -> None:
-    cache = small.qds.cache
+    cache = small.qds.core_cache
     none_key = small.qds.default_key
     torchao_key = _key(small, "torchao", "int8wo")
     quanto_key = _key(small, "quanto", "int8")
@@ -180,23 +183,27 @@ def test_lru_eviction_under_memory_budget(small: Server) -> None:
 
 
 def test_entry_in_use_is_never_evicted(small: Server) -> None:
-    cache = small.qds.cache
-    worker = small.qds.worker
+    cache = small.qds.core_cache
+    scheduler = small.qds.scheduler
     quanto_key = _key(small, "quanto", "int8")
     gate = threading.Event()
     arrived = threading.Event()
 
     def hold(_batch) -> None:
+        # Hold the step, but keep reading the engine's pipe (as a whole pipeline call does
+        # between its steps): the loads below are started from messages.
         arrived.set()
-        gate.wait(30)
+        deadline = time.monotonic() + 30
+        while not gate.wait(0.01) and time.monotonic() < deadline:
+            scheduler.between_steps()
 
     assert _post(small, {"prompt": "a", "quant_backend": "quanto"}).status_code == 200
-    worker.before_batch = hold
+    scheduler.before_batch = hold
     try:
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(_post, small, {"prompt": "held", "quant_backend": "quanto"})
             assert arrived.wait(20)
-            worker.before_batch = None
+            scheduler.before_batch = None
             # Loading two other variants with a cap of 2 evicts everything that is idle...
             for backend in ("none", "torchao"):
                 # (These wait behind the held request in the queue; only the loads matter.)
@@ -212,7 +219,7 @@ def test_entry_in_use_is_never_evicted(small: Server) -> None:
             gate.set()
             assert held.result(30).status_code == 200
     finally:
-        worker.before_batch = None
+        scheduler.before_batch = None
         gate.set()
 
 

@@ -80,8 +80,11 @@ def test_compile_warmup_gates_readiness(cache_dir: Path) -> None:
         while not warmed:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        r = c.get("/readyz")
-        assert r.status_code == 503 and "warming up" in r.json()["reason"]
+        # The engine reports its state through its pipe: wait for that report.
+        while "warming up" not in (r := c.get("/readyz")).json()["reason"]:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.02)
+        assert r.status_code == 503
         assert len(compiled) == 1 and warmed == [[(32, 32), (16, 16)]]
         release.set()
         _wait_status(c, "/readyz", 200)
@@ -146,7 +149,7 @@ def test_real_compile_warmup(cache_dir: Path) -> None:
         running_server(cache_dir, compile=True, warmup_sizes=["32x32"]) as server,
         server.client(timeout=600) as c,
     ):
-        transformer = server.qds.cache.entries()[0].loaded.pipeline.transformer
+        transformer = server.qds.core_cache.entries()[0].loaded.pipeline.transformer
         # nn.Module.compile() (what compile_repeated_blocks uses) sets _compiled_call_impl.
         assert any(getattr(m, "_compiled_call_impl", None) for m in transformer.modules())
         r = c.post(IMG, json={"prompt": "x", "size": "32x32"})

@@ -1,8 +1,11 @@
-"""The inference worker through a real server: queue overflow, timeouts, disconnects,
-graceful shutdown, micro-batching (equivalence and batch formation rules).
+"""The request path through a real server to the engine core (run inline here): queue overflow,
+timeouts, disconnects, graceful shutdown, and step-level batching on the embedded model
+(requests joining a running batch at a step boundary, same images as alone, only compatible
+requests sharing a step, the image cap).
 
-A gate in the worker's `before_batch` hook holds the (real) pipeline call, so queue states are
-reached deterministically instead of by racing a slow model.
+A gate in the scheduler's `before_batch` hook holds the engine inside a step, so queue states
+and step boundaries are reached deterministically instead of by racing a slow model. What ran
+is read from the engine's own accounting (its step log and cancel counters).
 """
 
 from __future__ import annotations
@@ -34,20 +37,30 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
 
 
 class Gate:
-    """Holds the worker before each pipeline call until opened; counts arrivals."""
+    """Holds the engine before its `at`-th step (from when it is installed) until opened.
 
-    def __init__(self) -> None:
+    With `pump`, the held engine keeps reading its pipe (new requests reach its queue), so a
+    test can wait until they are there before opening the gate."""
+
+    def __init__(self, at: int = 1, pump: Callable[[], None] | None = None) -> None:
+        self.at = at
+        self.pump = pump
         self.event = threading.Event()
         self.arrived = 0
 
-    def __call__(self, _batch: list) -> None:
+    def __call__(self, _jobs: list) -> None:
         self.arrived += 1
-        self.event.wait(30)
+        if self.arrived != self.at:
+            return
+        deadline = time.monotonic() + 30
+        while not self.event.wait(0.01) and time.monotonic() < deadline:
+            if self.pump is not None:
+                self.pump()
 
 
 @pytest.fixture(scope="module")
 def limited(cache_dir: Path) -> Iterator[Server]:
-    with running_server(cache_dir, max_queue=1, request_timeout=3.0) as s:
+    with running_server(cache_dir, max_queue=1, max_batch=1, request_timeout=3.0) as s:
         yield s
 
 
@@ -57,16 +70,17 @@ def _post(server: Server, body: dict, timeout: float = 60) -> httpx.Response:
 
 
 def test_queue_full_429_and_timeouts_504(limited: Server) -> None:
-    worker = limited.qds.worker
+    scheduler = limited.qds.scheduler
     gate = Gate()
-    worker.before_batch = gate
-    calls = worker.pipeline_calls
+    scheduler.before_batch = gate
+    started = scheduler.started_jobs
+    cancelled = dict(scheduler.cancelled)
     try:
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(_post, limited, {"prompt": "first"})
-            wait_for(lambda: gate.arrived == 1)  # first is running (held at the gate)
+            wait_for(lambda: gate.arrived == 1)  # first is in its first step (held)
             queued = pool.submit(_post, limited, {"prompt": "second"})
-            wait_for(lambda: worker.depth() == 1)
+            wait_for(lambda: limited.qds.queue_depth() == 1)
             # Queue (size 1) full: rejected at once with Retry-After.
             r = _post(limited, {"prompt": "third"})
             assert r.status_code == 429
@@ -76,25 +90,25 @@ def test_queue_full_429_and_timeouts_504(limited: Server) -> None:
             q = queued.result(20)
             assert q.status_code == 504 and q.json()["error"]["code"] == "timeout"
             assert "removed from the queue" in q.json()["error"]["message"]
-            assert worker.depth() == 0
             run = running.result(20)
-            assert run.status_code == 504
+            assert run.status_code == 504 and "while running" in run.json()["error"]["message"]
             gate.event.set()
-            # Only the first ever reached the pipeline.
-            wait_for(lambda: worker.pipeline_calls == calls + 1)
-            time.sleep(0.3)
-            assert worker.pipeline_calls == calls + 1
+            # The engine dropped both: the running one from its batch at the next step.
+            wait_for(lambda: scheduler.cancelled["timeout"] - cancelled.get("timeout", 0) == 2)
+            assert scheduler.dropped_images["timeout"] >= 1
+            assert scheduler.started_jobs == started + 1  # only the first ever started
     finally:
-        worker.before_batch = None
+        scheduler.before_batch = None
         gate.event.set()
     assert _post(limited, {"prompt": "after"}).status_code == 200
 
 
 def test_client_gone_before_start_costs_no_compute(limited: Server) -> None:
-    worker = limited.qds.worker
+    scheduler = limited.qds.scheduler
     gate = Gate()
-    worker.before_batch = gate
-    calls = worker.pipeline_calls
+    scheduler.before_batch = gate
+    started = scheduler.started_jobs
+    gone = scheduler.cancelled["client_gone"]
     try:
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(_post, limited, {"prompt": "first"})
@@ -102,49 +116,54 @@ def test_client_gone_before_start_costs_no_compute(limited: Server) -> None:
             # This client gives up after 0.5 s, while its request is still queued.
             with pytest.raises(httpx.ReadTimeout):
                 _post(limited, {"prompt": "impatient"}, timeout=0.5)
-            wait_for(lambda: worker.depth() == 0, timeout=5)
+            wait_for(lambda: limited.qds.queue_depth() == 0, timeout=5)
             gate.event.set()
             assert running.result(20).status_code == 200
-            time.sleep(0.3)
-            assert worker.pipeline_calls == calls + 1  # the impatient request never ran
+            wait_for(lambda: scheduler.cancelled["client_gone"] == gone + 1)
+            assert scheduler.started_jobs == started + 1  # the impatient request never ran
     finally:
-        worker.before_batch = None
+        scheduler.before_batch = None
         gate.event.set()
 
 
 def test_graceful_shutdown_finishes_running_and_queued(cache_dir: Path) -> None:
     gate = Gate()
-    with running_server(cache_dir, max_queue=4) as server:
-        server.qds.worker.before_batch = gate
+    with running_server(cache_dir, max_queue=4, max_batch=1) as server:
+        server.qds.scheduler.before_batch = gate
         pool = ThreadPoolExecutor(2)
         running = pool.submit(_post, server, {"prompt": "a", "seed": 1})
         wait_for(lambda: gate.arrived == 1)
         queued = pool.submit(_post, server, {"prompt": "b", "seed": 2})
-        wait_for(lambda: server.qds.worker.depth() == 1)
+        wait_for(lambda: server.qds.queue_depth() == 1)
         server.server.should_exit = True  # what SIGTERM does
-        time.sleep(0.5)
         # Stopped accepting: new connections are refused.
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{server.url}/healthz", timeout=2)
+        wait_for(lambda: _refused(server.url))
         gate.event.set()
         assert running.result(30).status_code == 200
         assert queued.result(30).status_code == 200
         pool.shutdown()
-    assert not server.qds.worker.accepting
+    assert not server.qds.engine.accepting
+    engine_thread = server.qds.engine._handle
+    assert isinstance(engine_thread, threading.Thread) and not engine_thread.is_alive()
 
 
-# -- micro-batching ----------------------------------------------------------------------
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+    except httpx.ConnectError:
+        return True
+    except httpx.TransportError:  # accepted just before the listener closed: ask again
+        return False
+    return False
+
+
+# -- step-level batching ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def batching(cache_dir: Path) -> Iterator[Server]:
     with running_server(
-        cache_dir,
-        batch_window_ms=400,
-        max_batch=4,
-        max_queue=16,
-        preload=["quanto:int8"],
-        allow_on_demand_load=False,
+        cache_dir, max_batch=4, max_queue=16, preload=["quanto:int8"], allow_on_demand_load=False
     ) as s:
         yield s
 
@@ -155,88 +174,106 @@ def _image(resp: httpx.Response, i: int = 0) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
 
 
-def _submit_held(server: Server, bodies: list[dict]) -> list[httpx.Response]:
-    """Hold the worker, queue all bodies, release: the worker then forms its batches."""
-    worker = server.qds.worker
-    gate = Gate()
-    worker.before_batch = gate
+def _submit_held(server: Server, bodies: list[dict], *, hold_at: int = 1) -> list[httpx.Response]:
+    """Run a blocker, hold the engine inside its `hold_at`-th step, queue all bodies, release:
+    they join at the next step boundary."""
+    scheduler = server.qds.scheduler
+    gate = Gate(at=hold_at, pump=scheduler.between_steps)
+    scheduler.before_batch = gate
     try:
         with ThreadPoolExecutor(len(bodies) + 1) as pool:
-            blocker = pool.submit(_post, server, {"prompt": "blocker", "size": "32x32"})
-            wait_for(lambda: gate.arrived == 1)
+            blocker = pool.submit(
+                _post, server, {"prompt": "blocker", "size": "32x32", "num_inference_steps": 6}
+            )
+            wait_for(lambda: gate.arrived == hold_at)
             futures: list[Future] = []
             for body in bodies:
                 futures.append(pool.submit(_post, server, body))
-                # Keep arrival order deterministic.
+                # Keep arrival order deterministic; in the engine's queue before the boundary.
                 n = len(futures)
-                wait_for(lambda n=n: worker.depth() == n)
+                wait_for(lambda n=n: scheduler.depth() == n)
             gate.event.set()
             assert blocker.result(60).status_code == 200
             return [f.result(60) for f in futures]
     finally:
-        worker.before_batch = None
+        scheduler.before_batch = None
         gate.event.set()
 
 
-# Image equality tolerance between a batched image and the same seed alone: 8-bit pixels may
-# differ by batched-matmul rounding; we allow at most 2 levels.
+def _batch_images(resp: httpx.Response) -> int:
+    # The response's timings extension (`usage` held it before OpenAI's usage schema).
+    body = resp.json()
+    return (body.get("timings") or body["usage"])["batch_images"]
+
+
+def _steps_since(server: Server, start: int) -> list[list[tuple]]:
+    return list(server.qds.scheduler.step_log)[start:]
+
+
+# Image equality tolerance between a request run in a batch and the same seed alone: at most
+# 2 levels of 8-bit pixels (tests/test_stepping.py states the measured differences).
 TOLERANCE = 2
 
 
-def test_batched_images_equal_solo_images(batching: Server) -> None:
-    worker = batching.qds.worker
+def test_requests_join_a_running_batch_and_get_their_solo_images(batching: Server) -> None:
     bodies = [
-        {"prompt": p, "seed": s, "size": "32x32"}
+        {"prompt": p, "seed": s, "size": "32x32", "num_inference_steps": 4}
         for p, s in (("a red circle", 5), ("a blue square", 6), ("a green star", 7))
     ]
-    calls = worker.pipeline_calls
-    batched = _submit_held(batching, bodies)
-    # Blocker alone, then the three together.
-    assert worker.pipeline_calls == calls + 2
-    assert [n for _, n in worker.batch_log[-1]] == [1, 1, 1]
-    assert all(r.json()["usage"]["batch_images"] == 3 for r in batched)
-    for body, resp in zip(bodies, batched, strict=True):
+    start = len(batching.qds.scheduler.step_log)
+    # Held inside the blocker's 2nd of 6 steps: the three join at its 3rd, not after its 6th.
+    joined = _submit_held(batching, bodies, hold_at=2)
+    steps = _steps_since(batching, start)
+    sizes = [len(step) for step in steps]
+    assert sizes == [1, 1, 4, 4, 4, 4], sizes  # the joiners' 4 steps end with the blocker's
+    assert all(_batch_images(r) == 4 for r in joined)
+    for body, resp in zip(bodies, joined, strict=True):
         solo = _post(batching, body)
-        assert solo.json()["usage"]["batch_images"] == 1
+        assert _batch_images(solo) == 1
         diff = np.abs(_image(resp) - _image(solo)).max()
         assert diff <= TOLERANCE, (body, diff)
 
 
 def test_batch_respects_max_batch_images(batching: Server) -> None:
-    worker = batching.qds.worker
-    bodies = [{"prompt": "x", "seed": i, "n": 2, "size": "32x32"} for i in range(3)]
+    bodies = [
+        {"prompt": "x", "seed": i, "n": 2, "size": "32x32", "num_inference_steps": 6}
+        for i in range(3)
+    ]
+    start = len(batching.qds.scheduler.step_log)
     results = _submit_held(batching, bodies)
     assert all(r.status_code == 200 for r in results)
-    recent = list(worker.batch_log)[-2:]
-    assert [sum(n for _, n in b) for b in recent] == [4, 2]  # 2+2 fit in 4; the third waits
+    steps = _steps_since(batching, start)
+    images = [sum(n for _, _, n in step) for step in steps]
+    assert max(images) == 4 and all(n <= 4 for n in images), images
 
 
-def test_incompatible_requests_never_batched(batching: Server) -> None:
-    worker = batching.qds.worker
+def test_incompatible_requests_never_share_a_step(batching: Server) -> None:
     bodies = [
         {"prompt": "a", "seed": 1, "size": "32x32"},
         {"prompt": "b", "seed": 2, "size": "16x16"},  # other size
-        {"prompt": "c", "seed": 3, "size": "32x32", "num_inference_steps": 2},  # other steps
+        {"prompt": "c", "seed": 3, "size": "32x32", "num_inference_steps": 2},  # other steps: ok
         {"prompt": "d", "seed": 4, "size": "32x32", "quant_backend": "quanto"},  # other model
         {"prompt": "e", "seed": 5, "size": "32x32", "guidance_scale": 1.0},  # other guidance
-        {"prompt": "f", "seed": 6, "size": "32x32"},  # compatible with the first
+        {"prompt": "f", "seed": 6, "size": "32x32", "negative_prompt": "blur"},  # CFG mode
     ]
-    start = len(worker.batch_log)
+    start = len(batching.qds.scheduler.step_log)
     results = _submit_held(batching, bodies)
     assert [r.status_code for r in results] == [200] * 6
     assert results[3].json()["backend"] == "quanto"
-    batches = list(worker.batch_log)[start + 1 :]  # skip the blocker
-    for batch in batches:
-        assert len({key for key, _ in batch}) == 1, batch
-    sizes = sorted(len(b) for b in batches)
-    assert sizes == [1, 1, 1, 1, 2]  # only a + f shared a call
+    steps = _steps_since(batching, start)
+    jobs = sorted({job for step in steps for _, job, _ in step}, key=int)
+    blocker, a, b, c, d, e, f = jobs  # job ids are issued in submission order
+    kinds = {blocker: 0, a: 0, c: 0, b: 1, d: 2, e: 3, f: 4}
+    for step in steps:
+        assert len({kinds[job] for _, job, _ in step}) == 1, step
+    # A request with other steps but the same size and guidance shares steps (each sample
+    # keeps its own schedule).
+    assert any({a, c} <= {job for _, job, _ in step} for step in steps)
 
 
-def test_lone_request_on_idle_worker_does_not_wait_the_window(batching: Server) -> None:
-    # The fixture's window is 400 ms. A request alone on an idle worker has nobody to batch
-    # with, so it must start at once (the window is waited out only under concurrency).
-    _post(batching, {"prompt": "warm", "size": "32x32"})  # previous call: a single job
-    resp = _post(batching, {"prompt": "alone", "size": "32x32"})
+def test_lone_request_on_an_idle_engine_runs_alone(batching: Server) -> None:
+    start = len(batching.qds.scheduler.step_log)
+    resp = _post(batching, {"prompt": "alone", "size": "32x32", "num_inference_steps": 3})
     assert resp.status_code == 200
-    assert resp.json()["usage"]["queue_seconds"] < 0.3
-    assert resp.json()["usage"]["batch_images"] == 1
+    assert _batch_images(resp) == 1
+    assert [len(step) for step in _steps_since(batching, start)] == [1, 1, 1]

@@ -28,8 +28,8 @@ async def readyz(request: Request) -> JSONResponse:
         "reason": qds.reason,
         "model": qds.default_key.variant_id,
         "loaded": qds.loaded_ids(),
-        "queue_depth": qds.worker.depth(),
-        "warnings": qds.warnings,
+        "queue_depth": qds.queue_depth(),
+        "warnings": qds.all_warnings(),
     }
     return JSONResponse(body, status_code=200 if qds.ready else 503)
 
@@ -37,5 +37,5 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     qds: ServiceState = request.app.state.qds
-    qds.metrics.queue_depth.set(qds.worker.depth())
+    qds.metrics.queue_depth.set(qds.queue_depth())
     return Response(qds.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,498 @@
+"""The HTTP process's side of the engine: start it, talk to it, notice when it dies.
+
+`EngineClient` starts the engine core (`QDS_ENGINE=process`: a "spawn" process whose main thread
+runs the loop; `inline`: a thread here, for tests and debugging), sends it `Load` / `Submit` /
+`Cancel` / `Stop` through a sender thread (a send never blocks the event loop, even when the
+engine is deep in a step and the pipe is full), and reads its events on a reader thread that
+hands them to the event loop. It keeps a mirror of what the engine has loaded (for
+`/v1/models`, `/readyz` and request validation), the jobs in flight (their asyncio futures),
+and applies the engine's metric operations to this process's registry.
+
+When the pipe reaches end-of-file without a `Stop`, the engine died (killed, segfault,
+out-of-memory killer): every waiting request fails at once with `EngineUnavailable` ("the
+engine process died (signal 9, SIGKILL); restarting") -> 503, readiness turns 503 with that
+reason, and a new engine is started (at once the first time, then with a growing delay if it
+keeps dying young); readiness returns when it has loaded the default model again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from service.core import messages as m
+from service.core.engine_core import EngineConfig, EngineCore, run_engine
+from service.core.telemetry import apply
+from service.exceptions import EngineUnavailable, QueueFull, ShuttingDown
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
+    from quantization.generate import GenerationRequest
+    from quantization.loader import ModelDefaults
+    from quantization.settings import QuantSettings
+    from service.gpu_metrics import GpuReadings
+    from service.metrics import Metrics
+    from service.variants import ModelKey
+
+log = logging.getLogger("qdserve.engine_client")
+
+EngineMode = Literal["process", "inline"]
+# A restarted engine that dies within this many seconds of starting waits longer before the
+# next start (1 s, doubling up to MAX_RESTART_DELAY_S): a crash loop must not spin.
+YOUNG_DEATH_S = 60.0
+MAX_RESTART_DELAY_S = 30.0
+
+
+class JobFailed(Exception):
+    """The engine answered a job or a load with an error of `kind` (see messages.Failed)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(eq=False)
+class PendingJob:
+    job_id: str
+    key: ModelKey
+    images: int
+    future: asyncio.Future[m.Finished]
+    on_progress: Callable[[m.Progress], None] | None = None
+    started: bool = False
+
+
+@dataclass
+class LoadedView:
+    """What `/v1/models` shows of a loaded variant (duck-types `service.cache.Entry`)."""
+
+    key: ModelKey
+    loaded_at: float
+    storage_bytes: int
+    in_use: int
+    components: tuple[str, ...]
+
+
+class ModelsView:
+    """The engine's model cache as this process sees it (the queries routes need)."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self._client = client
+
+    def entries(self) -> list[LoadedView]:
+        c = self._client
+        return [
+            LoadedView(key, e.loaded_at, e.storage_bytes, c.in_use(key), e.components)
+            for key, e in c.loaded.items()
+        ]
+
+    def loaded_keys(self) -> list[ModelKey]:
+        return list(self._client.loaded)
+
+    def is_loaded(self, key: ModelKey) -> bool:
+        return key in self._client.loaded
+
+    def is_loading(self, key: ModelKey) -> bool:
+        return key in self._client.loading
+
+    def total_bytes(self) -> int:
+        return sum(e.storage_bytes for e in self._client.loaded.values())
+
+
+class EngineClient:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        mode: EngineMode,
+        metrics: Metrics,
+        max_queue: int,
+    ) -> None:
+        self.config = config
+        self.mode = mode
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.models = ModelsView(self)
+        self.loaded: dict[ModelKey, m.Loaded] = {}
+        self.loading: set[ModelKey] = set()
+        # Kept after an eviction: a variant's defaults do not change.
+        self.defaults: dict[ModelKey, ModelDefaults] = {}
+        self.reason = "starting"
+        self.warnings: list[str] = []
+        self.restarts = 0
+        self.pid: int | None = None
+        self.core: EngineCore | None = None  # inline mode: the core itself (tests)
+        self._engine_ready = False
+        self._alive = False
+        self._stopping = False
+        self._jobs: dict[str, PendingJob] = {}
+        self._load_waiters: dict[ModelKey, asyncio.Future[m.Loaded]] = {}
+        self._queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._gpu: GpuReadings = {}
+        self._ids = itertools.count(1)
+        self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: BaseProcess | threading.Thread | None = None
+        self._outq: queue.SimpleQueue[object] | None = None
+        self._started_at = 0.0
+        self._restart_delay = 0.0
+        self._job_seconds = 1.0
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._engine_ready and self._alive and not self._stopping
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping
+
+    def depth(self) -> int:
+        """Jobs submitted that have not started (the queue the HTTP side admits against)."""
+        return sum(1 for j in self._jobs.values() if not j.started)
+
+    def in_use(self, key: ModelKey) -> int:
+        return sum(1 for j in self._jobs.values() if j.key == key)
+
+    def gpu_readings(self) -> GpuReadings:
+        return self._gpu
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._generation += 1
+        gen = self._generation
+        if self.mode == "process":
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=run_engine, args=(self.config, child), name="qds-engine", daemon=True
+            )
+            proc.start()
+            child.close()  # so the engine's death reads as end-of-file here
+            self.pid = proc.pid
+            self._handle = proc
+            log.info("engine process %d started", proc.pid)
+        else:
+            parent, child = multiprocessing.Pipe()
+            core = EngineCore(self.config, child)
+            thread = threading.Thread(target=core.run, name="qds-engine", daemon=True)
+            self.core = core
+            self._handle = thread
+            thread.start()
+        self._alive = True
+        self._started_at = time.monotonic()
+        outq: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._outq = outq
+        threading.Thread(
+            target=self._write, args=(parent, outq), name=f"qds-engine-send-{gen}", daemon=True
+        ).start()
+        threading.Thread(
+            target=self._read,
+            args=(parent, gen, self._handle),
+            name=f"qds-engine-recv-{gen}",
+            daemon=True,
+        ).start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, let the engine finish its running batches (queued jobs get
+        `shutting_down`), and wait for it to exit; terminate it after `timeout` seconds."""
+        self._stopping = True
+        self.reason = "shutting down"
+        self._publish_ready()
+        handle = self._handle
+        self._send(m.Stop())
+        if isinstance(handle, threading.Thread):
+            handle.join(timeout)
+        elif handle is not None:
+            handle.join(timeout)
+            if handle.is_alive():
+                log.warning("the engine did not stop in %ss; terminating it", timeout)
+                self._send(m.Stop(cancel_running=True))
+                handle.join(5)
+            if handle.is_alive():
+                handle.kill()
+                handle.join(5)
+        if self._outq is not None:
+            self._outq.put(None)
+
+    # -- requests ----------------------------------------------------------------------------
+    async def ensure_loaded(
+        self, key: ModelKey, settings: QuantSettings, *, allow_load: bool
+    ) -> ModelDefaults:
+        """The variant's defaults once it is loaded (asking the engine to load it if needed).
+
+        Raises LookupError when it is neither loaded nor loading and loading is not allowed,
+        `JobFailed` when the load failed, `EngineUnavailable` when the engine died meanwhile.
+        """
+        info = self.loaded.get(key)
+        if info is not None:
+            return info.defaults
+        if not allow_load and key not in self.loading and key not in self._load_waiters:
+            raise LookupError(key)
+        self._check_alive()
+        waiter = self._load_waiters.get(key)
+        if waiter is None:
+            waiter = self._loop_().create_future()
+            # A waiter that timed out leaves the result unread: that is fine.
+            waiter.add_done_callback(_consume)
+            self._load_waiters[key] = waiter
+            self._send(m.Load(key, settings))
+        # shield: one waiter timing out must not cancel the load others wait for.
+        return (await asyncio.shield(waiter)).defaults
+
+    def submit(
+        self,
+        key: ModelKey,
+        settings: QuantSettings,
+        request: GenerationRequest,
+        *,
+        allow_load: bool,
+        on_progress: Callable[[m.Progress], None] | None = None,
+    ) -> PendingJob:
+        if self._stopping:
+            raise ShuttingDown()
+        self._check_alive()
+        depth = self.depth()
+        if depth >= self.max_queue:
+            # A rough wait: the queued jobs at the recent pace, batched, rounded up.
+            batch = max(1, self.config.settings.max_batch)
+            waits = (depth + 1) / batch * self._job_seconds
+            retry = max(1, int(waits + 0.999))
+            raise QueueFull(
+                f"the queue is full ({self.max_queue} waiting); retry after {retry}s",
+                retry_after=retry,
+            )
+        job_id = str(next(self._ids))
+        job = PendingJob(
+            job_id, key, request.num_images, self._loop_().create_future(), on_progress
+        )
+        self._jobs[job_id] = job
+        self._send(
+            m.Submit(
+                job_id,
+                key,
+                settings,
+                request,
+                allow_load=allow_load,
+                progress=on_progress is not None,
+            )
+        )
+        self.metrics.queue_depth.set(self.depth())
+        return job
+
+    def cancel(self, job: PendingJob, reason: str) -> bool:
+        """Withdraw a job (client gone, deadline, shutdown); the engine drops it at the next
+        step boundary. True if it had not started (as far as this side knows)."""
+        if self._jobs.pop(job.job_id, None) is not None:
+            self._send(m.Cancel(job.job_id, reason))
+            self.metrics.queue_depth.set(self.depth())
+        if not job.future.done():
+            job.future.cancel()
+        return not job.started
+
+    async def query(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The engine's own accounting (scheduler counters, loads, prompt cache)."""
+        self._check_alive()
+        token = next(self._ids)
+        fut = self._loop_().create_future()
+        self._queries[token] = fut
+        self._send(m.Query(token))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._queries.pop(token, None)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _loop_(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the engine client has not been started")
+        return self._loop
+
+    def _check_alive(self) -> None:
+        if not self._alive:
+            raise EngineUnavailable(self.reason)
+
+    def _send(self, msg: object) -> None:
+        if self._outq is not None:
+            self._outq.put(msg)
+
+    @staticmethod
+    def _write(conn: Connection, outq: queue.SimpleQueue[object]) -> None:
+        while (msg := outq.get()) is not None:
+            try:
+                conn.send(msg)
+            except (OSError, ValueError):  # the engine is gone; the reader reports it
+                return
+
+    def _read(self, conn: Connection, gen: int, handle: BaseProcess | threading.Thread) -> None:
+        try:
+            while True:
+                events = conn.recv()
+                self._call(self._on_events, gen, events)
+        except (EOFError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._call(self._on_exit, gen, _describe_exit(handle))
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _publish_ready(self) -> None:
+        self.metrics.model_ready.set(1 if self.ready else 0)
+
+    # -- events (on the event loop) ------------------------------------------------------
+    def _on_events(self, gen: int, events: list[object]) -> None:
+        if gen != self._generation:
+            return  # a previous engine's last words
+        for event in events:
+            try:
+                self._on_event(event)
+            except Exception:  # one bad event must not lose the others
+                log.exception("handling engine event %r failed", type(event).__name__)
+
+    def _on_event(self, e: object) -> None:
+        if isinstance(e, m.Metrics):
+            apply(self.metrics, e.ops)
+        elif isinstance(e, m.Started):
+            job = self._jobs.get(e.job_id)
+            if job is not None:
+                job.started = True
+                self.metrics.queue_depth.set(self.depth())
+        elif isinstance(e, m.Finished):
+            job = self._jobs.pop(e.job_id, None)
+            self._job_seconds = 0.8 * self._job_seconds + 0.2 * e.result.inference_seconds
+            if job is not None and not job.future.done():
+                job.future.set_result(e)
+        elif isinstance(e, m.Failed):
+            job = self._jobs.pop(e.job_id, None)
+            if job is not None and not job.future.done():
+                job.future.set_exception(JobFailed(e.kind, e.message))
+            self.metrics.queue_depth.set(self.depth())
+        elif isinstance(e, m.Progress):
+            job = self._jobs.get(e.job_id)
+            if job is not None and job.on_progress is not None:
+                job.on_progress(e)
+        elif isinstance(e, m.Status):
+            self._engine_ready = e.ready
+            self.reason = e.reason
+            self.warnings = list(e.warnings)
+            self._publish_ready()
+        elif isinstance(e, m.Loading):
+            self.loading.add(e.key)
+        elif isinstance(e, m.Loaded):
+            self.loaded[e.key] = e
+            self.defaults[e.key] = e.defaults
+            self.loading.discard(e.key)
+            waiter = self._load_waiters.pop(e.key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(e)
+        elif isinstance(e, m.LoadFailed):
+            self.loading.discard(e.key)
+            waiter = self._load_waiters.pop(e.key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(JobFailed(e.kind, e.message))
+        elif isinstance(e, m.Evicted):
+            self.loaded.pop(e.key, None)
+        elif isinstance(e, m.Gpu):
+            self._gpu = e.readings
+        elif isinstance(e, m.Answer):
+            fut = self._queries.pop(e.token, None)
+            if fut is not None and not fut.done():
+                fut.set_result(e.data)
+        elif not isinstance(e, m.Cancelled):
+            log.warning("unknown engine event %r", type(e).__name__)
+
+    def _on_exit(self, gen: int, how: str) -> None:
+        if gen != self._generation:
+            return
+        self._alive = False
+        self._engine_ready = False
+        self.loaded.clear()
+        self.loading.clear()
+        self._gpu = {}
+        self.metrics.model_memory.clear()
+        self.metrics.cache_entries.set(0)
+        if self._stopping:
+            self._fail_all(ShuttingDown())
+            self._publish_ready()
+            log.info("%s", how)
+            return
+        self.reason = f"{how}; restarting"
+        log.error("%s", self.reason)
+        self._fail_all(EngineUnavailable(self.reason))
+        self._publish_ready()
+        self.metrics.engine_restarts.inc()
+        young = time.monotonic() - self._started_at < YOUNG_DEATH_S
+        delay = min(MAX_RESTART_DELAY_S, max(1.0, 2 * self._restart_delay)) if young else 0.0
+        if self.restarts == 0:
+            delay = 0.0
+        self._restart_delay = delay
+        self._loop_().call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        if self._stopping:
+            return
+        self.restarts += 1
+        self._engine_ready = False
+        self._spawn()
+
+    def _fail_all(self, exc: Exception) -> None:
+        jobs, self._jobs = self._jobs, {}
+        for job in jobs.values():
+            if not job.future.done():
+                job.future.set_exception(exc)
+        waiters, self._load_waiters = self._load_waiters, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+        queries, self._queries = self._queries, {}
+        for fut in queries.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.metrics.queue_depth.set(0)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _describe_exit(handle: BaseProcess | threading.Thread) -> str:
+    if isinstance(handle, threading.Thread):
+        handle.join(5)
+        return "the engine thread stopped"
+    handle.join(5)
+    code = handle.exitcode
+    if code is None:
+        return f"the engine process {handle.pid} closed its pipe"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"the engine process died (signal {-code}, {name})"
+    if code == 0:
+        return "the engine process exited"
+    return f"the engine process died (exit code {code})"

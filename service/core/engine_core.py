@@ -1,0 +1,490 @@
+"""The engine core: the loop that owns the model cache, the scheduler and the step batches.
+
+In production it is the main thread of its own process (`run_engine`, started by
+`service.core.client.EngineClient` with the "spawn" context); with `QDS_ENGINE=inline` (tests,
+debugging) the same loop runs on a thread of the HTTP process. Each iteration:
+
+1. reads every message waiting on the pipe (blocking only when there is nothing to step):
+   `Load`, `Submit`, `Cancel`, `Stop`, `Query`;
+2. takes finished loads (they run on the cache's load thread, which wakes the loop);
+3. admits queued jobs into running batches (the step boundary);
+4. runs one step of one batch;
+5. sends what happened (started, finished, failed, cancelled, loaded, evicted, status, metric
+   operations) as one list in one pipe message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+from quantization.generate import GenerationRequest, generate
+from quantization.loader import ModelLoadError, load_pipeline
+from quantization.prompt_cache import PromptCache
+from service.cache import ModelCache
+from service.core import messages as m
+from service.core.batches import compat_key, new_batch, uses_stepping
+from service.core.scheduler import BatchFactory, Job, KindOf, Scheduler
+from service.core.telemetry import MetricsRecorder
+from service.gpu_metrics import local_readings
+from service.variants import key_for
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    from quantization.loader import LoadedPipeline
+    from quantization.settings import QuantSettings
+    from service.settings import ServiceSettings
+    from service.variants import ModelKey
+
+log = logging.getLogger("qdserve.engine_core")
+
+WARMUP_STEPS = 2
+# Resident memory and GPU readings are sent at most this often while busy (and after each
+# load or eviction).
+TELEMETRY_PERIOD_S = 1.0
+DEFAULT_PROMPT_CACHE_BYTES = 64 * 2**20
+
+
+def default_warmup(loaded: LoadedPipeline, sizes: list[tuple[int, int]]) -> None:
+    """One short generation per size, so compilation happens before the first user request."""
+    for width, height in sizes:
+        start = time.perf_counter()
+        generate(
+            loaded,
+            GenerationRequest(
+                "warm-up", num_inference_steps=WARMUP_STEPS, seed=0, width=width, height=height
+            ),
+        )
+        log.info("warm-up %dx%d took %.1fs", width, height, time.perf_counter() - start)
+
+
+def compile_denoiser(loaded: LoadedPipeline) -> None:
+    """Regional compilation: compile one repeated block once, reuse it for all of them."""
+    pipe = loaded.pipeline
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if denoiser is None or not hasattr(denoiser, "compile_repeated_blocks"):
+        raise ModelLoadError("QDS_COMPILE=1 but this pipeline's denoiser has no repeated blocks")
+    denoiser.compile_repeated_blocks()
+
+
+@dataclass
+class EngineHooks:
+    """Replaceable before start-up (tests, benchmarks). With the engine in its own process
+    they travel by pickle, so they must be module-level functions there."""
+
+    load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
+    warmup: Callable[[LoadedPipeline, list[tuple[int, int]]], None] = default_warmup
+    compile: Callable[[LoadedPipeline], None] = compile_denoiser
+    before_batch: Callable[[list[Job]], None] | None = None
+    make_batch: BatchFactory = new_batch
+    kind_of: KindOf = compat_key
+
+
+@dataclass
+class EngineConfig:
+    quant: QuantSettings  # the default variant
+    settings: ServiceSettings
+    preload: dict[ModelKey, QuantSettings] = field(default_factory=dict)
+    hooks: EngineHooks = field(default_factory=EngineHooks)
+
+
+@dataclass
+class _PendingLoad:
+    future: concurrent.futures.Future
+    jobs: list[m.Submit] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, conn: Connection) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.hooks = config.hooks
+        self.conn = conn
+        self.default_key = key_for(config.quant)
+        self.metrics = MetricsRecorder()
+        self.prompt_cache = PromptCache(
+            int(getattr(self.settings, "prompt_cache_bytes", DEFAULT_PROMPT_CACHE_BYTES))
+        )
+        self.cache = ModelCache(
+            self._load_variant,
+            max_entries=self.settings.cache_max_entries,
+            memory_budget=self.settings.cache_memory_budget,
+            metrics=self.metrics,
+            on_loaded=self._on_loaded,
+            on_evicted=self._on_evicted,
+        )
+        self.scheduler = Scheduler(
+            max_batch=self.settings.max_batch,
+            emit=self._emit,
+            metrics=self.metrics,
+            prompt_cache=self.prompt_cache,
+            make_batch=self.hooks.make_batch,
+            kind_of=self.hooks.kind_of,
+        )
+        self.scheduler.before_batch = self.hooks.before_batch
+        self.scheduler.between_steps = self._between_steps
+        self._outbox: list[object] = []
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._main = threading.get_ident()
+        self._pending: dict[ModelKey, _PendingLoad] = {}
+        self._startup: set[ModelKey] = set()
+        self._startup_done = False
+        self._ready = False
+        self._reason = "starting"
+        self._warnings: list[str] = []
+        self._stopping = False
+        self._closed = False
+        self._sigterm = False
+        self._telemetry_due = 0.0
+        self._prompt_seen = (0, 0)
+
+    # -- life cycle --------------------------------------------------------------------------
+    def run(self) -> None:
+        self._main = threading.get_ident()
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        self._status(f"loading {self.default_key.variant_id}")
+        self._startup = {self.default_key}
+        self._watch_load(self.default_key, self.config.quant)
+        try:
+            while self._iterate():
+                pass
+        finally:
+            self._close()
+
+    def _iterate(self) -> bool:
+        if self._stopping and not self.scheduler.has_work():
+            self._flush()
+            return False
+        if not self._receive(block=not self.scheduler.has_work()):
+            return False
+        if self._sigterm and not self._stopping:
+            log.info("SIGTERM: finishing running requests, then exiting")
+            self._stop(cancel_running=False)
+        self._check_loads()
+        self.scheduler.admit()
+        if self._outbox_pending():
+            # "started" before a step that may take seconds (a GPU at 1024x1024)
+            self._flush()
+        self.scheduler.step_next()
+        self._flush()
+        return not self._closed
+
+    def _close(self) -> None:
+        self.scheduler.fail_queued("shutting_down", "the server is shutting down")
+        self.scheduler.cancel_running("shutdown")
+        with contextlib.suppress(Exception):
+            self._flush()
+        self.cache.close()
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+    def on_sigterm(self) -> None:
+        """Signal handler (engine process): stop like `Stop()`; the HTTP process decides."""
+        self._sigterm = True
+        self._wake()
+
+    # -- messages in -------------------------------------------------------------------------
+    def _receive(self, *, block: bool) -> bool:
+        """Handle every waiting message; False when the HTTP side has gone (pipe closed)."""
+        if block and not self._outbox_pending():
+            wait([self.conn, self._wake_r])
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+        try:
+            while self.conn.poll():
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            log.info("the HTTP process closed the pipe; exiting")
+            self._closed = True
+            return False
+        return True
+
+    def _between_steps(self) -> None:
+        """During a whole pipeline call: read cancellations (and everything else) and send
+        what is due, so a client gone mid-call is noticed at the next diffusers step."""
+        if self._receive(block=False):
+            self._flush()
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, m.Submit):
+            self._submit(msg)
+        elif isinstance(msg, m.Cancel):
+            self._cancel(msg)
+        elif isinstance(msg, m.Load):
+            self._load(msg)
+        elif isinstance(msg, m.Stop):
+            self._stop(msg.cancel_running)
+        elif isinstance(msg, m.Query):
+            self._emit(m.Answer(msg.token, self.stats()))
+        else:
+            log.warning("unknown message %r", type(msg).__name__)
+
+    def _load(self, msg: m.Load) -> None:
+        if self._stopping:
+            self._emit(m.LoadFailed(msg.key, "shutting_down", "the server is shutting down"))
+            return
+        entry = next((e for e in self.cache.entries() if e.key == msg.key), None)
+        if entry is not None:
+            self._emit(_loaded_event(msg.key, entry.loaded, entry.loaded_at))
+            return
+        self.metrics.cache_misses.inc()
+        self._watch_load(msg.key, msg.settings)
+
+    def _submit(self, msg: m.Submit) -> None:
+        if self._stopping:
+            self._emit(m.Failed(msg.job_id, "shutting_down", "the server is shutting down"))
+            return
+        lease = self.cache.lease(msg.key)
+        if lease is not None:
+            job = Job(msg.job_id, msg.key, msg.request, lease, progress=msg.progress)
+            self.scheduler.enqueue(job)
+            return
+        if not msg.allow_load and not self.cache.is_loading(msg.key):
+            self._emit(m.Failed(msg.job_id, "not_loaded", f"{msg.key.variant_id} is not loaded"))
+            return
+        self.metrics.cache_misses.inc()
+        self._watch_load(msg.key, msg.settings).jobs.append(msg)
+
+    def _cancel(self, msg: m.Cancel) -> None:
+        for pending in self._pending.values():
+            for sub in pending.jobs:
+                if sub.job_id == msg.job_id:
+                    pending.jobs.remove(sub)
+                    self.scheduler.cancelled[msg.reason] += 1
+                    self.metrics.cancelled.labels(msg.reason).inc()
+                    self._emit(m.Cancelled(msg.job_id, "queued", 0))
+                    return
+        self.scheduler.cancel(msg.job_id, msg.reason)
+
+    def _stop(self, cancel_running: bool) -> None:
+        self._stopping = True
+        self._ready = False
+        self._status("shutting down")
+        message = "the server is shutting down"
+        self.scheduler.fail_queued("shutting_down", message)
+        for pending in self._pending.values():
+            for sub in pending.jobs:
+                self._emit(m.Failed(sub.job_id, "shutting_down", message))
+            pending.jobs.clear()
+        self._pending.clear()
+        if cancel_running:
+            self.scheduler.cancel_running("shutdown")
+
+    # -- loading -----------------------------------------------------------------------------
+    def _watch_load(self, key: ModelKey, settings: QuantSettings) -> _PendingLoad:
+        pending = self._pending.get(key)
+        if pending is None:
+            future = self.cache.load(key, settings)
+            pending = self._pending[key] = _PendingLoad(future)
+            if not future.done():
+                self._emit(m.Loading(key))
+            future.add_done_callback(lambda _f: self._wake())
+        return pending
+
+    def _check_loads(self) -> None:
+        for key, pending in list(self._pending.items()):
+            if not pending.future.done():
+                continue
+            del self._pending[key]
+            exc = pending.future.exception()
+            if exc is None:
+                for sub in pending.jobs:
+                    self._submit(sub)
+                self._loaded_ok(key)
+            else:
+                kind, message = _load_failure(exc)
+                self._emit(m.LoadFailed(key, kind, message))
+                for sub in pending.jobs:
+                    self._emit(m.Failed(sub.job_id, kind, message))
+                self._load_failed(key, message)
+
+    def _loaded_ok(self, key: ModelKey) -> None:
+        if key in self._startup:
+            self._startup.discard(key)
+            if key == self.default_key:
+                self._startup = set(self.config.preload)
+                for variant_key, variant in self.config.preload.items():
+                    self._watch_load(variant_key, variant)
+            self._maybe_started()
+        elif key == self.default_key and self._startup_done and not self._ready:
+            # The default model failed at start-up and has now loaded on a request.
+            self._set_ready()
+
+    def _load_failed(self, key: ModelKey, message: str) -> None:
+        if key not in self._startup:
+            return
+        self._startup.discard(key)
+        if key == self.default_key:
+            log.error("default model failed to load: %s", message)
+            self._startup = set()
+            self._startup_done = True
+            self._status(f"loading {key.variant_id} failed: {message}")
+            return
+        warning = f"preloading {key.variant_id} failed: {message}"
+        log.warning(warning)
+        self._warnings.append(warning)
+        self._maybe_started()
+
+    def _maybe_started(self) -> None:
+        if not self._startup and not self._startup_done:
+            self._startup_done = True
+            self._set_ready()
+
+    def _set_ready(self) -> None:
+        if self._stopping:
+            return
+        self._ready = True
+        self._status("ready")
+        log.info("ready: serving %s", self.default_key.variant_id)
+
+    def _load_variant(self, settings: QuantSettings) -> LoadedPipeline:
+        """The cache's loader (on its load thread): load, then compile and warm up."""
+        loaded = self.hooks.load(settings)
+        try:
+            if self.settings.compile:
+                self.hooks.compile(loaded)
+            if self.settings.compile or self.settings.warmup_sizes:
+                if key_for(settings) == self.default_key and not self._startup_done:
+                    sizes = ", ".join(self.settings.warmup_sizes or ["the default size"])
+                    self._status(f"warming up {sizes}")
+                self.hooks.warmup(loaded, self._warmup_sizes(loaded))
+        except BaseException:
+            loaded.release()
+            raise
+        return loaded
+
+    def _warmup_sizes(self, loaded: LoadedPipeline) -> list[tuple[int, int]]:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in self.settings.warmup_sizes]
+        return [(w, h) for w, h in sizes] or [(loaded.defaults.size, loaded.defaults.size)]
+
+    def _on_loaded(self, key: ModelKey, loaded: LoadedPipeline) -> None:
+        self._emit(_loaded_event(key, loaded, time.time()))
+        self._telemetry_due = 0.0
+
+    def _on_evicted(self, key: ModelKey, loaded: LoadedPipeline) -> None:
+        if uses_stepping(loaded):
+            from quantization.stepping import variant_id
+
+            self.prompt_cache.drop_variant(variant_id(loaded))
+        self._emit(m.Evicted(key))
+        self._telemetry_due = 0.0
+
+    # -- messages out ------------------------------------------------------------------------
+    def _status(self, reason: str) -> None:
+        self._reason = reason
+        if not self._ready:
+            log.info("not ready: %s", reason)
+        self._emit(m.Status(self._ready, reason, tuple(self._warnings)))
+
+    def _emit(self, event: object) -> None:
+        with self._lock:
+            self._outbox.append(event)
+        if threading.get_ident() != self._main:
+            self._wake()
+
+    def _outbox_pending(self) -> bool:
+        with self._lock:
+            return bool(self._outbox)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _flush(self) -> None:
+        now = time.monotonic()
+        if now >= self._telemetry_due:
+            self._telemetry_due = now + TELEMETRY_PERIOD_S
+            self._telemetry()
+        ops = self.metrics.drain()
+        with self._lock:
+            events, self._outbox = self._outbox, []
+        if ops:
+            events.append(m.Metrics(ops))
+        if not events or self._closed:
+            return
+        try:
+            self.conn.send(events)
+        except (BrokenPipeError, EOFError, OSError):
+            log.info("the HTTP process closed the pipe; exiting")
+            self._closed = True
+
+    def _telemetry(self) -> None:
+        hits, misses = self.prompt_cache.hits, self.prompt_cache.misses
+        seen_hits, seen_misses = self._prompt_seen
+        if hits > seen_hits:
+            self.metrics.prompt_cache_hits.inc(hits - seen_hits)
+        if misses > seen_misses:
+            self.metrics.prompt_cache_misses.inc(misses - seen_misses)
+        self._prompt_seen = (hits, misses)
+        self.metrics.prompt_cache_bytes.set(self.prompt_cache.bytes)
+        rss = _resident_bytes()
+        if rss is not None:
+            self.metrics.engine_memory.set(rss)
+        readings = local_readings()
+        if readings:
+            self._emit(m.Gpu(readings))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.scheduler.stats(),
+            "pid": os.getpid(),
+            "loaded": [k.variant_id for k in self.cache.loaded_keys()],
+            "load_counts": {k.variant_id: n for k, n in self.cache.load_counts.items()},
+            "prompt_cache": self.prompt_cache.stats(),
+            "ready": self._ready,
+            "reason": self._reason,
+        }
+
+
+def _loaded_event(key: ModelKey, loaded: LoadedPipeline, loaded_at: float) -> m.Loaded:
+    return m.Loaded(key, loaded.defaults, loaded_at, loaded.storage_bytes, tuple(loaded.components))
+
+
+def _load_failure(exc: BaseException) -> tuple[str, str]:
+    from quantization.backends import BackendUnavailable
+
+    if isinstance(exc, BackendUnavailable):
+        return "backend_unavailable", str(exc)
+    return "load_failed", str(exc) or type(exc).__name__
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident set size (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_engine(config: EngineConfig, conn: Connection) -> None:
+    """Entry point of the engine process: its main thread runs the loop.
+
+    SIGINT is ignored (Ctrl-C reaches the whole process group; the HTTP process drains and
+    then stops the engine); SIGTERM finishes the running batches and exits.
+    """
+    from service.logs import configure_logging
+
+    configure_logging(config.settings.log_level, config.settings.log_format)
+    core = EngineCore(config, conn)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: core.on_sigterm())
+    core.run()

@@ -1,0 +1,162 @@
+"""The messages between the HTTP process and the engine process (pickled over a pipe).
+
+HTTP -> engine: `Load`, `Submit`, `Cancel`, `Stop`, `Query`.
+Engine -> HTTP: a list of events per send (one loop iteration's worth): `Status`, `Loading`,
+`Loaded`, `LoadFailed`, `Evicted`, `Started`, `Progress`, `Finished`, `Failed`, `Cancelled`,
+`Metrics`, `Gpu`, `Answer`.
+
+Plain frozen dataclasses: small, typed, and pickled by multiprocessing's own `Connection`
+(images travel as PIL images, which pickle as their raw pixel bytes; see service.core).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quantization.generate import GenerationRequest, GenerationResult
+    from quantization.loader import ModelDefaults
+    from quantization.settings import QuantSettings
+    from service.core.telemetry import Op
+    from service.gpu_metrics import GpuReadings
+    from service.variants import ModelKey
+
+# Why a job left before its end (the `reason` label of qds_cancelled_total).
+CANCEL_REASONS = ("client_gone", "timeout", "shutdown")
+
+
+# -- HTTP -> engine ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Load:
+    """Load a variant (single flight; answered by `Loaded` or `LoadFailed` for the key)."""
+
+    key: ModelKey
+    settings: QuantSettings
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Run a resolved request (seed, size, steps set) on a variant."""
+
+    job_id: str
+    key: ModelKey
+    settings: QuantSettings
+    request: GenerationRequest
+    allow_load: bool = True
+    # Send `Progress` at each step boundary (streaming builds on this).
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Drop a job from the queue or the running batch at the next step boundary."""
+
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop accepting; answer queued jobs `shutting_down`; finish running batches; exit.
+
+    With `cancel_running`, running jobs are dropped at the next step boundary instead.
+    """
+
+    cancel_running: bool = False
+
+
+@dataclass(frozen=True)
+class Query:
+    """Ask for the engine's accounting (`Answer` carries it): tests and debugging."""
+
+    token: int
+
+
+# -- engine -> HTTP ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Status:
+    ready: bool
+    reason: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Loading:
+    key: ModelKey
+
+
+@dataclass(frozen=True)
+class Loaded:
+    key: ModelKey
+    defaults: ModelDefaults
+    loaded_at: float
+    storage_bytes: int
+    components: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    key: ModelKey
+    # "backend_unavailable", "load_failed", "not_loaded", "shutting_down"
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Evicted:
+    key: ModelKey
+
+
+@dataclass(frozen=True)
+class Started:
+    job_id: str
+    queue_seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    job_id: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    job_id: str
+    result: GenerationResult
+    queue_seconds: float
+    # Images in the step batch when this job finished (the response's usage.batch_images).
+    batch_images: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    job_id: str
+    # "oom", "internal", "shutting_down", plus LoadFailed's kinds for a load on submit.
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    job_id: str
+    # "queued" (never ran) or "running" (removed from its batch; `images` dropped).
+    where: str
+    images: int
+
+
+@dataclass(frozen=True)
+class Metrics:
+    ops: list[Op]
+
+
+@dataclass(frozen=True)
+class Gpu:
+    readings: GpuReadings
+
+
+@dataclass(frozen=True)
+class Answer:
+    token: int
+    data: dict[str, Any] = field(default_factory=dict)

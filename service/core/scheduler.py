@@ -1,0 +1,365 @@
+"""The engine's scheduler: a FIFO queue of leased jobs and the running batches, stepped one
+step at a time on the engine's main thread.
+
+At every step boundary (`admit`) queued jobs join a running batch of the same model variant
+and compatibility key (`batches.compat_key`: size, guidance, CFG mode) while it has room
+(`max_batch` images), or start a new batch when no batch of their kind runs. A job whose kind
+is running but full waits for room (one batch per kind, as TGI and vLLM keep one running
+batch, so a device's batched forward is not split in two). Batches of different kinds take
+turns, one step each (round robin), so a 1024x1024 request does not stall a 256x256 one for
+its whole run. A lone request starts at once: there is no batching window.
+
+Cancellation (`cancel`) removes a job from the queue, or its samples from the running batch
+before the next step; `dropped_images` and `cancelled` count both, by reason.
+
+Out-of-memory: the step's exception is caught, its message kept, and memory is released
+after the `except` block has ended. Inside it, the traceback still references the frames of
+the failed call and through them its tensors, so `gc.collect()` / `empty_cache()` there free
+nothing (the defect this replaces).
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from service.core import messages as m
+from service.core.batches import Batch, compat_key, new_batch
+
+if TYPE_CHECKING:
+    from quantization.generate import GenerationRequest
+    from quantization.loader import LoadedPipeline
+    from quantization.prompt_cache import PromptCache
+    from service.cache import Lease
+    from service.variants import ModelKey
+
+log = logging.getLogger("qdserve.scheduler")
+
+# Batches of different kinds stepping in turn; more kinds wait in the queue.
+MAX_RUNNING_BATCHES = 4
+
+BatchFactory = Callable[..., Batch]
+KindOf = Callable[["LoadedPipeline", "GenerationRequest"], tuple[Any, ...]]
+
+
+@dataclass(eq=False)
+class Job:
+    job_id: str
+    key: ModelKey
+    request: GenerationRequest
+    lease: Lease
+    progress: bool = False
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0
+    state: str = "queued"  # queued -> running -> done | failed | cancelled
+    _closed: bool = False
+
+    @property
+    def images(self) -> int:
+        return self.request.num_images
+
+    @property
+    def loaded(self) -> LoadedPipeline:
+        return self.lease.loaded
+
+    def close(self) -> None:
+        """Give the cache entry back (once): the job no longer needs its pipeline."""
+        if not self._closed:
+            self._closed = True
+            self.lease.release()
+
+
+@dataclass(eq=False)
+class Running:
+    key: ModelKey
+    kind: tuple[Any, ...]
+    batch: Batch
+    jobs: dict[str, Job] = field(default_factory=dict)
+
+
+def release_memory() -> None:
+    """Collect the failed call's objects (reference cycles included) and hand cached device
+    blocks and freed heap pages back. Call it after the `except` block has ended."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    from service.cache import _trim_heap
+
+    _trim_heap()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        emit: Callable[[object], None],
+        metrics: Any = None,
+        prompt_cache: PromptCache | None = None,
+        make_batch: BatchFactory = new_batch,
+        kind_of: KindOf = compat_key,
+        max_running: int = MAX_RUNNING_BATCHES,
+    ) -> None:
+        self.max_batch = max_batch
+        self.emit = emit
+        self.metrics = metrics
+        self.prompt_cache = prompt_cache
+        self.make_batch = make_batch
+        self.kind_of = kind_of
+        self.max_running = max_running
+        self.queue: collections.deque[Job] = collections.deque()
+        self.running: list[Running] = []
+        self._turn = 0
+        self._stepping = False
+        # Test hook, called on the engine thread before each step with the batch's jobs.
+        self.before_batch: Callable[[list[Job]], None] | None = None
+        # Set by the engine: read the pipe during a whole pipeline call (cancellations).
+        self.between_steps: Callable[[], None] | None = None
+        # Accounting (the engine's own word on what ran; tests read it through `stats`).
+        self.steps_run = 0
+        self.active = 0
+        self.max_concurrent = 0
+        self.step_log: collections.deque[list[tuple[ModelKey, str, int]]] = collections.deque(
+            maxlen=1000
+        )
+        self.started_jobs = 0
+        self.finished_jobs = 0
+        self.failed_jobs = 0
+        self.cancelled: collections.Counter[str] = collections.Counter()
+        self.dropped_images: collections.Counter[str] = collections.Counter()
+        self.ooms = 0
+        self.job_seconds = 1.0  # moving average of a job's run time (Retry-After hints)
+
+    # -- queries ---------------------------------------------------------------------------
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def has_work(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "steps_run": self.steps_run,
+            "max_concurrent": self.max_concurrent,
+            "started_jobs": self.started_jobs,
+            "finished_jobs": self.finished_jobs,
+            "failed_jobs": self.failed_jobs,
+            "cancelled": dict(self.cancelled),
+            "dropped_images": dict(self.dropped_images),
+            "ooms": self.ooms,
+            "queued": len(self.queue),
+            "running": {j: r.key.variant_id for r in self.running for j in r.jobs},
+            "step_log": [list(s) for s in list(self.step_log)[-50:]],
+        }
+
+    # -- jobs in and out -------------------------------------------------------------------
+    def enqueue(self, job: Job) -> None:
+        job.state = "queued"
+        job.enqueued_at = time.perf_counter()
+        self.queue.append(job)
+
+    def cancel(self, job_id: str, reason: str) -> m.Cancelled | None:
+        """Remove a job before its end; None when it is not here (finished, unknown)."""
+        for job in self.queue:
+            if job.job_id == job_id:
+                self.queue.remove(job)
+                return self._cancelled(job, reason, "queued", 0)
+        for run in self.running:
+            job = run.jobs.pop(job_id, None)
+            if job is not None:
+                run.batch.remove(job_id)
+                self.dropped_images[reason] += job.images
+                if not run.jobs and not self._stepping:
+                    self.running.remove(run)
+                return self._cancelled(job, reason, "running", job.images)
+        return None
+
+    def _cancelled(self, job: Job, reason: str, where: str, images: int) -> m.Cancelled:
+        job.state = "cancelled"
+        job.close()
+        self.cancelled[reason] += 1
+        if self.metrics is not None:
+            self.metrics.cancelled.labels(reason).inc()
+        log.info("job %s cancelled (%s) while %s", job.job_id, reason, where)
+        event = m.Cancelled(job.job_id, where, images)
+        self.emit(event)
+        return event
+
+    def fail_queued(self, kind: str, message: str) -> None:
+        while self.queue:
+            self._fail(self.queue.popleft(), kind, message)
+
+    def cancel_running(self, reason: str) -> None:
+        for run in list(self.running):
+            for job_id in list(run.jobs):
+                self.cancel(job_id, reason)
+
+    def _fail(self, job: Job, kind: str, message: str) -> None:
+        job.state = "failed"
+        job.close()
+        self.failed_jobs += 1
+        self.emit(m.Failed(job.job_id, kind, message))
+
+    # -- the step boundary -----------------------------------------------------------------
+    def admit(self) -> None:
+        """Move queued jobs into running batches (FIFO; a job that must wait keeps its place,
+        later ones of another kind may pass it)."""
+        if not self.queue:
+            return
+        now = time.perf_counter()
+        for job in list(self.queue):
+            try:
+                kind = self.kind_of(job.loaded, job.request)
+            except Exception as exc:  # resolving the key should not fail; never stall the queue
+                self.queue.remove(job)
+                self._fail(job, "internal", f"{type(exc).__name__}: {exc}")
+                continue
+            same = [r for r in self.running if r.key == job.key and r.kind == kind]
+            target = next((r for r in same if r.batch.can_join(job.request)), None)
+            if target is None:
+                if same and job.images <= self.max_batch:
+                    continue  # its kind runs but is full: join when a sample leaves
+                if len(self.running) >= self.max_running:
+                    continue
+                target = Running(job.key, kind, self._new_batch(job))
+                self.running.append(target)
+            self._join(target, job, now)
+
+    def _new_batch(self, job: Job) -> Batch:
+        key = job.key
+
+        def on_step(_step: int, seconds: float) -> None:
+            if self.metrics is not None:
+                self.metrics.step_duration.labels(
+                    key.model, key.backend, key.quant_type or ""
+                ).observe(seconds)
+
+        return self.make_batch(
+            job.loaded,
+            max_images=max(self.max_batch, job.images),
+            prompt_cache=self.prompt_cache,
+            on_step=on_step,
+            between_steps=self._between_steps,
+        )
+
+    def _between_steps(self) -> None:
+        if self.between_steps is not None:
+            self.between_steps()
+
+    def _join(self, run: Running, job: Job, now: float) -> None:
+        self.queue.remove(job)
+        oom: str | None = None
+        error: str | None = None
+        try:
+            run.batch.add(job.job_id, job.request)  # encodes the prompt: may fail
+        except Exception as exc:
+            oom, error = _classify(exc)
+        if oom is not None or error is not None:
+            # Memory is released here, after the handler (see the module docstring).
+            if oom is not None:
+                self._on_oom(oom, job.images, job.key)
+            self._fail(job, "oom" if oom is not None else "internal", oom or error or "")
+            if not run.jobs and run in self.running:
+                self.running.remove(run)
+            return
+        job.state = "running"
+        job.started_at = now
+        run.jobs[job.job_id] = job
+        self.started_jobs += 1
+        queued = now - job.enqueued_at
+        if self.metrics is not None:
+            self.metrics.queue_wait.labels(job.key.backend).observe(queued)
+        self.emit(m.Started(job.job_id, queued))
+
+    def step_next(self) -> None:
+        """Run one step of the next running batch (round robin)."""
+        if not self.running:
+            return
+        run = self.running[self._turn % len(self.running)]
+        self._turn += 1
+        jobs = list(run.jobs.values())
+        images_before = len(run.batch)
+        self.active += 1
+        self.max_concurrent = max(self.max_concurrent, self.active)
+        self.step_log.append([(j.key, j.job_id, j.images) for j in jobs])
+        self._stepping = True
+        started = time.perf_counter()
+        oom: str | None = None
+        error: str | None = None
+        finished: list = []
+        try:
+            if self.before_batch is not None:
+                self.before_batch(jobs)
+            finished = run.batch.step()
+        except Exception as exc:
+            oom, error = _classify(exc)
+        finally:
+            self.active -= 1
+            self._stepping = False
+        # Past the handler: the failed call's frames are gone, so memory can really be freed.
+        elapsed = time.perf_counter() - started
+        self.steps_run += 1
+        key = run.key
+        if oom is not None or error is not None:
+            if run in self.running:
+                self.running.remove(run)
+            if oom is not None:
+                self._on_oom(oom, images_before, key)
+            else:
+                log.error("step failed on %s: %s", key.variant_id, error)
+            for job in run.jobs.values():
+                self._fail(job, "oom" if oom is not None else "internal", oom or error or "")
+            run.jobs.clear()
+            return
+        labels = (key.model, key.backend, key.quant_type or "")
+        if self.metrics is not None and not getattr(run.batch, "reports_steps", False):
+            self.metrics.step_duration.labels(*labels).observe(elapsed)
+        now = time.perf_counter()
+        for job_id, result in finished:
+            job = run.jobs.pop(job_id, None)
+            if job is None:  # cancelled during the call
+                continue
+            job.state = "done"
+            seconds = now - job.started_at
+            result.inference_seconds = seconds
+            self.job_seconds = 0.8 * self.job_seconds + 0.2 * seconds
+            self.finished_jobs += 1
+            if self.metrics is not None:
+                self.metrics.inference_duration.labels(*labels).observe(seconds)
+                self.metrics.images.labels(key.backend).inc(job.images)
+            self.emit(m.Finished(job_id, result, job.started_at - job.enqueued_at, images_before))
+            job.close()
+        for job in run.jobs.values():
+            if job.progress:
+                done, total = run.batch.progress(job.job_id)
+                self.emit(m.Progress(job.job_id, done, total))
+        if not run.jobs and run in self.running:
+            self.running.remove(run)
+
+    def _on_oom(self, message: str, images: int, key: ModelKey) -> None:
+        release_memory()
+        self.ooms += 1
+        if self.metrics is not None:
+            self.metrics.gpu_oom.inc()
+        log.error("out of memory running %d image(s) on %s: %s", images, key.variant_id, message)
+
+
+def _classify(exc: BaseException) -> tuple[str | None, str | None]:
+    """(oom message, None) for an out-of-memory error, (None, error text) otherwise.
+
+    Only strings leave: keeping `exc` would keep its traceback, and so the failed call's
+    tensors, alive past the handler.
+    """
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        text = str(exc)
+        return (text.splitlines()[0] if text else "out of memory"), None
+    return None, f"{type(exc).__name__}: {exc}"
