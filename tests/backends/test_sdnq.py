@@ -65,6 +65,12 @@ def test_folder_saved_by_plain_diffusers_reloads_as_sdnq(
     assert not (tmp_path / "plain" / "qdserve.json").exists()
     config = json.loads((tmp_path / "plain" / "transformer" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "sdnq"
+    # storage.py's count is the real size: the saved file holds the same bytes (+ header).
+    saved = sum(
+        f.stat().st_size for f in (tmp_path / "plain" / "transformer").glob("*.safetensors")
+    )
+    stored = sdnq_int8.components["transformer"].storage_bytes
+    assert stored <= saved <= stored * 1.01
     reloaded = load_pipeline(QuantSettings(model=str(tmp_path / "plain")))
     assert (reloaded.backend, reloaded.quant_type, reloaded.pre_quantized) == ("sdnq", "int8", True)
     assert reloaded.components["transformer"].quantized
