@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +58,18 @@ def _tensors(module: torch.nn.Module) -> dict[str, int]:
 
 def _pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: on CPUs shared with other work, torch's default two spin against
+    each other (this module ran 5x slower with them)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +207,7 @@ BACKENDS = [
     ("quanto", "int8"),
     ("torchao", "int8wo"),
     ("gguf", "Q8_0"),
-    # SDNQ's load alone takes ~15 s here (eager fallback kernels).
-    pytest.param("sdnq", "int8", marks=pytest.mark.slow),
+    ("sdnq", "int8"),
 ]
 
 
