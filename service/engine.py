@@ -109,8 +109,10 @@ class ServiceState:
         self.model_id = self.variants.model_id
         self.preload_variants, warnings = self.variants.preload(self.settings.preload)
         self.warnings.extend(warnings)
+        # The engine needs no API keys: they stay in the HTTP process.
+        engine_settings = self.settings.model_copy(update={"api_keys": []})
         self.engine = EngineClient(
-            EngineConfig(self.quant, self.settings, self.preload_variants),
+            EngineConfig(self.quant, engine_settings, self.preload_variants),
             mode=self.settings.engine,
             metrics=self.metrics,
             max_queue=self.settings.max_queue,

@@ -740,3 +740,38 @@ def _inflight(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=5).text
     line = next(x for x in text.splitlines() if x.startswith("qds_inflight_requests "))
     return float(line.split()[1])
+
+
+# -- on a GPU --------------------------------------------------------------------------------
+def cuda_oom_hook(jobs: list) -> None:
+    """before_batch in the engine process: a prompt "cuda-oom" allocates blocks on the device
+    until CUDA refuses, holding them in the failing frame (as a real forward holds its
+    activations), so only a release after the handler gives them back."""
+    if any(job.request.prompt == "cuda-oom" for job in jobs):
+        held = []
+        while True:
+            held.append(torch.empty(8 * 2**30, dtype=torch.uint8, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_is_503_and_the_memory_is_released(cache_dir: Path) -> None:
+    def setup(qds: Any) -> None:
+        qds.before_batch = cuda_oom_hook
+
+    with running_server(
+        cache_dir, quant={"device": "cuda"}, engine="process", setup=setup, request_timeout=120
+    ) as server:
+        assert _post(server, {"prompt": "warm"}).status_code == 200
+        before = _query(server)["gpu"]["cuda:0"]
+        r = _post(server, {"prompt": "cuda-oom"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
+        after = _query(server)["gpu"]["cuda:0"]
+        # Everything the failed step allocated is free again, and handed back to the device.
+        assert after["allocated"] <= before["allocated"] + 64 * 2**20, (before, after)
+        assert after["reserved"] <= before["reserved"] + 64 * 2**20, (before, after)
+        assert after["peak"] > before["total"] // 2  # the step really filled the device
+        assert _post(server, {"prompt": "after"}).status_code == 200
+        with server.client() as c:
+            text = c.get("/metrics").text
+        assert 'qds_gpu_memory_allocated_bytes{device="cuda:0"}' in text
+        assert "qds_gpu_oom_total 1.0" in text

@@ -451,6 +451,7 @@ class EngineCore:
             "prompt_cache": self.prompt_cache.stats(),
             "ready": self._ready,
             "reason": self._reason,
+            "gpu": local_readings(),
         }
 
 
