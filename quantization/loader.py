@@ -319,6 +319,7 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
                 f"unset QDS_QUANT_BACKEND or set it to {saved.backend}"
             )
         backend = get_backend(saved.backend)
+        backend.before_loading_saved(device)
         quant_type = saved.quant_type or (
             quant_type if settings.quant_backend == saved.backend else None
         )

@@ -190,6 +190,10 @@ class QuantBackend:
         """
         return self.quantizes and quant_method == self.key
 
+    def before_loading_saved(self, device: str) -> None:
+        """Ready the libraries to read a folder this backend saved, before `from_pretrained`
+        runs on it (`device`: where it will run). Most need nothing."""
+
     def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
         """The quant type recorded in a saved `quantization_config`, when it says."""
         return None

@@ -38,10 +38,13 @@ class SDNQBackend(QuantBackend):
     default_quant_type = "int8"
     bits: ClassVar[dict[str, float]] = dict(SDNQ_TYPES)
 
-    def _kwargs(self, req: ConfigRequest) -> dict[str, Any]:
-        if req.device is not None and not req.device.startswith("cuda"):
+    def _eager_on_cpu(self, device: str | None) -> None:
+        if device is not None and not device.startswith("cuda"):
             # sdnq reads this once, at import: set it before diffusers imports sdnq.
             os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
+
+    def _kwargs(self, req: ConfigRequest) -> dict[str, Any]:
+        self._eager_on_cpu(req.device)
         return {
             "weights_dtype": req.quant_type or self.default_quant_type,
             "modules_to_not_convert": list(req.modules_to_not_convert) or None,
@@ -56,6 +59,13 @@ class SDNQBackend(QuantBackend):
         from sdnq import SDNQConfig
 
         return SDNQConfig(**kwargs)
+
+    def before_loading_saved(self, device: str) -> None:
+        self._eager_on_cpu(device)
+        # transformers learns of SDNQ only when sdnq is imported; diffusers imports it only
+        # for its own components. Without this a saved SDNQ text encoder, alone in a fresh
+        # process, loaded as plain Linear layers and drew a different image (measured).
+        import sdnq  # noqa: F401
 
     def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
         return component_config.get("weights_dtype")

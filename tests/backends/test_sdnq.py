@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 from quantization.backends import ConfigRequest, get_backend
 from quantization.generate import GenerationRequest, generate
 from quantization.loader import LoadedPipeline, load_pipeline
+from quantization.prequantize import quantize_and_save
 from quantization.settings import QuantSettings
 
 PROMPT = GenerationRequest(prompt="a red circle on the left", seed=7, num_inference_steps=2)
@@ -94,3 +97,35 @@ def test_sdnq_types_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         QuantSettings(quant_backend="sdnq", quant_type="nf4")
     assert QuantSettings(quant_backend="sdnq").resolved_quant_type == "int8"
+
+
+@pytest.mark.slow  # a fresh interpreter: about 20 s on 2 busy cores
+def test_saved_sdnq_text_encoder_loads_quantized_in_a_fresh_process(
+    embedded_path: Path, tmp_path: Path
+) -> None:
+    # transformers reads SDNQ only once sdnq is imported; diffusers imports it only for its
+    # own components, so a folder whose one SDNQ component is a text encoder needs the hook.
+    out = quantize_and_save(
+        QuantSettings(
+            model=str(embedded_path),
+            quant_backend="sdnq",
+            components_to_quantize=["text_encoder_2"],
+        ),
+        tmp_path / "te-only",
+    )
+    code = (
+        "import json, sys; from quantization.loader import load_pipeline; "
+        "from quantization.settings import QuantSettings; "
+        "c = load_pipeline(QuantSettings(model=sys.argv[1])).components['text_encoder_2']; "
+        "print(json.dumps([c.quantized, c.storage_bytes / c.unquantized_bytes]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    quantized, ratio = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert quantized and ratio < 0.6  # was 1.0: plain Linear layers, weights misread
