@@ -117,6 +117,8 @@ class Row:
     mad: float | None = None
     seconds: float | None = None
     error: str | None = None
+    # Edit checks (examples/demo/edits_check.py): "inpaint x% / keep y% / recolor z%", or why not.
+    edits: str | None = None
     images: list[Image.Image] = field(default_factory=list, repr=False)
 
 
@@ -159,7 +161,19 @@ def evaluate(
         row.mad = float(
             np.mean([mean_abs_diff(a, b) for a, b in zip(row.images, reference, strict=True)])
         )
+        row.edits = _edit_summary(pipe, steps, guidance)
     return rows
+
+
+def _edit_summary(pipe: Any, steps: int, guidance: float) -> str:
+    """The edit checks on this pipeline (img2img / inpaint built from its own modules)."""
+    from examples.demo.edits_check import edit_scores
+
+    try:
+        return edit_scores(pipe, steps=steps, guidance=guidance).summary()
+    except Exception as exc:  # report, don't abort (e.g. a family without edit pipelines)
+        first = (str(exc).splitlines() or [""])[0].replace("|", "/")
+        return f"not run: {type(exc).__name__}: {first}"
 
 
 def grid(rows: Sequence[Row], prompts: Sequence[str], scale: int = 3) -> Image.Image:
@@ -206,10 +220,14 @@ def write_report(
         f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
         f"{SIZE}x{SIZE}, {steps} steps, guidance {guidance}. Adherence: the pixel checker "
         "(`examples/demo/checker.py`) finds the prompted shape, color and position. "
-        f"PSNR / mean abs diff: against `{rows[0].name}` at the same seed (0-255 scale).",
+        f"PSNR / mean abs diff: against `{rows[0].name}` at the same seed (0-255 scale). "
+        "Edits: the share of seeds 0-5 passing each edit check of `examples/demo/edits_check.py` "
+        "(inpaint a blue square over the red circle; img2img at strength 0.3 keeps the "
+        "circle's shape and place; img2img at 0.6 recolors it blue).",
         "",
-        "| backend | prompt adherence | PSNR (dB) | mean abs diff | generation time (s) | note |",
-        "|---|---|---|---|---|---|",
+        "| backend | prompt adherence | PSNR (dB) | mean abs diff | generation time (s) | note "
+        "| edits: inpaint / keep / recolor |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = r.error or ""
@@ -217,7 +235,7 @@ def write_report(
             note = "breaks the model (adherence below 50%)"
         lines.append(
             f"| {r.name} | {_fmt(r.adherence, '.1%')} | {_fmt(r.psnr, '.1f')} | "
-            f"{_fmt(r.mad, '.2f')} | {_fmt(r.seconds, '.1f')} | {note} |"
+            f"{_fmt(r.mad, '.2f')} | {_fmt(r.seconds, '.1f')} | {note} | {r.edits or '-'} |"
         )
     lines += ["", f"![grid]({png_path.name})", ""]
     if notes:
