@@ -169,7 +169,8 @@ class QualityCell:
     source: str = QUALITY
 
 
-# As printed in docs/quality.md (adherence: 41/42 = 97.6%, 40/42 = 95.2%, 33/42 = 78.6%).
+# As printed in docs/quality.md (adherence: 41/42 = 97.6%, 40/42 = 95.2%, 39/42 = 92.9%,
+# 33/42 = 78.6%); gguf F16 printed identical to `none` and is left out (auto never picks GGUF).
 QUALITY_CELLS: dict[Case, QualityCell] = {
     ("quanto", "int8"): QualityCell(60.2, 0.976),
     ("quanto", "float8"): QualityCell(49.9, 0.952),
@@ -179,8 +180,16 @@ QUALITY_CELLS: dict[Case, QualityCell] = {
     ("torchao", "int8dq"): QualityCell(58.6, 0.976),
     ("torchao", "float8wo"): QualityCell(49.9, 0.952),
     ("gguf", "Q8_0"): QualityCell(60.9, 0.976),
+    ("gguf", "Q5_1"): QualityCell(47.3, 0.976),
     ("gguf", "Q5_0"): QualityCell(46.2, 0.976),
+    ("gguf", "Q4_1"): QualityCell(42.1, 0.929),
     ("gguf", "Q4_0"): QualityCell(42.5, 0.952),
+    ("gguf", "BF16"): QualityCell(66.0, 0.976),
+    ("sdnq", "int8"): QualityCell(60.9, 0.976),
+    ("sdnq", "int6"): QualityCell(52.9, 0.976),
+    ("sdnq", "uint4"): QualityCell(45.3, 0.976),
+    ("sdnq", "int4"): QualityCell(42.8, 0.952),
+    ("sdnq", "float8_e4m3fn"): QualityCell(52.7, 0.952),
 }
 UNQUANTIZED_ADHERENCE = QualityCell(float("inf"), 0.976)  # QUALITY, row `none`
 
