@@ -216,6 +216,33 @@ def test_remove_drops_a_request_and_the_others_finish(loaded: LoadedPipeline) ->
         assert _diff(out[job_id][0], _generate(loaded, req)) <= TOL
 
 
+def test_add_many_encodes_once_and_is_all_or_none(loaded: LoadedPipeline) -> None:
+    reqs = {
+        "a": _req(loaded, seed=61),
+        "b": _req(loaded, prompt="a green star", seed=62, num_inference_steps=3),
+        "c": _req(loaded, prompt="a blue square", seed=63, num_images=2),
+    }
+    batch = StepBatch(loaded, max_images=4)
+    with pytest.raises(ValueError, match="'x' cannot join"):
+        batch.add_many([("w", reqs["a"]), ("x", _req(loaded, width=64, height=64))])
+    small = StepBatch(loaded, max_images=3)
+    with pytest.raises(ValueError, match=r"'y' cannot join.*3 of 3 images taken"):
+        small.add_many([("w", reqs["a"]), ("v", reqs["c"]), ("y", reqs["b"])])
+    assert len(batch) == 0 and batch.key is None and len(small) == 0
+    calls, handles = _count_encoder_calls(loaded.pipeline)
+    try:
+        batch.add_many(list(reqs.items()))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls[0] == 2  # three prompts, one call of each text encoder
+    assert len(batch) == 4
+    out = _drain(batch)
+    for job_id, req in reqs.items():
+        assert out[job_id][0].steps == req.num_inference_steps
+        assert _diff(out[job_id][0], _generate(loaded, req)) <= TOL
+
+
 def test_step_raises_pipeline_errors_and_keeps_state(
     loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -288,7 +315,7 @@ def test_prompt_cache_skips_the_text_encoders_and_keeps_pixels(loaded: LoadedPip
     calls, handles = _count_encoder_calls(loaded.pipeline)
     try:
         first = _alone(loaded, req, prompt_cache=cache)
-        assert calls[0] == 4  # prompt and negative, two encoders each
+        assert calls[0] == 2  # prompt and negative in one call of each text encoder
         assert (cache.hits, cache.misses, len(cache)) == (0, 2, 2)
         second = _alone(loaded, replace(req, seed=52), prompt_cache=cache)
         third = _alone(loaded, req, prompt_cache=cache)
@@ -297,7 +324,7 @@ def test_prompt_cache_skips_the_text_encoders_and_keeps_pixels(loaded: LoadedPip
     finally:
         for h in handles:
             h.remove()
-    assert calls[0] == 4
+    assert calls[0] == 2
     assert (cache.hits, cache.misses) == (5, 2)
     assert _diff(first, uncached) == 0 and _diff(third, uncached) == 0
     assert _diff(second, uncached) > 0  # another seed: the cache did not freeze the image
