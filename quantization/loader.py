@@ -23,7 +23,7 @@ from quantization.backends import (
 )
 from quantization.embedded import EMBEDDED_MODEL_ID, T5_MAX_LENGTH, embedded_model_path
 from quantization.environment import DeviceInfo, detect_device, resolve_device
-from quantization.settings import DENOISERS, OffloadMode, QuantSettings
+from quantization.settings import AUTO_BACKEND, DENOISERS, OffloadMode, QuantSettings
 from quantization.storage import module_storage
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ class LoadedPipeline:
             "pre_quantized": self.pre_quantized,
             "load_seconds": round(self.load_seconds, 3),
             "storage_bytes": self.storage_bytes,
+            **{k: self.extra[k] for k in ("plan", "quality") if k in self.extra},
             "components": {
                 name: {
                     "quantized": c.quantized,
@@ -294,7 +295,8 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         raise BackendUnavailable("QDS_DEVICE=cuda but no CUDA GPU is visible; use QDS_DEVICE=cpu")
     # The hardware the model will run on: a CUDA machine asked to use the CPU checks as CPU.
     target = device_info if device.startswith("cuda") else DeviceInfo(False, "cpu")
-    backend = get_backend(settings.quant_backend)
+    auto = settings.quant_backend == AUTO_BACKEND  # the plan checks each component's backend
+    backend = get_backend("none" if auto else settings.quant_backend)
     quant_type = settings.resolved_quant_type
     backend.check(quant_type, target, settings.compute_dtype)
     dtype = resolve_dtype(settings.compute_dtype, device)
@@ -312,6 +314,7 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
     pre_quantized = saved is not None
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     quantized_names: set[str] = set()
+    extra: dict[str, Any] = {}
     if saved is not None:
         if backend.quantizes and saved.backend != backend.key:
             raise ModelLoadError(
@@ -325,6 +328,18 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         )
         backend.check(quant_type, target, None)
         quantized_names = set(saved.components)
+    elif auto:
+        from quantization.planning import PlanError, auto_quantization
+
+        try:
+            plan, mapping = auto_quantization(settings, model_id, source, device, dtype)
+        except PlanError as exc:
+            raise ModelLoadError(f"QDS_QUANT_BACKEND=auto: {exc}") from exc
+        log.info("auto plan for %s: %s", model_id, plan.summary())
+        if mapping:
+            kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
+        quantized_names = set(mapping)
+        extra["plan"] = plan.to_dict()
     else:
         model = backend.load_denoiser(settings, source, index[denoiser][1], denoiser, dtype)
         if model is not None:
@@ -360,11 +375,11 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
             unquantized_bytes=report.unquantized_bytes(dtype),
             bf16_bytes=report.parameters * 2,
         )
-    return LoadedPipeline(
+    loaded = LoadedPipeline(
         pipeline=pipe,
         model=model_id,
         model_path=source,
-        backend=backend.key,
+        backend=AUTO_BACKEND if auto and not pre_quantized else backend.key,
         quant_type=quant_type if backend.quantizes else None,
         compute_dtype=dtype,
         device=device,
@@ -373,4 +388,13 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         load_seconds=time.perf_counter() - start,
         pre_quantized=pre_quantized,
         defaults=_model_defaults(pipe, source, denoiser),
+        extra=extra,
     )
+    from quantization.quality_guard import guard
+
+    try:
+        guard(loaded, settings, load_pipeline)  # QDS_QUALITY_CHECK; raises QualityRefused
+    except Exception:
+        loaded.release()
+        raise
+    return loaded

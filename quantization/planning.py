@@ -1077,3 +1077,32 @@ def quant_mapping(plan: Plan, request: Callable[[str | None], Any]) -> dict[str,
         else:
             mapping[comp.name] = backend.transformers_config(req)
     return mapping
+
+
+def auto_quantization(
+    settings: Any, model_id: str, source: str, device: str, dtype: Any
+) -> tuple[Plan, dict[str, Any]]:
+    """`QDS_QUANT_BACKEND=auto` for the loader: the plan for `settings` on `device`, and the
+    per-component quant_mapping that loads it (each component with its own backend's config)."""
+    from quantization.backends import ConfigRequest
+
+    plan = plan_for_load(
+        model_id,
+        source,
+        device,
+        settings.memory_budget,
+        settings.priority,
+        settings.quality_floor_psnr,
+        settings.compute_dtype,
+    )
+    mapping = quant_mapping(
+        plan,
+        lambda quant_type: ConfigRequest(
+            quant_type=quant_type,
+            compute_dtype=dtype,
+            modules_to_not_convert=tuple(settings.modules_to_not_convert),
+            bnb_double_quant=settings.bnb_double_quant,
+            device=device,
+        ),
+    )
+    return plan, mapping

@@ -301,6 +301,21 @@ def guard(loaded: LoadedPipeline, settings: Any, load: Any) -> QualityReport | N
     folder = getattr(settings, "quality_references", None)
     if folder is not None:
         report = check_against_references(loaded, Path(folder), floor)
+    elif loaded.pre_quantized:
+        raise QualityRefused(
+            QualityReport(
+                False,
+                math.nan,
+                math.nan,
+                None,
+                None,
+                0,
+                "nothing",
+                floor,
+                "QDS_QUALITY_CHECK on a pre-quantized folder needs QDS_QUALITY_REFERENCES: the "
+                "unquantized model to compare with is not in it",
+            )
+        )
     else:
         # Nothing is quantized in the reference, so its own load skips this check.
         reference = load(settings.with_backend("none"))

@@ -25,6 +25,8 @@ KNOWN_COMPONENTS = (
     "vae",
 )
 DENOISERS = ("transformer", "unet")
+# QDS_QUANT_BACKEND=auto: a backend and type per component from quantization/planning.py.
+AUTO_BACKEND = "auto"
 # Set while `QuantSettings.unprepared` builds settings whose artifacts `prepare` will make.
 _UNPREPARED: ContextVar[bool] = ContextVar("qds_unprepared", default=False)
 
@@ -53,7 +55,12 @@ class QuantSettings(BaseSettings):
         default="embedded",
         description="Hub id, local diffusers folder, or `embedded` (the built-in small Flux).",
     )
-    quant_backend: str = Field(default="none", description="One of: " + ", ".join(BACKENDS) + ".")
+    quant_backend: str = Field(
+        default="none",
+        description="One of: "
+        + ", ".join(BACKENDS)
+        + "; or auto: per component, to fit QDS_MEMORY_BUDGET (docs/planning.md).",
+    )
     quant_type: str | None = Field(
         default=None,
         description=(
@@ -86,6 +93,30 @@ class QuantSettings(BaseSettings):
     cache_dir: Path | None = Field(
         default=None, description="Where built / converted models are cached."
     )
+    memory_budget: int | None = Field(
+        default=None,
+        description="auto: bytes (or 16GB, 16GiB) the model may use; default the device's free "
+        "memory minus 10%.",
+    )
+    priority: Literal["quality", "speed", "memory"] = Field(
+        default="quality", description="auto: what to maximise among the plans that fit."
+    )
+    quality_check: bool = Field(
+        default=False,
+        description="After loading a quantized model, compare probe images with the "
+        "unquantized model; refuse readiness below the floors.",
+    )
+    quality_floor_psnr: float = Field(
+        default=30.0, ge=0, description="Quality check / auto: lowest PSNR (dB) accepted."
+    )
+    quality_floor_adherence: float = Field(
+        default=0.75, ge=0, le=1, description="Quality check, demo model: lowest prompt adherence."
+    )
+    quality_references: Path | None = Field(
+        default=None,
+        description="Quality check: folder of recorded reference probes (instead of loading the "
+        "unquantized model).",
+    )
 
     @field_validator("components_to_quantize", "modules_to_not_convert", mode="before")
     @classmethod
@@ -96,11 +127,26 @@ class QuantSettings(BaseSettings):
     @classmethod
     def _backend_known(cls, value: str) -> str:
         key = value.strip().lower()
-        if key not in BACKENDS:
+        if key not in BACKENDS and key != AUTO_BACKEND:
             raise ValueError(
-                f"QDS_QUANT_BACKEND={value!r} is not a backend; allowed: {', '.join(BACKENDS)}"
+                f"QDS_QUANT_BACKEND={value!r} is not a backend; allowed: "
+                f"{', '.join(BACKENDS)}, {AUTO_BACKEND}"
             )
         return key
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget_size(cls, value: object) -> object:
+        from quantization.planning import PlanError, parse_bytes
+
+        if value in (None, ""):
+            return None
+        try:
+            return parse_bytes(value if isinstance(value, int) else str(value))
+        except PlanError:
+            raise ValueError(
+                f"QDS_MEMORY_BUDGET={value!r} is not a size; use bytes or e.g. 16GB, 24GiB"
+            ) from None
 
     @field_validator("quant_type")
     @classmethod
@@ -127,11 +173,28 @@ class QuantSettings(BaseSettings):
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"QDS_DEVICE={self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+        if self.quant_backend == AUTO_BACKEND:
+            return self._auto_options()
         # The backend owns its rules (quant types, text encoders, its own files).
         backend = get_backend(self.quant_backend)
         backend.validate_settings(self)
         if not _UNPREPARED.get():
             backend.validate_artifacts(self)
+        return self
+
+    def _auto_options(self) -> QuantSettings:
+        if self.quant_type is not None:
+            raise ValueError(
+                f"QDS_QUANT_TYPE={self.quant_type!r} is set but QDS_QUANT_BACKEND=auto chooses "
+                "the type per component; unset QDS_QUANT_TYPE"
+            )
+        for backend in BACKENDS.values():
+            for name in backend.own_settings:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"QDS_{name.upper()} is set but QDS_QUANT_BACKEND=auto; set "
+                        f"QDS_QUANT_BACKEND={backend.key} or unset QDS_{name.upper()}"
+                    )
         return self
 
     @classmethod
@@ -146,6 +209,8 @@ class QuantSettings(BaseSettings):
 
     @property
     def resolved_quant_type(self) -> str | None:
+        if self.quant_backend == AUTO_BACKEND:
+            return None
         return self.quant_type or get_backend(self.quant_backend).default_quant_type
 
     def with_backend(self, backend: str, quant_type: str | None = None) -> QuantSettings:

@@ -291,3 +291,68 @@ def test_qdserve_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert err.startswith("qdserve plan: no plan for black-forest-labs/FLUX.1-dev fits")
     assert "needs 14.83 GB" in err
+
+
+# --- QDS_QUANT_BACKEND=auto through the settings, the loader and the server ------------------
+
+
+def test_auto_settings() -> None:
+    from pydantic import ValidationError
+
+    from quantization.settings import QuantSettings
+
+    s = QuantSettings(quant_backend="auto", memory_budget="15MB", priority="speed")
+    assert (s.memory_budget, s.priority, s.resolved_quant_type) == (15_000_000, "speed", None)
+    assert QuantSettings(quant_backend="auto", memory_budget="2GiB").memory_budget == 2 * 2**30
+    with pytest.raises(ValidationError, match="QDS_QUANT_BACKEND=auto chooses the type"):
+        QuantSettings(quant_backend="auto", quant_type="int8")
+    with pytest.raises(ValidationError, match="QDS_MEMORY_BUDGET='lots' is not a size"):
+        QuantSettings(quant_backend="auto", memory_budget="lots")
+    with pytest.raises(ValidationError, match=r"allowed: .*, auto"):
+        QuantSettings(quant_backend="automatic")
+
+
+# The embedded model's unquantized weights: 24,461,812 bytes (docs/benchmarks/matrix.json,
+# pipeline_storage_bytes), above this budget.
+BUDGET = 15_000_000
+
+
+@pytest.mark.slow
+def test_auto_loads_the_embedded_model_quantized_within_the_budget(cache_dir: Path) -> None:
+    from quantization.loader import ModelLoadError, load_pipeline
+    from quantization.settings import QuantSettings
+
+    settings = QuantSettings(
+        quant_backend="auto", memory_budget=BUDGET, device="cpu", cache_dir=cache_dir
+    )
+    loaded = load_pipeline(settings)
+    try:
+        plan = loaded.extra["plan"]
+        assert loaded.backend == "auto"
+        assert plan["total_bytes"] <= BUDGET
+        unquantized = sum(c.unquantized_bytes for c in loaded.components.values())
+        assert unquantized > BUDGET
+        # What was really loaded: within the budget with the plan's measured activation peak.
+        assert loaded.storage_bytes + plan["activation_bytes"] <= BUDGET
+        for name, comp in plan["components"].items():
+            assert loaded.components[name].quantized == (comp["backend"] != "none")
+            assert loaded.components[name].storage_bytes <= comp["bytes"]
+        assert plan["components"]["transformer"]["backend"] == "torchao"
+        assert loaded.describe()["plan"]["budget_bytes"] == BUDGET
+    finally:
+        loaded.release()
+    with pytest.raises(ModelLoadError, match=r"auto: no plan .* the smallest plan \("):
+        load_pipeline(settings.model_copy(update={"memory_budget": 5_000_000}))
+
+
+@pytest.mark.slow
+def test_auto_is_served_and_listed(cache_dir: Path) -> None:
+    from test_service_support import running_server
+
+    quant = {"quant_backend": "auto", "memory_budget": BUDGET, "device": "cpu"}
+    with running_server(cache_dir, quant=quant) as server, server.client() as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "32x32"})
+        assert r.status_code == 200, r.text
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["backend"] == "auto" and card["loaded"] is True
+        assert card["storage_bytes"] < BUDGET

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -102,17 +104,25 @@ def _fast(loaded: object) -> Probe:
 
 
 @pytest.mark.slow
-def test_quanto_int2_is_refused_with_its_psnr(reference: object) -> None:
-    loaded = _quanto("int2")
-    report = check_against_model(loaded, reference, NO_ADHERENCE, _fast(loaded))
-    loaded.release()
-    assert not report.passed
-    assert report.psnr_db < 30.0
-    with pytest.raises(QualityRefused) as err:
-        enforce(report)
-    assert f"PSNR {report.psnr_db:.1f} dB" in str(err.value)
-    assert "below the floor 30.0 dB" in str(err.value)
-    assert "against the unquantized model (qdserve/embedded-flux, none)" in str(err.value)
+def test_quanto_int2_is_refused_at_readiness_with_its_psnr(cache_dir: Path) -> None:
+    """QDS_QUALITY_CHECK through the loader and the server: the full default probe (four
+    prompts, the demo's 12 steps) against an unquantized load; /readyz says why."""
+    from test_service_support import running_server
+
+    quant = {"quant_backend": "quanto", "quant_type": "int2", "quality_check": True}
+    with running_server(cache_dir, quant=quant, wait_ready=False) as server, server.client() as c:
+        deadline = time.monotonic() + 150
+        body = c.get("/readyz").json()
+        while "failed" not in body["reason"]:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+            body = c.get("/readyz").json()
+        assert c.get("/readyz").status_code == 503
+    reason = body["reason"]
+    assert "quality check failed on 4 probe images against the unquantized model" in reason
+    psnr_db = float(re.search(r"PSNR ([\d.]+) dB", reason).group(1))
+    assert psnr_db < 30.0
+    assert "is below the floor 30.0 dB" in reason
 
 
 @pytest.mark.slow
