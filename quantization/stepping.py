@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from quantization.generate import GenerationRequest, GenerationResult, image_seeds, resolve
+from quantization.previews import flux_preview, observe_decode
 from quantization.token_usage import count_usage
 
 if TYPE_CHECKING:
@@ -142,6 +143,11 @@ class StepBatch:
         default_len = (
             accepts["max_sequence_length"].default if "max_sequence_length" in accepts else None
         )
+        # Looked up once: both walk every module's hooks (a few ms per call on the demo
+        # model, more than the rest of a step's bookkeeping), and the placement of a loaded
+        # pipeline (device, offload hooks) does not change under a batch.
+        self._device = self.pipe._execution_device
+        self._vae_device = _module_device(self.pipe.vae)
         self._max_sequence_length = int(
             loaded.defaults.max_sequence_length or default_len or _FLUX_MAX_SEQUENCE_LENGTH
         )
@@ -194,7 +200,7 @@ class StepBatch:
         self._check_joinable(items)
         added = time.perf_counter()
         pipe = self.pipe
-        device = pipe._execution_device
+        device = self._device
         texts = [r.prompt for _, r in items]
         texts += [r.negative_prompt for _, r in items if r.negative_prompt is not None]
         with torch.no_grad():
@@ -320,12 +326,13 @@ class StepBatch:
         return self._finish(finished)
 
     def latents_preview(self, job_id: str) -> list[Image]:
-        """A cheap preview of the request's current latents: the VAE on the predicted x0.
+        """A cheap preview of the request's current latents, from the predicted x0.
 
         After step k the latents sit at sigma_k and the last velocity v predicts the clean
         sample x0 = x - sigma_k * v (flow matching: x = (1 - sigma) x0 + sigma * noise). Before
-        the first step it shows the initial noise. Cost: one VAE decode of the request's
-        images (the same as its final decode), no transformer forward.
+        the first step it shows the initial noise. Rendered by quantization.previews: a
+        linear latent -> RGB map fitted to this pipeline's VAE (under a millisecond at 32x32),
+        real VAE decodes while that fit is still learning; no transformer forward.
         """
         import torch
 
@@ -336,7 +343,7 @@ class StepBatch:
             else:
                 sigma = job.sigmas[job.step]
                 x0 = (job.latents.to(torch.float32) - sigma * job.velocity).to(job.latents.dtype)
-            return self._decode(x0, job.request)
+            return flux_preview(self.pipe, x0, job.request, self._decode)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -370,7 +377,7 @@ class StepBatch:
         embeds, pooled, text_ids = pipe.encode_prompt(
             prompt=missing,
             prompt_2=None,
-            device=pipe._execution_device,
+            device=self._device,
             num_images_per_prompt=1,
             max_sequence_length=self._max_sequence_length,
         )
@@ -412,9 +419,7 @@ class StepBatch:
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        timesteps, _ = retrieve_timesteps(
-            scheduler, steps, self.pipe._execution_device, sigmas=sigmas, mu=mu
-        )
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self._device, sigmas=sigmas, mu=mu)
         schedule = (timesteps, scheduler.sigmas)
         self._schedules[(steps, image_seq_len)] = schedule
         return schedule
@@ -488,7 +493,7 @@ class StepBatch:
             packed, int(req.height or 0), int(req.width or 0), pipe.vae_scale_factor
         )
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        latents = latents.to(_module_device(vae))
+        latents = latents.to(self._vae_device)
         image = vae.decode(latents, return_dict=False)[0]
         return list(pipe.image_processor.postprocess(image, output_type="pil"))
 
@@ -504,6 +509,8 @@ class StepBatch:
                 start = time.perf_counter()
                 images = self._decode(job.latents, job.request)
                 done = time.perf_counter()
+                # The final decode teaches the preview map (quantization.previews) for free.
+                observe_decode(self.pipe, job.latents, job.request, images)
                 req = job.request
                 results.append(
                     (
