@@ -1106,3 +1106,17 @@ def auto_quantization(
         ),
     )
     return plan, mapping
+
+
+def plan_card(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The short form of a plan (`Plan.to_dict()`) that `GET /v1/models` shows."""
+    return {
+        "priority": plan["priority"],
+        "budget_bytes": plan["budget_bytes"],
+        "total_bytes": plan["total_bytes"],
+        "activation_bytes": plan["activation_bytes"],
+        "components": {
+            name: {k: c[k] for k in ("backend", "quant_type", "bytes")}
+            for name, c in plan["components"].items()
+        },
+    }
