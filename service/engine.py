@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from quantization.generate import GenerationRequest, image_seeds
 from quantization.loader import load_pipeline
 from quantization.settings import QuantSettings
 from service import exceptions as errors
@@ -51,13 +52,28 @@ log = logging.getLogger("qdserve.engine")
 _POLL_S = 0.1
 # Results of at most this many pixels (all images together) are encoded on the event loop
 # (a noisy 32x32 PNG: ~0.2 ms; 128x128: ~1.4 ms, the most the loop is held): cheaper than the
-# hop to a thread and back, whose GIL hand-offs slow the running pipeline call. Larger ones go
-# to a thread (PNG level 1: ~56 ms for 1024x1024), where Pillow's encoder releases the GIL.
+# hop to a thread and back. Larger ones go to a thread (PNG level 1: ~56 ms for 1024x1024),
+# where Pillow's encoder releases the GIL, so the loop keeps serving meanwhile.
 INLINE_ENCODE_PIXELS = 128 * 128
 
 
 class ClientGone(Exception):
     """The client disconnected while its request waited; nothing will read the answer."""
+
+
+@dataclass
+class Submitted:
+    """A request queued in the engine: what it asked, what it resolved to, its job."""
+
+    key: ModelKey
+    params: ImageParams
+    request: GenerationRequest  # resolved: seed, size, steps set
+    job: PendingJob
+    deadline: float  # time.monotonic() by which it must be answered
+
+    @property
+    def seeds(self) -> list[int]:
+        return image_seeds(int(self.request.seed or 0), self.request.num_images)
 
 
 @dataclass
@@ -184,11 +200,24 @@ class ServiceState:
 
     # -- the request path --------------------------------------------------------------
     async def run(self, request: Request, params: ImageParams) -> Outcome:
-        """Serve one generation request (see `_run`), counted in qds_inflight_requests."""
+        """Serve one generation request, counted in qds_inflight_requests: submit it, await
+        its result (withdrawing it if the client leaves or the deadline passes), encode."""
         with self.metrics.inflight.track_inprogress():
-            return await self._run(request, params)
+            sub = await self.submit(request, params)
+            finished = await self._wait(request, sub)
+            return await self.outcome(sub, finished)
 
-    async def _run(self, request: Request, params: ImageParams) -> Outcome:
+    async def submit(
+        self,
+        request: Request,
+        params: ImageParams,
+        *,
+        on_event: Callable[[Any], None] | None = None,
+        partial_images: int = 0,
+    ) -> Submitted:
+        """Check, resolve and queue a request in the engine; errors here are ordinary HTTP
+        errors. With `on_event`, the job's per-step `Progress` and its `partial_images`
+        previews (`service.streaming.preview_steps`) reach it on the event loop."""
         deadline = time.monotonic() + self.settings.request_timeout
         # The configured limits first: a request refused anyway must not load a model.
         check_limits(params, self.settings)
@@ -216,9 +245,19 @@ class ServiceState:
             raise _load_error(key, exc) from None
 
         gen = resolve(params, self.settings, defaults)
-        job = self.engine.submit(key, variant, gen, allow_load=allowed)
-        finished = await self._wait(request, job, deadline)
+        previews: tuple[int, ...] = ()
+        if on_event is not None and partial_images:
+            from service.streaming import preview_steps
 
+            previews = preview_steps(int(gen.num_inference_steps or 0), partial_images)
+        job = self.engine.submit(
+            key, variant, gen, allow_load=allowed, on_event=on_event, previews=previews
+        )
+        return Submitted(key, params, gen, job, deadline)
+
+    async def outcome(self, sub: Submitted, finished: Finished) -> Outcome:
+        """Encode a finished job's images (on the loop if tiny, else in a thread)."""
+        params = sub.params
         result = finished.result
         start = time.perf_counter()
         pixels = result.width * result.height * len(result.images)
@@ -229,7 +268,7 @@ class ServiceState:
                 encode_all, result.images, params.output_format, params.output_compression
             )
         return Outcome(
-            key=key,
+            key=sub.key,
             images=images,
             seeds=result.seeds,
             width=result.width,
@@ -242,7 +281,15 @@ class ServiceState:
             usage=result.usage,
         )
 
-    async def _wait(self, request: Request, job: PendingJob, deadline: float) -> Finished:
+    def job_error(self, sub: Submitted, exc: BaseException) -> BaseException:
+        """What the client is told about a job the engine failed (domain errors pass)."""
+        return _job_error(sub.key, exc) if isinstance(exc, JobFailed) else exc
+
+    def timeout_error(self, sub: Submitted) -> errors.RequestTimeout:
+        where = "while running" if sub.job.started else "while queued (removed from the queue)"
+        return _timeout(self.settings.request_timeout, where)
+
+    async def _wait(self, request: Request, sub: Submitted) -> Finished:
         """Await the job under the deadline; withdraw it if the client disconnects.
 
         The disconnect is awaited (one task blocked in the ASGI `receive`, which uvicorn
@@ -251,9 +298,10 @@ class ServiceState:
         second, each building and cancelling an anyio cancel scope (measured at concurrency
         16); it also notices a departure at once.
         """
+        job = sub.job
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            remaining = deadline - time.monotonic()
+            remaining = sub.deadline - time.monotonic()
             if remaining > 0:
                 await asyncio.wait(
                     {job.future, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -269,11 +317,9 @@ class ServiceState:
                 queued = self.engine.cancel(job, "client_gone")
                 log.info("client left; job %s", "dropped before start" if queued else "abandoned")
                 raise ClientGone
-            queued = self.engine.cancel(job, "timeout")
-            raise _timeout(
-                self.settings.request_timeout,
-                "while queued (removed from the queue)" if queued else "while running",
-            )
+            error = self.timeout_error(sub)
+            self.engine.cancel(job, "timeout")
+            raise error
         try:
             return job.future.result()
         except JobFailed as exc:

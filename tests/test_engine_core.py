@@ -129,6 +129,10 @@ class FakeBatch:
         req, done = self.members[job_id]
         return done, req.num_inference_steps
 
+    def latents_preview(self, job_id: str) -> list[Image.Image]:
+        req, done = self.members[job_id]
+        return [Image.new("RGB", (req.width, req.height), (done, 0, 0))] * req.num_images
+
     def step(self) -> list[tuple[str, GenerationResult]]:
         prompts = {r.prompt for r, _ in self.members.values()}
         if "oom" in prompts:
@@ -164,19 +168,22 @@ class FakeBatch:
 
 
 class Gate:
-    """Holds the engine inside a chosen step (the scheduler's before_batch hook)."""
+    """Holds the engine inside chosen steps (the scheduler's before_batch hook): at each step
+    number in `at_steps`, `arrivals[n]` is set and the step waits for `releases[n]`. `arrived` /
+    `release` are the first hold's events."""
 
-    def __init__(self, at_step: int = 1) -> None:
-        self.at_step = at_step
+    def __init__(self, *at_steps: int) -> None:
         self.calls = 0
-        self.arrived = threading.Event()
-        self.release = threading.Event()
+        self.arrivals = {n: threading.Event() for n in at_steps or (1,)}
+        self.releases = {n: threading.Event() for n in self.arrivals}
+        first = min(self.arrivals)
+        self.arrived, self.release = self.arrivals[first], self.releases[first]
 
     def __call__(self, _jobs: list) -> None:
         self.calls += 1
-        if self.calls == self.at_step:
-            self.arrived.set()
-            assert self.release.wait(30)
+        if self.calls in self.arrivals:
+            self.arrivals[self.calls].set()
+            assert self.releases[self.calls].wait(30)
 
 
 class Harness:
@@ -267,7 +274,7 @@ def test_lone_request_starts_at_once_and_finishes(engine) -> None:
 
 
 def test_request_joins_at_the_next_step_and_leaves_after_its_own_steps(engine) -> None:
-    gate = Gate(at_step=2)
+    gate = Gate(2)
     h = engine(gate=gate)
     h.submit("a", num_inference_steps=5)
     assert gate.arrived.wait(10)  # the engine is inside a's second step
@@ -282,7 +289,7 @@ def test_request_joins_at_the_next_step_and_leaves_after_its_own_steps(engine) -
 
 
 def test_only_compatible_requests_share_steps_and_max_batch_holds(engine) -> None:
-    gate = Gate(at_step=1)
+    gate = Gate(1)
     h = engine(gate=gate, max_batch=4)
     h.submit("a", num_images=2)
     assert gate.arrived.wait(10)
@@ -304,18 +311,20 @@ def test_only_compatible_requests_share_steps_and_max_batch_holds(engine) -> Non
 
 
 def test_client_gone_removes_its_samples_from_the_running_batch(engine) -> None:
-    gate = Gate(at_step=2)
+    gate = Gate(1, 3)
     h = engine(gate=gate)
     h.submit("a", num_inference_steps=6)
+    assert gate.arrivals[1].wait(10)
     h.submit("b", num_inference_steps=6, seed=2)
-    assert gate.arrived.wait(10)  # a and b share step 2
+    gate.releases[1].set()
+    assert gate.arrivals[3].wait(10)  # a and b share step 3
     h.conn.send(m.Cancel("b", "client_gone"))
-    gate.release.set()
+    gate.releases[3].set()
     cancelled = h.wait(lambda e: isinstance(e, m.Cancelled))
     h.finished("a")
     assert (cancelled.job_id, cancelled.where, cancelled.images) == ("b", "running", 1)
-    # Dropped at the next boundary: b is in steps 1-2 only, a runs its remaining steps alone.
-    assert h.steps() == [["a", "b"], ["a", "b"]] + [["a"]] * 4
+    # Dropped at the next boundary: b is in steps 2-3 only, a runs its remaining steps alone.
+    assert h.steps() == [["a"], ["a", "b"], ["a", "b"], ["a"], ["a"], ["a"]]
     stats = h.scheduler.stats()
     assert stats["cancelled"] == {"client_gone": 1}
     assert stats["dropped_images"] == {"client_gone": 1}
@@ -325,7 +334,7 @@ def test_client_gone_removes_its_samples_from_the_running_batch(engine) -> None:
 
 
 def test_cancel_while_queued_costs_no_compute(engine) -> None:
-    gate = Gate(at_step=1)
+    gate = Gate(1)
     h = engine(gate=gate, max_batch=1)
     h.submit("a")
     assert gate.arrived.wait(10)
@@ -338,6 +347,26 @@ def test_cancel_while_queued_costs_no_compute(engine) -> None:
     assert all(step == ["a"] for step in h.steps())
     assert h.scheduler.stats()["cancelled"] == {"timeout": 1}
     assert h.scheduler.started_jobs == 1
+
+
+def test_progress_and_previews_of_a_streamed_job(engine) -> None:
+    h = engine()
+    gen = GenerationRequest("x", width=16, height=16, num_inference_steps=4, seed=1)
+    h.conn.send(m.Submit("a", h.key, h.quant, gen, progress=True, previews=(1, 3)))
+    h.finished("a")
+    progress = [(e.step, e.total) for e in h.events if isinstance(e, m.Progress)]
+    previews = [
+        (e.index, e.step, e.images[0].getpixel((0, 0)))
+        for e in h.events
+        if isinstance(e, m.Preview)
+    ]
+    # Every step boundary while it runs (the last one is its result), and a preview of the
+    # latents after steps 1 and 3.
+    assert progress == [(1, 4), (2, 4), (3, 4)]
+    assert previews == [(0, 1, (1, 0, 0)), (1, 3, (3, 0, 0))]
+    h.submit("quiet")
+    h.finished("quiet")
+    assert not any(isinstance(e, (m.Progress, m.Preview)) and e.job_id == "quiet" for e in h.events)
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -375,7 +404,7 @@ def test_out_of_memory_frees_the_failed_steps_memory(engine) -> None:
 
 
 def test_failed_step_fails_only_its_batch(engine) -> None:
-    gate = Gate(at_step=1)
+    gate = Gate(1)
     h = engine(gate=gate)
     h.submit("a", prompt="boom")
     assert gate.arrived.wait(10)
@@ -387,7 +416,7 @@ def test_failed_step_fails_only_its_batch(engine) -> None:
 
 
 def test_stop_answers_queued_and_finishes_running(engine) -> None:
-    gate = Gate(at_step=1)
+    gate = Gate(1)
     h = engine(gate=gate, max_batch=1)
     h.submit("running", num_inference_steps=2)
     assert gate.arrived.wait(10)

@@ -70,7 +70,8 @@ class PendingJob:
     key: ModelKey
     images: int
     future: asyncio.Future[m.Finished]
-    on_progress: Callable[[m.Progress], None] | None = None
+    # Called on the event loop with the job's `Progress` and `Preview` events (streaming).
+    on_event: Callable[[m.Progress | m.Preview], None] | None = None
     started: bool = False
 
 
@@ -263,8 +264,11 @@ class EngineClient:
         request: GenerationRequest,
         *,
         allow_load: bool,
-        on_progress: Callable[[m.Progress], None] | None = None,
+        on_event: Callable[[m.Progress | m.Preview], None] | None = None,
+        previews: tuple[int, ...] = (),
     ) -> PendingJob:
+        """Queue a resolved request in the engine. With `on_event`, the job's progress (each
+        step) and previews (after the steps in `previews`) are passed to it on the loop."""
         if self._stopping:
             raise ShuttingDown()
         self._check_alive()
@@ -279,9 +283,7 @@ class EngineClient:
                 retry_after=retry,
             )
         job_id = str(next(self._ids))
-        job = PendingJob(
-            job_id, key, request.num_images, self._loop_().create_future(), on_progress
-        )
+        job = PendingJob(job_id, key, request.num_images, self._loop_().create_future(), on_event)
         self._jobs[job_id] = job
         self._send(
             m.Submit(
@@ -290,7 +292,8 @@ class EngineClient:
                 settings,
                 request,
                 allow_load=allow_load,
-                progress=on_progress is not None,
+                progress=on_event is not None,
+                previews=previews if on_event is not None else (),
             )
         )
         self.metrics.queue_depth.set(self.depth())
@@ -390,10 +393,10 @@ class EngineClient:
             if job is not None and not job.future.done():
                 job.future.set_exception(JobFailed(e.kind, e.message))
             self.metrics.queue_depth.set(self.depth())
-        elif isinstance(e, m.Progress):
+        elif isinstance(e, (m.Progress, m.Preview)):
             job = self._jobs.get(e.job_id)
-            if job is not None and job.on_progress is not None:
-                job.on_progress(e)
+            if job is not None and job.on_event is not None:
+                job.on_event(e)
         elif isinstance(e, m.Status):
             self._engine_ready = e.ready
             self.reason = e.reason

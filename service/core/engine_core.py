@@ -254,7 +254,14 @@ class EngineCore:
             return
         lease = self.cache.lease(msg.key)
         if lease is not None:
-            job = Job(msg.job_id, msg.key, msg.request, lease, progress=msg.progress)
+            job = Job(
+                msg.job_id,
+                msg.key,
+                msg.request,
+                lease,
+                progress=msg.progress,
+                previews=tuple(msg.previews),
+            )
             self.scheduler.enqueue(job)
             return
         if not msg.allow_load and not self.cache.is_loading(msg.key):

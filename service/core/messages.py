@@ -2,7 +2,8 @@
 
 HTTP -> engine: `Load`, `Submit`, `Cancel`, `Stop`, `Query`.
 Engine -> HTTP: a list of events per send (one loop iteration's worth): `Status`, `Loading`,
-`Loaded`, `LoadFailed`, `Evicted`, `Started`, `Progress`, `Finished`, `Failed`, `Cancelled`,
+`Loaded`, `LoadFailed`, `Evicted`, `Started`, `Progress`, `Preview`, `Finished`, `Failed`,
+`Cancelled`,
 `Metrics`, `Gpu`, `Answer`.
 
 Plain frozen dataclasses: small, typed, and pickled by multiprocessing's own `Connection`
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from quantization.generate import GenerationRequest, GenerationResult
     from quantization.loader import ModelDefaults
     from quantization.settings import QuantSettings
@@ -46,6 +49,8 @@ class Submit:
     allow_load: bool = True
     # Send `Progress` at each step boundary (streaming builds on this).
     progress: bool = False
+    # Send a `Preview` of the latents after each of these steps (partial images).
+    previews: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,17 @@ class Progress:
     job_id: str
     step: int
     total: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A cheap decode of a running job's latents (`StepBatch.latents_preview`)."""
+
+    job_id: str
+    index: int  # which of the job's previews (0-based)
+    step: int
+    total: int
+    images: list[Image]
 
 
 @dataclass(frozen=True)

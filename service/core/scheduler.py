@@ -54,6 +54,7 @@ class Job:
     request: GenerationRequest
     lease: Lease
     progress: bool = False
+    previews: tuple[int, ...] = ()
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float = 0.0
     state: str = "queued"  # queued -> running -> done | failed | cancelled
@@ -337,11 +338,20 @@ class Scheduler:
             self.emit(m.Finished(job_id, result, job.started_at - job.enqueued_at, images_before))
             job.close()
         for job in run.jobs.values():
-            if job.progress:
-                done, total = run.batch.progress(job.job_id)
-                self.emit(m.Progress(job.job_id, done, total))
+            if job.progress or job.previews:
+                self._report_progress(run, job)
         if not run.jobs and run in self.running:
             self.running.remove(run)
+
+    def _report_progress(self, run: Running, job: Job) -> None:
+        done, total = run.batch.progress(job.job_id)
+        if job.progress:
+            self.emit(m.Progress(job.job_id, done, total))
+        preview = getattr(run.batch, "latents_preview", None)
+        if done in job.previews and preview is not None:
+            # One VAE decode of this job's images; a whole-call batch has no previews.
+            images = preview(job.job_id)
+            self.emit(m.Preview(job.job_id, job.previews.index(done), done, total, images))
 
     def _on_oom(self, message: str, images: int, key: ModelKey) -> None:
         release_memory()
