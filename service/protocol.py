@@ -31,6 +31,7 @@ MAX_IMAGES = 10  # OpenAI's own limit for n
 MAX_STEPS = 1000
 MAX_SIDE = 16384
 MAX_SEED = 2**63 - 1
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit for partial_images
 # "WxH" with positive sides of at most five digits, or "auto".
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 # Longest free-text field accepted by the schema; QDS_MAX_PROMPT_CHARS is the real limit.
@@ -84,6 +85,19 @@ class _Common(BaseModel):
     output_format: OutputFormat | None = Field(default="png", description="png, jpeg or webp.")
     output_compression: int | None = Field(
         default=None, ge=0, le=100, description="Quality for jpeg and webp (ignored for png)."
+    )
+    stream: bool | None = Field(
+        default=False,
+        description="Answer with server-sent events: OpenAI's image_generation.* events on "
+        "/v1/images/generations, progress events on /v1/generate.",
+    )
+    partial_images: int | None = Field(
+        default=0,
+        ge=0,
+        le=MAX_PARTIAL_IMAGES,
+        description="Partial images to stream before the final one (0-3; with stream only). "
+        "Previews of the latents at evenly spread step boundaries; fewer when a request has "
+        "too few steps or its pipeline cannot preview.",
     )
 
 
