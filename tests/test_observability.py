@@ -359,6 +359,24 @@ def test_counters_and_histograms_match_the_requests(server: Server) -> None:
     assert total(after, "qds_queue_depth") == 0
 
 
+def test_prompt_cache_hits_and_misses_are_exported(server: Server) -> None:
+    prompt = f"cached-{uuid.uuid4().hex}"
+    before = series(scrape(server))
+    for _ in range(2):  # the same prompt twice: encoded once, reused once
+        assert generate(server, {"prompt": prompt}).status_code == 200
+    names = ("qds_prompt_cache_hits_total", "qds_prompt_cache_misses_total")
+
+    def reported() -> Series | None:
+        # The engine reports its counters with its next message (at the latest when idle).
+        now = series(scrape(server))
+        return now if total(now, names[0]) > total(before, names[0]) else None
+
+    after = wait_for(reported, 10, "the prompt cache hit")
+    hits, misses = (total(after, n) - total(before, n) for n in names)
+    assert (hits, misses) == (1, 1)
+    assert total(after, "qds_prompt_cache_bytes") > 0
+
+
 def test_label_sets_are_bounded(server: Server) -> None:
     secret = uuid.uuid4().hex
     before = series(scrape(server))

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("qdserve.engine_core")
 
 WARMUP_STEPS = 2
-# Resident memory and GPU readings are sent at most this often while busy (and after each
-# load or eviction).
+# Resident memory and GPU readings are sent at most this often while busy, after each load
+# or eviction, and when the engine goes idle.
 TELEMETRY_PERIOD_S = 1.0
 DEFAULT_PROMPT_CACHE_BYTES = 64 * 2**20
 
@@ -148,6 +148,7 @@ class EngineCore:
         self._closed = False
         self._sigterm = False
         self._telemetry_due = 0.0
+        self._telemetry_stale = False
         self._prompt_seen = (0, 0)
 
     # -- life cycle --------------------------------------------------------------------------
@@ -204,6 +205,11 @@ class EngineCore:
     def _receive(self, *, block: bool) -> bool:
         """Handle every waiting message; False when the HTTP side has gone (pipe closed)."""
         if block and not self._outbox_pending():
+            if self._telemetry_stale:
+                # Going idle: what the last steps did (memory, prompt cache) is reported now,
+                # not at the next request.
+                self._telemetry_due = 0.0
+                self._flush()
             wait([self.conn, self._wake_r])
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
@@ -419,7 +425,11 @@ class EngineCore:
         now = time.monotonic()
         if now >= self._telemetry_due:
             self._telemetry_due = now + TELEMETRY_PERIOD_S
+            self._telemetry_stale = False
             self._telemetry()
+        else:
+            self._telemetry_stale = True
+        self._prompt_cache_counts()
         ops = self.metrics.drain()
         with self._lock:
             events, self._outbox = self._outbox, []
@@ -433,15 +443,21 @@ class EngineCore:
             log.info("the HTTP process closed the pipe; exiting")
             self._closed = True
 
-    def _telemetry(self) -> None:
+    def _prompt_cache_counts(self) -> None:
+        """The prompt cache's counters since the last report (two integer reads)."""
         hits, misses = self.prompt_cache.hits, self.prompt_cache.misses
         seen_hits, seen_misses = self._prompt_seen
+        if (hits, misses) == (seen_hits, seen_misses):
+            return
         if hits > seen_hits:
             self.metrics.prompt_cache_hits.inc(hits - seen_hits)
         if misses > seen_misses:
             self.metrics.prompt_cache_misses.inc(misses - seen_misses)
         self._prompt_seen = (hits, misses)
         self.metrics.prompt_cache_bytes.set(self.prompt_cache.bytes)
+
+    def _telemetry(self) -> None:
+        """Readings that cost a system call or a CUDA query: at most once a second."""
         rss = _resident_bytes()
         if rss is not None:
             self.metrics.engine_memory.set(rss)
