@@ -201,9 +201,8 @@ def _submit_held(server: Server, bodies: list[dict], *, hold_at: int = 1) -> lis
 
 
 def _batch_images(resp: httpx.Response) -> int:
-    # The response's timings extension (`usage` held it before OpenAI's usage schema).
-    body = resp.json()
-    return (body.get("timings") or body["usage"])["batch_images"]
+    # The response's `timings` extension (`usage` is OpenAI's token counts).
+    return resp.json()["timings"]["batch_images"]
 
 
 def _steps_since(server: Server, start: int) -> list[list[tuple]]:
