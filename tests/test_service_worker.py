@@ -276,3 +276,38 @@ def test_lone_request_on_an_idle_engine_runs_alone(batching: Server) -> None:
     assert resp.status_code == 200
     assert _batch_images(resp) == 1
     assert [len(step) for step in _steps_since(batching, start)] == [1, 1, 1]
+
+
+# -- the whole-call fallback (pipelines that cannot step) ------------------------------------
+
+
+def _whole_call(loaded, *, max_images, prompt_cache=None, on_step=None, between_steps=None):
+    from service.core.batches import WholeCallBatch
+
+    return WholeCallBatch(
+        loaded, max_images=max_images, on_step=on_step, between_steps=between_steps
+    )
+
+
+def test_whole_call_fallback_batches_what_queued_during_the_previous_call(
+    cache_dir: Path,
+) -> None:
+    from quantization.generate import batch_key
+
+    def setup(qds) -> None:
+        qds.make_batch = _whole_call
+        qds.kind_of = batch_key
+
+    with running_server(cache_dir, max_batch=4, max_queue=8, setup=setup) as server:
+        bodies = [
+            {"prompt": p, "seed": s, "size": "32x32", "num_inference_steps": 4}
+            for p, s in (("a red circle", 5), ("a blue square", 6))
+        ]
+        start = len(server.qds.scheduler.step_log)
+        batched = _submit_held(server, bodies)
+        # One entry per pipeline call: the blocker alone, then the two queued meanwhile.
+        assert [len(call) for call in _steps_since(server, start)] == [1, 2]
+        for body, resp in zip(bodies, batched, strict=True):
+            assert _batch_images(resp) == 2
+            solo = _post(server, body)
+            assert np.abs(_image(resp) - _image(solo)).max() <= TOLERANCE
