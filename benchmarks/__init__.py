@@ -2,8 +2,9 @@
 
 Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
 
-Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, quality, all. `all` clears
-docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and regenerates everything.
+Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, streaming, quality,
+all. `all` clears docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and
+regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
 
@@ -54,6 +55,12 @@ def _gpu_report(argv: list[str], out: Path, quick: bool) -> Any:
     return gpu_report.main(out)
 
 
+def _streaming(argv: list[str], out: Path, quick: bool) -> Any:
+    from benchmarks import streaming
+
+    return streaming.run(out, quick)
+
+
 def _quality(argv: list[str], out: Path, quick: bool) -> Any:
     # The demo model's quality report lives beside the model (docs/quality.md + PNG grid).
     from examples.demo import quality
@@ -69,6 +76,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "batching": _serving("batching"),
     "compile": _compile,
     "gpu-report": _gpu_report,
+    "streaming": _streaming,
     "quality": _quality,
 }
 

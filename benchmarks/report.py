@@ -16,6 +16,7 @@ SECTIONS = [
     ("batching", "Micro-batching gain (QDS_BATCH_WINDOW_MS on vs off)"),
     ("compile", "QDS_COMPILE (regional torch.compile) per backend"),
     ("gpu", "GPU (NVIDIA H200) denoiser numbers next to the published H100 anchors"),
+    ("streaming", "Streaming: overhead at partial_images=2, preview cost, disconnect to free"),
 ]
 
 
