@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from test_openai_schema import assert_openai
 from test_service_support import Server, running_server
 from test_streaming_unit import parse_sse
@@ -273,6 +274,16 @@ def test_disconnect_drops_the_request_at_the_next_step_and_the_queued_one_starts
     assert _steps_of(stats, second_id)[0] == ran[-1] + 1
     assert stats["cancelled"].get("client_gone", 0) == before.get("client_gone", 0) + 1
     assert stats["dropped_images"].get("client_gone", 0) >= 1
+    with server.client() as http:
+        families = text_string_to_metric_families(http.get("/metrics").text)
+        counted = {
+            s.labels["reason"]: s.value
+            for f in families
+            if f.name == "qds_cancelled"
+            for s in f.samples
+            if s.name == "qds_cancelled_total"
+        }
+    assert counted.get("client_gone", 0) >= 1
 
 
 def test_a_reader_that_does_not_read_stalls_neither_the_engine_nor_others(
