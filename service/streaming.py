@@ -225,7 +225,6 @@ async def event_stream(
     fmt, compression = params.output_format, params.output_compression
     size = f"{sub.request.width}x{sub.request.height}"
     seeds = sub.seeds
-    total = int(sub.request.num_inference_steps or 0)
     last_step = 0
     done = False
     try:
@@ -252,10 +251,11 @@ async def event_stream(
             else:
                 done = True
                 out = buffer.outcome = await qds.outcome(sub, item)
-                if flavor == "native" and last_step < total:
+                if flavor == "native" and last_step < out.steps:
                     # The engine reports progress for jobs still running; the last step is
-                    # known done when the result arrives.
-                    yield sse("progress", ProgressEvent(step=total, total=total))
+                    # known done when the result arrives (out.steps: the steps that ran, fewer
+                    # than asked for an edit whose strength skips the start).
+                    yield sse("progress", ProgressEvent(step=out.steps, total=out.steps))
                 for chunk in _completed(qds, flavor, out, size, fmt):
                     yield chunk
                 return
