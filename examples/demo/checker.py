@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from examples.demo.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, parse_caption
+from examples.demo.shapes import BACKGROUND, PALETTE, POSITIONS, SHAPES, parse_caption
 
 # RGB distance from the background above which a pixel counts as foreground. Half the
 # distance of the lightest palette color (yellow) so anti-aliased edges split evenly.
@@ -119,7 +119,7 @@ def classify(image: Image.Image | np.ndarray) -> Verdict | None:
     # white background do not pull it towards lighter colors.
     core = dist[blob] >= np.median(dist[blob])
     rgb = np.median(arr[blob][core], axis=0)
-    color = min(COLORS, key=lambda c: float(np.linalg.norm(rgb - np.asarray(COLORS[c]))))
+    color = min(PALETTE, key=lambda c: float(np.linalg.norm(rgb - np.asarray(PALETTE[c]))))
     third = float(xs.mean() + 0.5) / w
     position = POSITIONS[min(int(third * 3), 2)]
     return Verdict(shape, color, position, ious[shape])

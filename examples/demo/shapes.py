@@ -22,6 +22,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 180),
     "black": (25, 25, 25),
 }
+# Colors the base model never saw: the demo LoRA (examples/demo/train_lora.py) teaches them.
+# `sample()` / `all_captions()` draw from COLORS only, so the base data set is unchanged;
+# rendering, prompt parsing and the checker know the whole PALETTE. A deep orange: the demo VAE
+# (trained on the six colors) decodes it as about (231, 123, 8), still far from red and yellow.
+LORA_COLORS: dict[str, tuple[int, int, int]] = {"orange": (230, 90, 0)}
+PALETTE: dict[str, tuple[int, int, int]] = {**COLORS, **LORA_COLORS}
 POSITIONS: tuple[str, ...] = ("left", "center", "right")
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 DEFAULT_SIZE = 32
@@ -43,17 +49,18 @@ class Sample:
 
 def caption(shape: str, color: str, position: str | None) -> str:
     """The caption for a shape; without a position it is e.g. "a red circle"."""
+    article = "an" if color[0] in "aeiou" else "a"  # "an orange circle"
     if position is None:
-        return f"a {color} {shape}"
+        return f"{article} {color} {shape}"
     where = "in the center" if position == "center" else f"on the {position}"
-    return f"a {color} {shape} {where}"
+    return f"{article} {color} {shape} {where}"
 
 
 def parse_caption(text: str) -> tuple[str | None, str | None, str | None]:
     """(shape, color, position) named in a prompt, None for each part that is not named."""
     words = text.lower().replace(",", " ").split()
     shape = next((w for w in words if w in SHAPES), None)
-    color = next((w for w in words if w in COLORS), None)
+    color = next((w for w in words if w in PALETTE), None)
     pos = next((w for w in words if w in POSITIONS or w == "middle"), None)
     return shape, color, ("center" if pos == "middle" else pos)
 
@@ -83,7 +90,7 @@ def render(
     r = radius * s
     big = Image.new("RGB", (size * s, size * s), BACKGROUND)
     draw = ImageDraw.Draw(big)
-    fill = COLORS[color]
+    fill = PALETTE[color]
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
