@@ -7,6 +7,10 @@ Both answer the same questions (`can_join`, `add`, `remove`, `step`, `len`, `job
 `WholeCallBatch.step()` is a whole pipeline call, joinable only before it starts, and a
 cancelled request can only stop the call when every request of it is gone (diffusers' step-end
 callback raises; `between_steps` lets the engine read its pipe meanwhile).
+
+Image edits (`quantization.edit.EditRequest`) always run whole-call (`EditBatch`): their own
+batch kind (`edit.edit_key`), so they share a call only with compatible edits, never a step
+with generations.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from quantization import edit
 from quantization.generate import GenerationRequest, GenerationResult, batch_key, generate_batch
 
 if TYPE_CHECKING:
@@ -85,16 +90,13 @@ class WholeCallBatch:
             return False
         if not self._jobs:
             return True
-        return (
-            batch_key(self.loaded, req) == self._key
-            and len(self) + req.num_images <= self.max_images
-        )
+        return self._key_of(req) == self._key and len(self) + req.num_images <= self.max_images
 
     def add(self, job_id: str, req: GenerationRequest) -> None:
         if self._started:
             raise RuntimeError("a whole-call batch cannot take requests once it has started")
         if not self._jobs:
-            self._key = batch_key(self.loaded, req)
+            self._key = self._key_of(req)
         self._jobs[job_id] = req
 
     def remove(self, job_id: str) -> bool:
@@ -107,8 +109,7 @@ class WholeCallBatch:
         return True
 
     def progress(self, job_id: str) -> tuple[int, int]:
-        req = self._jobs[job_id]
-        return self._steps_done, int(req.num_inference_steps or 0)
+        return self._steps_done, self._total(self._jobs[job_id])
 
     def step(self) -> list[tuple[str, GenerationResult]]:
         self._started = True
@@ -124,9 +125,7 @@ class WholeCallBatch:
                 raise _Aborted
 
         try:
-            results = generate_batch(
-                self.loaded, [self._jobs[j] for j in ids], step_callback=on_step
-            )
+            results = self._run([self._jobs[j] for j in ids], on_step)
         except _Aborted:
             results = []
         done = [(j, r) for j, r in zip(ids, results, strict=False) if j not in self._removed]
@@ -134,9 +133,41 @@ class WholeCallBatch:
         self._removed.clear()
         return done
 
+    # What differs between a generation and an edit batch:
+    def _key_of(self, req: GenerationRequest) -> tuple[Any, ...]:
+        return batch_key(self.loaded, req)
+
+    def _total(self, req: GenerationRequest) -> int:
+        return int(req.num_inference_steps or 0)
+
+    def _run(self, requests: list[GenerationRequest], on_step: StepHook) -> list[GenerationResult]:
+        return generate_batch(self.loaded, requests, step_callback=on_step)
+
+
+class EditBatch(WholeCallBatch):
+    """Edits sharing `edit.edit_key` (img2img or inpaint, size, steps, strength, guidance, CFG
+    mode), run as one call of the img2img / inpaint pipeline derived from the loaded one."""
+
+    def can_join(self, req: GenerationRequest) -> bool:
+        return isinstance(req, edit.EditRequest) and super().can_join(req)
+
+    def _key_of(self, req: GenerationRequest) -> tuple[Any, ...]:
+        return edit.edit_key(self.loaded, req)  # type: ignore[arg-type]
+
+    def _total(self, req: GenerationRequest) -> int:
+        # The steps that run (strength skips the start of the schedule).
+        strength = getattr(req, "strength", None)
+        steps = int(req.num_inference_steps or 0)
+        return edit.denoise_steps(steps, strength) if strength is not None else steps
+
+    def _run(self, requests: list[GenerationRequest], on_step: StepHook) -> list[GenerationResult]:
+        return edit.edit_batch(self.loaded, requests, step_callback=on_step)  # type: ignore[arg-type]
+
 
 def compat_key(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[Any, ...]:
     """What requests must share to be in one batch of this pipeline."""
+    if isinstance(req, edit.EditRequest):
+        return edit.edit_key(loaded, req)
     if uses_stepping(loaded):
         return stepping.step_key(loaded, req)
     return batch_key(loaded, req)

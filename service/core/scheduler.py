@@ -28,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from quantization.edit import EditRequest
 from service.core import messages as m
-from service.core.batches import Batch, compat_key, new_batch
+from service.core.batches import Batch, EditBatch, compat_key, new_batch
 
 if TYPE_CHECKING:
     from quantization.generate import GenerationRequest
@@ -242,6 +243,14 @@ class Scheduler:
                     key.model, key.backend, key.quant_type or ""
                 ).observe(seconds)
 
+        if isinstance(job.request, EditRequest):
+            # Edits run whole-call in a batch kind of their own, whatever the factory.
+            return EditBatch(
+                job.loaded,
+                max_images=max(self.max_batch, job.images),
+                on_step=on_step,
+                between_steps=self._between_steps,
+            )
         return self.make_batch(
             job.loaded,
             max_images=max(self.max_batch, job.images),

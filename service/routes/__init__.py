@@ -1,5 +1,5 @@
 """Thin routers: parse, validate, call `ServiceState.run`, shape the response."""
 
-from service.routes import generate, health, images, models
+from service.routes import edits, generate, health, images, models
 
-ROUTERS = (health.router, images.router, generate.router, models.router)
+ROUTERS = (health.router, images.router, edits.router, generate.router, models.router)
