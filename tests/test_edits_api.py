@@ -343,3 +343,43 @@ def test_edit_through_the_engine_process(cache_dir: Path) -> None:
         assert r.status_code == 200, r.text
         assert edits_check.inpaint_ok(Image.open(io.BytesIO(r.content)))
         assert r.headers["x-steps"] == "12"  # inpaint's default strength 1.0 runs them all
+
+
+@pytest.mark.slow  # loads five variants of the demo model (~1 min here)
+def test_openai_client_edits_on_every_cpu_backend(cache_dir: Path, tmp_path: Path) -> None:
+    """none, quanto, torchao, GGUF (the server's default, converted first) and SDNQ: each
+    variant serves the inpaint through the official client, and draws the blue square."""
+    from quantization.backends import get_backend
+    from quantization.settings import QuantSettings
+
+    gguf = get_backend("gguf").prepare(
+        QuantSettings.unprepared(quant_backend="gguf", quant_type="Q8_0", cache_dir=cache_dir),
+        tmp_path,
+    )
+    quant = {"quant_backend": "gguf", "quant_type": "Q8_0", "gguf_file": str(gguf.gguf_file)}
+    with running_server(
+        cache_dir, quant=quant, allow_on_demand_load=True, cache_max_entries=5
+    ) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="x")
+        for backend, qtype in (
+            ("gguf", "Q8_0"),
+            ("none", None),
+            ("quanto", "int8"),
+            ("torchao", "int8wo"),
+            ("sdnq", "int8"),
+        ):
+            extra: dict[str, Any] = {"seed": 0, "quant_backend": backend}
+            if qtype:
+                extra["quant_type"] = qtype
+            result = client.images.edit(
+                image=("red-circle.png", SOURCE, "image/png"),
+                mask=("mask.png", MASK, "image/png"),
+                prompt=edits_check.INPAINT_PROMPT,
+                extra_body=extra,
+            )
+            assert (result.model_extra["backend"], result.model_extra.get("quant_type")) == (
+                backend,
+                qtype,
+            )
+            img = decoded(result.data[0].b64_json)
+            assert edits_check.inpaint_ok(img), backend
