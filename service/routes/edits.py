@@ -35,10 +35,6 @@ from service.uploads import EditImages, decode_edit_images, read_edit_form
 router = APIRouter(dependencies=[Depends(require_api_key)])
 M = TypeVar("M", bound=BaseModel)
 
-# Uploads up to this many bytes are decoded on the event loop (a 32x32 PNG: well under a
-# millisecond); larger ones in a thread, so a 4096x4096 JPEG does not hold the loop.
-INLINE_DECODE_BYTES = 64 * 1024
-
 _BINARY = {"type": "string", "format": "binary"}
 
 
@@ -108,13 +104,9 @@ async def _parse(request: Request, model: type[M]) -> tuple[M, EditImages]:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from None
-    size = len(form.images[0]) if form.images else 0
-    size += len(form.mask or b"")
-    limit = qds.settings.max_upload_pixels
-    if size <= INLINE_DECODE_BYTES:
-        images = decode_edit_images(form, limit)
-    else:
-        images = await asyncio.to_thread(decode_edit_images, form, limit)
+    # Always in a thread: a few KiB of PNG can hold QDS_MAX_UPLOAD_PIXELS pixels, so the
+    # bytes do not bound the decoding time, and the loop must not wait on it.
+    images = await asyncio.to_thread(decode_edit_images, form, qds.settings.max_upload_pixels)
     return body, images
 
 
