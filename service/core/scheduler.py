@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from quantization import lora
 from quantization.edit import EditRequest
 from service.core import messages as m
 from service.core.batches import Batch, EditBatch, compat_key, new_batch
@@ -120,6 +121,7 @@ class Scheduler:
         self.running: list[Running] = []
         self._turn = 0
         self._stepping = False
+        self._current: Running | None = None  # the batch being stepped
         # Test hook, called on the engine thread before each step with the batch's jobs.
         self.before_batch: Callable[[list[Job]], None] | None = None
         # Set by the engine: read the pipe during a whole pipeline call (cancellations).
@@ -218,7 +220,8 @@ class Scheduler:
         now = time.perf_counter()
         for job in list(self.queue):
             try:
-                kind = self.kind_of(job.loaded, job.request)
+                # One forward runs with one LoRA adapter set: it is part of every batch kind.
+                kind = (self.kind_of(job.loaded, job.request), job.request.lora)
             except Exception as exc:  # resolving the key should not fail; never stall the queue
                 self.queue.remove(job)
                 self._fail(job, "internal", f"{type(exc).__name__}: {exc}")
@@ -242,6 +245,14 @@ class Scheduler:
                 self.metrics.step_duration.labels(
                     key.model, key.backend, key.quant_type or ""
                 ).observe(seconds)
+            # A whole pipeline call reports its steps as they end (between_steps sends them),
+            # so streamed progress does not wait for the call's end.
+            run = self._current
+            if run is not None:
+                for j in run.jobs.values():
+                    if j.progress:
+                        done, total = run.batch.progress(j.job_id)
+                        self.emit(m.Progress(j.job_id, done, total))
 
         if isinstance(job.request, EditRequest):
             # Edits run whole-call in a batch kind of their own, whatever the factory.
@@ -300,6 +311,7 @@ class Scheduler:
         self.max_concurrent = max(self.max_concurrent, self.active)
         self.step_log.append([(j.key, j.job_id, j.images) for j in jobs])
         self._stepping = True
+        self._current = run
         started = time.perf_counter()
         oom: str | None = None
         error: str | None = None
@@ -307,12 +319,15 @@ class Scheduler:
         try:
             if self.before_batch is not None:
                 self.before_batch(jobs)
+            if jobs:  # the batch's adapters (none: the base, bit-exact); a no-op if unchanged
+                lora.activate(jobs[0].loaded, jobs[0].request.lora)
             finished = run.batch.step()
         except Exception as exc:
             oom, error = _classify(exc)
         finally:
             self.active -= 1
             self._stepping = False
+            self._current = None
         # Past the handler: the failed call's frames are gone, so memory can really be freed.
         elapsed = time.perf_counter() - started
         self.steps_run += 1
@@ -342,7 +357,9 @@ class Scheduler:
             self.job_seconds = 0.8 * self.job_seconds + 0.2 * seconds
             self.finished_jobs += 1
             if self.metrics is not None:
-                self.metrics.inference_duration.labels(*labels).observe(seconds)
+                self.metrics.inference_duration.labels(
+                    *labels, lora.label(job.request.lora)
+                ).observe(seconds)
                 self.metrics.images.labels(key.backend).inc(job.images)
             self.emit(m.Finished(job_id, result, job.started_at - job.enqueued_at, images_before))
             job.close()
@@ -358,8 +375,14 @@ class Scheduler:
             self.emit(m.Progress(job.job_id, done, total))
         preview = getattr(run.batch, "latents_preview", None)
         if done in job.previews and preview is not None:
-            # One VAE decode of this job's images; a whole-call batch has no previews.
-            images = preview(job.job_id)
+            # quantization.previews' fitted map (a VAE decode while it learns); a whole-call
+            # batch has no previews. A failed preview costs the stream a partial image, never
+            # the job or the engine loop.
+            try:
+                images = preview(job.job_id)
+            except Exception as exc:
+                log.warning("preview of job %s after step %d failed: %r", job.job_id, done, exc)
+                return
             self.emit(m.Preview(job.job_id, job.previews.index(done), done, total, images))
 
     def _on_oom(self, message: str, images: int, key: ModelKey) -> None:
