@@ -378,3 +378,20 @@ def test_prompt_cache_lru_eviction_by_bytes() -> None:
     assert tensor_bytes((torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2))) == 14
     with pytest.raises(ValueError, match="max_bytes must be >= 0"):
         PromptCache(-1)
+
+
+# -- CUDA (bf16) -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_alone_and_joined_within_tolerance(embedded_path: Path) -> None:
+    """The same guarantee on a GPU in bf16 (the compute dtype `auto` picks on CUDA)."""
+    q = load_pipeline(QuantSettings(model=str(embedded_path), device="cuda"))
+    a = _req(q, seed=100)
+    ref = generate(q, a)
+    assert _diff(_alone(q, a), ref) <= TOL
+    batch = StepBatch(q)
+    batch.add("other", _req(q, prompt="a green star", seed=200, num_images=2))
+    batch.step()
+    batch.add("a", a)
+    assert _diff(_drain(batch)["a"][0], ref) <= TOL
