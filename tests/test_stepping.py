@@ -4,11 +4,12 @@ Same-seed-same-image guarantee, compared as 8-bit RGB pixels against `generate()
 pipeline's own call) with the same resolved request, on the random-weight embedded model
 (32x32, 4 steps), torch 2.13 CPU. Measured max abs pixel difference (out of 255):
 
-- a request run alone through StepBatch: 0 (bit-identical) unquantized, quanto int8 and
-  torchao int8wo; also 0 on the trained demo model (12 steps);
+- a request run alone through StepBatch: 0 (bit-identical) unquantized, quanto int8,
+  torchao int8wo and GGUF Q8_0 (the last measured by a script, not tested here); also 0 on
+  the trained demo model (12 steps);
 - a request that joins a running batch at step k (k = 0..3, 3 seeds, beside a 2-image request
-  on a 6-step schedule): 0 unquantized and torchao int8wo, 1 with quanto int8 (its int8
-  matmul rounds differently at another batch size).
+  on a 6-step schedule): 0 unquantized, torchao int8wo and GGUF Q8_0 (k = 1, one seed), 1
+  with quanto int8 (its int8 matmul rounds differently at another batch size).
 
 The stated tolerance is therefore TOL = 2 / 255; unquantized CPU runs are asserted exact.
 """
