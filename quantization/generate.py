@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from quantization.lora import activate as activate_lora
 from quantization.token_usage import TokenUsage, count_usage
 
 if TYPE_CHECKING:
@@ -28,6 +29,10 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    # LoRA adapters (declared with QDS_LORAS) and their scales, as `quantization.lora.
+    # normalize_selection` orders them: part of every batch key, since one forward runs with
+    # one adapter set.
+    lora: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -85,6 +90,7 @@ def _resolved_key(req: GenerationRequest) -> tuple[Any, ...]:
         req.num_inference_steps,
         req.guidance_scale,
         req.negative_prompt is not None,
+        req.lora,
     )
 
 
@@ -119,12 +125,15 @@ def generate_batch(
     requests = [resolve(loaded.defaults, r) for r in requests]
     keys = {_resolved_key(r) for r in requests}
     if len(keys) != 1:
-        raise ValueError("requests in one batch must share size, steps, guidance and CFG mode")
+        raise ValueError(
+            "requests in one batch must share size, steps, guidance, CFG mode and LoRA adapters"
+        )
     first = requests[0]
     width, height = int(first.width or 0), int(first.height or 0)
     steps, guidance = int(first.num_inference_steps or 0), float(first.guidance_scale or 0.0)
     pipe = loaded.pipeline
     accepts = set(inspect.signature(pipe.__call__).parameters)
+    activate_lora(loaded, first.lora)  # the batch's adapter set (none: the base, bit-exact)
 
     seeds_per_req = [image_seeds(int(r.seed or 0), r.num_images) for r in requests]
     prompts: list[str] = []

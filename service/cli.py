@@ -71,7 +71,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         svc = ServiceSettings()
         from quantization.settings import QuantSettings
 
-        QuantSettings()  # validate the quantization env before binding the port
+        quant = QuantSettings()  # validate the quantization env before binding the port
+        from quantization.lora import check_declared
+
+        check_declared(svc.loras, quant.quant_backend, quant.resolved_quant_type)
     except Exception as exc:
         return _settings_error(exc)
     from service.server import serve

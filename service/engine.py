@@ -33,7 +33,7 @@ from service.core.engine_core import (
 from service.core.messages import Finished
 from service.imaging import encode_all
 from service.metrics import Metrics
-from service.resolve import ImageParams, check_limits, resolve
+from service.resolve import ImageParams, check_limits, check_lora_variant, resolve
 from service.settings import ServiceSettings
 from service.variants import ModelKey, Variants
 
@@ -245,6 +245,8 @@ class ServiceState:
             raise _load_error(key, exc) from None
 
         gen = resolve(params, self.settings, defaults)
+        if gen.lora:
+            check_lora_variant(key.variant_id, self.engine.loaded.get(key))
         previews: tuple[int, ...] = ()
         if on_event is not None and partial_images:
             from service.streaming import preview_steps

@@ -9,7 +9,7 @@ from __future__ import annotations
 HISTOGRAMS = (
     "qds_request_duration_seconds",  # endpoint, status
     "qds_queue_wait_seconds",  # backend
-    "qds_inference_duration_seconds",  # model, backend, quant_type
+    "qds_inference_duration_seconds",  # model, backend, quant_type, lora
     "qds_step_duration_seconds",  # model, backend, quant_type
 )
 COUNTERS = (

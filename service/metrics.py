@@ -69,8 +69,9 @@ class Metrics:
         )
         self.inference_duration = Histogram(
             "qds_inference_duration_seconds",
-            "Time a request spent in the engine's batches (first step to its images decoded)",
-            ["model", "backend", "quant_type"],
+            "Time a request spent in the engine's batches (first step to its images decoded); "
+            "lora: none, the adapter's declared name, or multiple",
+            ["model", "backend", "quant_type", "lora"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

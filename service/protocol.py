@@ -13,6 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantization.backends import BACKENDS
+from quantization.lora import DEFAULT_SCALE as LORA_DEFAULT_SCALE
+from quantization.lora import MAX_SCALE as LORA_MAX_SCALE
+from quantization.lora import MIN_SCALE as LORA_MIN_SCALE
+from quantization.lora import NAME_PATTERN as LORA_NAME_PATTERN
 from quantization.token_usage import TokenUsage
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -32,6 +36,7 @@ MAX_STEPS = 1000
 MAX_SIDE = 16384
 MAX_SEED = 2**63 - 1
 MAX_PARTIAL_IMAGES = 3  # OpenAI's limit for partial_images
+MAX_LORAS = 16  # adapters in one request (each must also be declared in QDS_LORAS)
 # "WxH" with positive sides of at most five digits, or "auto".
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 # Longest free-text field accepted by the schema; QDS_MAX_PROMPT_CHARS is the real limit.
@@ -49,6 +54,25 @@ FIELD_HINTS: dict[str, str] = {
     "size": '"WxH" (e.g. "512x512") or "auto"',
     "response_format": "only b64_json is supported (url would need an image store)",
 }
+
+
+class LoraRef(BaseModel):
+    """One adapter of a request's `lora` list: a name declared in QDS_LORAS and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=LORA_NAME_PATTERN.pattern,
+        description="An adapter declared in QDS_LORAS (GET /v1/models lists them).",
+    )
+    scale: float = Field(
+        default=LORA_DEFAULT_SCALE,
+        ge=LORA_MIN_SCALE,
+        le=LORA_MAX_SCALE,
+        description=f"Strength, {LORA_MIN_SCALE}..{LORA_MAX_SCALE}; 0 leaves it out.",
+    )
 
 
 class _Common(BaseModel):
@@ -98,6 +122,12 @@ class _Common(BaseModel):
         description="Partial images to stream before the final one (0-3; with stream only). "
         "Previews of the latents at evenly spread step boundaries; fewer when a request has "
         "too few steps or its pipeline cannot preview.",
+    )
+    lora: list[LoraRef] | None = Field(
+        default=None,
+        max_length=MAX_LORAS,
+        description="LoRA adapters to apply, each declared in QDS_LORAS, with a scale; none: "
+        "the base model (bit-exact). Requests batch only with the same adapters and scales.",
     )
 
 
@@ -426,6 +456,8 @@ class ModelCard(BaseModel):
     default: bool
     storage_bytes: int | None = None
     in_use: int = 0
+    # The QDS_LORAS adapters: name, source, and for a loaded variant rank, bytes and state.
+    loras: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -9,13 +9,14 @@ loaded model. Every failure is an `InvalidValue` naming the request field at fau
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quantization import edit
 from quantization.generate import GenerationRequest
 from quantization.generate import resolve as fill_defaults
+from quantization.lora import normalize_selection
 from service.exceptions import InvalidValue
-from service.protocol import GenerateRequest, ImageGenerationRequest, OutputFormat
+from service.protocol import GenerateRequest, ImageGenerationRequest, LoraRef, OutputFormat
 
 if TYPE_CHECKING:
     from quantization.loader import ModelDefaults
@@ -46,6 +47,9 @@ class ImageParams:
     # generation. The resolve step then returns a `quantization.edit.EditRequest`.
     edit: EditImages | None = None
     strength: float | None = None
+    # The request's `lora` list as (name, scale) pairs, in request order (checked and
+    # normalized by `check_limits` / `generation`).
+    lora: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_body(cls, body: ImageGenerationRequest | GenerateRequest) -> ImageParams:
@@ -69,6 +73,7 @@ class ImageParams:
             quant_backend=body.quant_backend,
             quant_type=body.quant_type,
             size_field=size_field,
+            lora=lora_pairs(body.lora),
         )
 
     def size_param(self, side: str) -> str:
@@ -86,6 +91,35 @@ class ImageParams:
             width=self.width,
             height=self.height,
             num_images=self.n,
+            lora=normalize_selection(self.lora),
+        )
+
+
+def lora_pairs(refs: list[LoraRef] | None) -> tuple[tuple[str, float], ...]:
+    """The protocol's `lora` list as (name, scale) pairs."""
+    return tuple((ref.name, ref.scale) for ref in refs or ())
+
+
+def check_lora(params: ImageParams, settings: ServiceSettings) -> None:
+    """Every requested adapter is declared in QDS_LORAS, and named once."""
+    if not params.lora:
+        return
+    declared = settings.lora_names
+    names = [name for name, _ in params.lora]
+    unknown = [n for n in names if n not in declared]
+    if unknown:
+        listing = ", ".join(declared) if declared else "none (the server sets QDS_LORAS)"
+        raise InvalidValue(
+            f"unknown LoRA adapter {unknown[0]!r}; declared: {listing}",
+            param="lora",
+            code="invalid_lora",
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidValue(
+            f"LoRA adapter {repeated[0]!r} is listed more than once; give it one scale",
+            param="lora",
+            code="invalid_lora",
         )
 
 
@@ -125,6 +159,15 @@ def check_limits(params: ImageParams, settings: ServiceSettings) -> None:
         )
     if params.width is not None and params.height is not None:
         _check_pixels(params, params.width, params.height, settings.max_pixels)
+    check_lora(params, settings)
+
+
+def check_lora_variant(variant_id: str, entry: Any) -> None:
+    """A request naming adapters must land on a variant that has them: one whose backend
+    could not take them (its `Loaded.lora_error`) is a 400 with that reason."""
+    error = getattr(entry, "lora_error", "")
+    if error:
+        raise InvalidValue(f"{variant_id}: {error}", param="lora", code="lora_unsupported")
 
 
 def _check_pixels(params: ImageParams, width: int, height: int, max_pixels: int) -> None:

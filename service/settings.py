@@ -7,6 +7,7 @@ HTTP, queue, cache and limit settings of the service itself.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
@@ -122,6 +123,13 @@ class ServiceSettings(BaseSettings):
         "other processes 1 avoids OpenMP spin contention (measured 35x slower with 2 threads "
         "on 2 busy cores).",
     )
+    loras: str = Field(
+        default="",
+        description="LoRA adapters loaded at start into every pipeline, chosen per request "
+        "(`lora` field): comma list of name=source, source a .safetensors file or folder "
+        "(diffusers, kohya or PEFT format) or a hub repo id (repo:weight_name picks a file); a "
+        "bare name is a shipped adapter (orange: the demo model's). Empty: none.",
+    )
     shutdown_timeout: float = Field(
         default=30.0,
         ge=0,
@@ -152,6 +160,21 @@ class ServiceSettings(BaseSettings):
         if value in (0, "0", ""):
             raise ValueError(f"{name} must be a positive size, e.g. 1MiB")
         return parse_bytes(value, name)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, value: str) -> str:
+        from quantization.lora import parse_loras
+
+        parse_loras(value)  # raises ValueError naming the bad entry
+        return value
+
+    @cached_property
+    def lora_names(self) -> list[str]:
+        """The declared adapters' names, in declaration order."""
+        from quantization.lora import parse_loras
+
+        return [spec.name for spec in parse_loras(self.loras)]
 
     @field_validator("warmup_sizes")
     @classmethod

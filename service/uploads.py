@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.exceptions import InvalidValue
+from service.lora_form import form_lora, is_lora_field
 
 if TYPE_CHECKING:
     from starlette.datastructures import UploadFile
@@ -59,9 +60,10 @@ MAX_FIELDS = 64
 
 @dataclass
 class EditForm:
-    """The multipart body: text fields (each once), image files in order, the mask."""
+    """The multipart body: text fields (each once; `lora` gathered into a list), image files
+    in order, the mask."""
 
-    fields: dict[str, str]
+    fields: dict[str, Any]
     images: list[bytes]
     mask: bytes | None
 
@@ -95,10 +97,14 @@ async def read_edit_form(request: Request, max_upload_bytes: int) -> EditForm:
             f"malformed multipart body: {exc.message}", code="invalid_multipart"
         ) from None
     try:
-        fields: dict[str, str] = {}
+        fields: dict[str, Any] = {}
         images: list[bytes] = []
         mask: bytes | None = None
+        lora_parts: list[tuple[str, str]] = []
         for name, value in form.multi_items():
+            if isinstance(value, str) and is_lora_field(name):
+                lora_parts.append((name, value))  # repeated by design (service.lora_form)
+                continue
             if isinstance(value, str):
                 if name in (*IMAGE_FIELDS, MASK_FIELD):
                     raise InvalidValue(
@@ -119,6 +125,8 @@ async def read_edit_form(request: Request, max_upload_bytes: int) -> EditForm:
                     f"unexpected file field {name!r}; files go in image / image[] and mask",
                     param=name,
                 )
+        if lora_parts:
+            fields["lora"] = form_lora(lora_parts)
         return EditForm(fields, images, mask)
     finally:
         await form.close()

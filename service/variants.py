@@ -9,9 +9,9 @@ entries (`backend[:quant_type]`) and builds the cards of `GET /v1/models`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,6 +22,7 @@ from service.exceptions import InvalidValue, ModelNotFound
 from service.protocol import ModelCard
 
 if TYPE_CHECKING:
+    from quantization.lora import LoraSpec
     from service.cache import Entry
 
 SEP = ":"
@@ -190,8 +191,14 @@ class Variants:
         return variants, warnings
 
     # -- model cards ---------------------------------------------------------------------
-    def cards(self, entries: Iterable[Entry], preloads: Iterable[ModelKey]) -> list[ModelCard]:
-        """The default variant first, then preloads, then anything else loaded."""
+    def cards(
+        self,
+        entries: Iterable[Entry],
+        preloads: Iterable[ModelKey],
+        loras: Sequence[LoraSpec] = (),
+    ) -> list[ModelCard]:
+        """The default variant first, then preloads, then anything else loaded; each lists
+        the declared LoRA adapters (`loras`) with their state in that variant."""
         by_key = {e.key: e for e in entries}
         keys = list(dict.fromkeys([self.default_key, *preloads, *by_key]))
         cards = []
@@ -209,6 +216,7 @@ class Variants:
                     default=key == self.default_key,
                     storage_bytes=entry.storage_bytes if entry else None,
                     in_use=entry.in_use if entry else 0,
+                    loras=lora_cards(loras, entry),
                 )
             )
         return cards
@@ -220,3 +228,22 @@ class Variants:
             if wanted in (card.id, format_id(card.model, card.backend, card.quant_type)):
                 return card
         raise ModelNotFound(f"model {wanted!r} is not listed")
+
+
+def lora_cards(declared: Sequence[LoraSpec], entry: Any) -> list[dict[str, Any]]:
+    """Each declared adapter in one variant: "loaded" (with rank and bytes), "not loaded"
+    (the variant is not), or "unsupported" (its backend cannot take a LoRA: the reason)."""
+    loaded = {info["name"]: info for info in getattr(entry, "loras", ())}
+    error = getattr(entry, "lora_error", "")
+    out = []
+    for spec in declared:
+        card: dict[str, Any] = {"name": spec.name, "source": spec.describe_source()}
+        if entry is None:
+            card["state"] = "not loaded"
+        elif error:
+            card.update(state="unsupported", reason=error)
+        else:
+            card.update(loaded.get(spec.name, {}))
+            card["state"] = "loaded" if spec.name in loaded else "not loaded"
+        out.append(card)
+    return out

@@ -198,6 +198,13 @@ class QuantBackend:
         """The quant type recorded in a saved `quantization_config`, when it says."""
         return None
 
+    # --- LoRA adapters ---------------------------------------------------------------------
+
+    def lora_unsupported_reason(self, quant_type: str | None) -> str | None:
+        """Why diffusers/PEFT cannot apply a LoRA to a base quantized with this type (None: they
+        can). Filled from the measured matrix (docs/benchmarks/lora.md), never from docs."""
+        return None
+
     # --- availability --------------------------------------------------------------------
 
     def unavailable_reason(

@@ -37,3 +37,13 @@ class QuantoBackend(QuantBackend):
             weights=req.quant_type or self.default_quant_type,
             modules_to_not_convert=list(req.modules_to_not_convert) or None,
         )
+
+    def lora_unsupported_reason(self, quant_type: str | None) -> str | None:
+        # Measured for every quanto type by benchmarks/lora.py (docs/benchmarks/lora.md).
+        return (
+            "diffusers' LoRA loader reads each targeted layer's base weight as "
+            "'<module>.weight' from the model's state dict, and quanto stores it as "
+            "'weight._data' / 'weight._scale' (measured: KeyError: 'proj_out.weight' in "
+            "load_lora_weights, diffusers 0.42.1, optimum-quanto 0.2.7); serve LoRAs on "
+            "torchao, gguf or sdnq instead"
+        )

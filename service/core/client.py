@@ -84,6 +84,8 @@ class LoadedView:
     storage_bytes: int
     in_use: int
     components: tuple[str, ...]
+    loras: tuple[dict[str, Any], ...] = ()
+    lora_error: str = ""
 
 
 class ModelsView:
@@ -95,7 +97,15 @@ class ModelsView:
     def entries(self) -> list[LoadedView]:
         c = self._client
         return [
-            LoadedView(key, e.loaded_at, e.storage_bytes, c.in_use(key), e.components)
+            LoadedView(
+                key,
+                e.loaded_at,
+                e.storage_bytes,
+                c.in_use(key),
+                e.components,
+                e.loras,
+                e.lora_error,
+            )
             for key, e in c.loaded.items()
         ]
 

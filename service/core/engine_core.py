@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
+from quantization import lora
 from quantization.generate import GenerationRequest, generate
 from quantization.loader import ModelLoadError, load_pipeline
 from quantization.prompt_cache import PromptCache
@@ -372,6 +373,12 @@ class EngineCore:
         """The cache's loader (on its load thread): load, then compile and warm up."""
         loaded = self.hooks.load(settings)
         try:
+            # QDS_LORAS: before compiling, so the hot-swap slot is part of the compiled blocks.
+            lora.attach(
+                loaded,
+                lora.parse_loras(self.settings.loras),
+                required=key_for(settings) == self.default_key,
+            )
             if self.settings.compile:
                 self.hooks.compile(loaded)
             if self.settings.compile or self.settings.warmup_sizes:
@@ -379,6 +386,10 @@ class EngineCore:
                     sizes = ", ".join(self.settings.warmup_sizes or ["the default size"])
                     self._status(f"warming up {sizes}")
                 self.hooks.warmup(loaded, self._warmup_sizes(loaded))
+                if self.settings.compile:
+                    # The slot enabled is a second graph of each block: compile it now, not
+                    # on the first request that names an adapter.
+                    lora.warm_up(loaded, self._warmup_sizes(loaded))
         except BaseException:
             loaded.release()
             raise
@@ -479,7 +490,16 @@ class EngineCore:
 
 
 def _loaded_event(key: ModelKey, loaded: LoadedPipeline, loaded_at: float) -> m.Loaded:
-    return m.Loaded(key, loaded.defaults, loaded_at, loaded.storage_bytes, tuple(loaded.components))
+    adapters = lora.adapters_of(loaded)
+    return m.Loaded(
+        key,
+        loaded.defaults,
+        loaded_at,
+        loaded.storage_bytes,
+        tuple(loaded.components),
+        loras=tuple(adapters.describe()) if adapters is not None else (),
+        lora_error=str(getattr(loaded, "extra", {}).get("lora_error", "")),
+    )
 
 
 def _load_failure(exc: BaseException) -> tuple[str, str]:

@@ -98,6 +98,10 @@ class Loaded:
     loaded_at: float
     storage_bytes: int
     components: tuple[str, ...] = ()
+    # QDS_LORAS adapters loaded into it (quantization.lora.LoraAdapters.describe()), or why
+    # none could be (its backend cannot take a LoRA).
+    loras: tuple[dict[str, Any], ...] = ()
+    lora_error: str = ""
 
 
 @dataclass(frozen=True)

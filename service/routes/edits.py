@@ -27,7 +27,7 @@ from service.protocol import (
     ImageEditRequest,
     ImagesResponse,
 )
-from service.resolve import ImageParams, parse_size
+from service.resolve import ImageParams, lora_pairs, parse_size
 from service.responses import images_response
 from service.streaming import stream_response
 from service.uploads import EditImages, decode_edit_images, read_edit_form
@@ -136,6 +136,7 @@ def _params(
         size_field=size_field,
         edit=images,
         strength=body.strength,
+        lora=lora_pairs(body.lora),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from quantization.lora import parse_loras
 from service.auth import require_api_key
 from service.engine import ServiceState
 from service.protocol import ERROR_RESPONSES, ModelCard, ModelList
@@ -12,7 +13,8 @@ router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
 
 def _cards(qds: ServiceState) -> list[ModelCard]:
-    return qds.variants.cards(qds.cache.entries(), qds.preload_variants)
+    declared = parse_loras(qds.settings.loras)
+    return qds.variants.cards(qds.cache.entries(), qds.preload_variants, declared)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
