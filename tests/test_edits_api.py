@@ -161,6 +161,18 @@ def test_native_edit_returns_bytes_with_generate_headers(http: httpx.Client) -> 
     assert edits_check.recolor_ok(Image.open(io.BytesIO(png_native)))
 
 
+def test_native_edit_streams_progress_in_the_steps_that_run(http: httpx.Client) -> None:
+    data = {"prompt": edits_check.RECOLOR_PROMPT, "seed": 0, "strength": 0.6, "stream": "true"}
+    r = post_edit(http, data, path="/v1/edit")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [
+        line.removeprefix("event: ") for line in r.text.splitlines() if line.startswith("event:")
+    ]
+    # 12 steps at strength 0.6 run 8: progress 1..8 of 8, then the image.
+    assert events == ["progress"] * 8 + ["completed"], events
+    assert '"step":8,"total":8' in r.text
+
+
 # -- upload rules as HTTP errors ------------------------------------------------------------
 def test_mask_rules(http: httpx.Client) -> None:
     def with_mask(mask: bytes) -> dict[str, Any]:
