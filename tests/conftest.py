@@ -46,3 +46,34 @@ def embedded_path(cache_dir: Path) -> Path:
     from quantization.embedded import random_model_path
 
     return random_model_path(cache_dir)
+
+
+# A skip whose reason says a tool is missing is not a pass: list them at the end, loudly, so a
+# fresh clone's `make test` says what it could not run and how to get it (`.ci/run` installs
+# every tool and sets QDS_REQUIRE_TOOLS=1, which turns such skips into a failing run).
+_TOOL_SKIP_MARKERS = ("is not installed", "needs Debian's", "too old")
+_missing_tools: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[-1]).removeprefix("Skipped: ")
+        if any(marker in reason for marker in _TOOL_SKIP_MARKERS):
+            _missing_tools[reason] = _missing_tools.get(reason, 0) + 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _missing_tools and os.environ.get("QDS_REQUIRE_TOOLS") == "1":
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _missing_tools:
+        return
+    total = sum(_missing_tools.values())
+    terminalreporter.section(f"{total} test(s) NOT RUN: a tool they drive is missing", sep="!")
+    for reason, count in sorted(_missing_tools.items()):
+        terminalreporter.write_line(f"  {count:3d}  {reason}")
+    terminalreporter.write_line("  `.ci/run` installs them (see its apt step).")
+    if os.environ.get("QDS_REQUIRE_TOOLS") == "1":
+        terminalreporter.write_line("  QDS_REQUIRE_TOOLS=1: this run fails.")
