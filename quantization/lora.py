@@ -44,6 +44,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHIPPED_DIR = Path(__file__).parent / "demo_weights" / "lora"
 # The scale range a request may ask for: enough to amplify or invert an adapter, bounded so a
 # typo (100 instead of 1.0) is a 400, not noise.
+# The components adapters may touch (Flux, SD3, ...: transformer; SD 1.x / SDXL: unet).
+DENOISERS = ("transformer", "unet")
 MIN_SCALE = -4.0
 MAX_SCALE = 4.0
 DEFAULT_SCALE = 1.0
@@ -274,6 +276,16 @@ def _load_one(pipe: Any, spec: LoraSpec) -> Adapter:
         raise LoraError(
             f"QDS_LORAS {spec.name}={spec.describe_source()}: no LoRA layer of this pipeline "
             "matched the file (is it for another model family?)"
+        )
+    others = sorted({c for c, _ in weights} - set(DENOISERS))
+    if others:
+        # Prompt embeddings are computed when a request joins a step batch and cached across
+        # requests (quantization.prompt_cache), keyed without the adapter set: adapters on the
+        # text encoders would be applied to the wrong requests' prompts.
+        raise LoraError(
+            f"QDS_LORAS {spec.name}={spec.describe_source()}: it has LoRA layers for "
+            f"{', '.join(others)}; qdserve applies adapters to the denoiser only (prompt "
+            "embeddings are shared between requests); use a file without text-encoder layers"
         )
     rank = max(a.shape[0] for a, _ in weights.values())
     return Adapter(spec, rank, weights, time.perf_counter() - start)

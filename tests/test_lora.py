@@ -213,3 +213,31 @@ def test_quanto_really_cannot_take_the_demo_lora() -> None:
     loaded = load_pipeline(QuantSettings(quant_backend="quanto", quant_type="int8", device="cpu"))
     with pytest.raises(KeyError, match=r"\.weight"):
         loaded.pipeline.load_lora_weights(str(SHIPPED), adapter_name="orange")
+
+
+def test_adapters_with_text_encoder_layers_are_refused(
+    with_adapters: tuple[Any, np.ndarray], tmp_path: Path
+) -> None:
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    loaded, base = with_adapters
+    encoder = CLIPTextModel.from_pretrained(
+        Path(lora_mod.__file__).parent / "demo_weights/text_encoder"
+    )
+    # PEFT itself: transformers 5.24's add_adapter wants peft >= 0.22 (the registry has 0.21).
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), encoder)
+    transformer = {k.removeprefix("transformer."): v for k, v in load_file(SHIPPED).items()}
+    FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=transformer,
+        text_encoder_lora_layers=get_peft_model_state_dict(encoder),
+        weight_name="both.safetensors",
+    )
+    with pytest.raises(LoraError, match="has LoRA layers for text_encoder; qdserve applies"):
+        load_adapters(loaded, [LoraSpec("both", str(tmp_path / "both.safetensors"))])
+    # The refused file was removed again: the base output is untouched.
+    assert np.array_equal(_images(loaded.pipeline, PROMPTS), base)
