@@ -3,7 +3,7 @@
 Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
 
 Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, streaming, quality,
-all. `all` clears docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and
+lora, all. `all` clears docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and
 regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
@@ -68,6 +68,17 @@ def _quality(argv: list[str], out: Path, quick: bool) -> Any:
     return quality.main(argv)
 
 
+def _lora(argv: list[str], out: Path, quick: bool) -> Any:
+    # LoRA on quantized bases: the backend matrix, then switching adapters between requests
+    # (`--switching` alone runs only that part).
+    from benchmarks import lora
+
+    if "--switching" in argv:
+        return lora.main(argv, out)
+    lora.main([*argv, "--only", "none,quanto:int8"] if quick else argv, out)
+    return lora.main([*argv, "--switching", "--rounds", "2" if quick else "20"], out)
+
+
 COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "matrix": _matrix,
     "overhead": _serving("overhead"),
@@ -78,6 +89,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "gpu-report": _gpu_report,
     "streaming": _streaming,
     "quality": _quality,
+    "lora": _lora,
 }
 
 

@@ -17,6 +17,7 @@ SECTIONS = [
     ("compile", "QDS_COMPILE (regional torch.compile) per backend"),
     ("gpu", "GPU (NVIDIA H200) denoiser numbers next to the published H100 anchors"),
     ("streaming", "Streaming: overhead at partial_images=2, preview cost, disconnect to free"),
+    ("lora", "LoRA on quantized bases: which backends take the demo LoRA; switching cost"),
 ]
 
 

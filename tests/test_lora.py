@@ -241,3 +241,34 @@ def test_adapters_with_text_encoder_layers_are_refused(
         load_adapters(loaded, [LoraSpec("both", str(tmp_path / "both.safetensors"))])
     # The refused file was removed again: the base output is untouched.
     assert np.array_equal(_images(loaded.pipeline, PROMPTS), base)
+
+
+@pytest.mark.slow
+def test_switching_adapters_does_not_recompile_compiled_blocks() -> None:
+    """QDS_COMPILE's regional compilation with the slot: after one warm-up per slot state
+    (off, on), switching sets and scales compiles nothing new (dynamo's frame counter)."""
+    from torch._dynamo.utils import counters
+
+    from quantization.generate import GenerationRequest, generate
+    from quantization.loader import load_pipeline
+    from quantization.settings import QuantSettings
+    from service.core.engine_core import compile_denoiser
+
+    loaded = load_pipeline(QuantSettings(quant_backend="none", device="cpu"))
+    lora_mod.attach(
+        loaded,
+        [LoraSpec("orange", str(SHIPPED)), LoraSpec("orange2", str(SHIPPED))],
+        required=True,
+    )
+    compile_denoiser(loaded)
+
+    def run(*selection: tuple[str, float]) -> None:
+        generate(loaded, GenerationRequest("a", num_inference_steps=2, seed=0, lora=selection))
+
+    run()
+    lora_mod.warm_up(loaded, [(32, 32)])
+    compiled = counters["frames"]["total"]
+    assert compiled > 0
+    for selection in [("orange", 1.0)], [("orange2", 0.5)], [], [("orange", 1.0), ("orange2", 2.0)]:
+        run(*selection)
+    assert counters["frames"]["total"] == compiled

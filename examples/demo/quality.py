@@ -242,7 +242,25 @@ def write_report(
         lines += [notes, ""]
     lines += ["Prompts (grid columns, left to right):", ""]
     lines += [f"{i + 1}. {p}" for i, p in enumerate(prompts)]
+    lines += kept_section(md_path)
     md_path.write_text("\n".join(lines) + "\n")
+
+
+# A section another report writes into this file (the demo LoRA's adherence per backend,
+# `python -m benchmarks.lora`), kept when this report rewrites the rest.
+SECTION_BEGIN = "<!-- lora:begin -->"
+SECTION_END = "<!-- lora:end -->"
+
+
+def kept_section(md_path: Path) -> list[str]:
+    """The marked section of the current file (with a blank line before it), or nothing."""
+    if not md_path.exists():
+        return []
+    text = md_path.read_text()
+    start, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
+    if start < 0 or end < start:
+        return []
+    return ["", text[start : end + len(SECTION_END)]]
 
 
 def report(
