@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qdserve-installed
 
-.PHONY: serve test lint bench bench-gpu venv clean
+.PHONY: serve test lint bench bench-gpu venv clean image
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/qdserve bench all
+
+# CPU container image qdserve:cpu on a local Debian base (built when missing); cached, so a
+# rerun without changes takes seconds. GPU image: deploy/image/build.sh cuda. Needs Docker (as
+# root, the script starts Debian's dockerd when none answers); see docs/deploy.md.
+image:
+	PYTHON=$(PYTHON) deploy/image/build.sh cpu
 
 clean:
 	rm -rf $(VENV)
