@@ -582,9 +582,30 @@ def main(argv: list[str], out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         }
         if only is None and args.quality_md is not None:
             write_quality_section(args.quality_md, data["matrix"])
+    data["headline"] = headline(data)
     write_json(args.out / "lora.json", data)
     (args.out / "lora.md").write_text(render(data))
     return data
+
+
+def headline(data: dict[str, Any]) -> str:
+    """The index line: which measured variants take the LoRA, and what a switch costs."""
+    parts = []
+    if m := data.get("matrix"):
+        measured = [c for c in m["cells"] if c.get("measured")]
+        ok = [c for c in measured if c.get("applies")]
+        refused = sorted({c["backend"] for c in measured if not c.get("applies")})
+        parts.append(
+            f"{len(ok)} of {len(measured)} CPU variants take the demo LoRA"
+            + (f" (not: {', '.join(refused)})" if refused else "")
+        )
+    if s := data.get("switching"):
+        run = s["runs"][0]
+        parts.append(
+            f"a switch {run['switch_seconds_median'] * 1000:.1f} ms = "
+            f"{run['switch_seconds_median'] / run['step_seconds_median']:.3f} of a step"
+        )
+    return "; ".join(parts)
 
 
 def _child(argv: list[str]) -> int:

@@ -330,7 +330,13 @@ def load_adapters(loaded: LoadedPipeline, specs: list[LoraSpec]) -> LoraAdapters
         raise LoraError(
             f"QDS_LORAS is set but {type(pipe).__name__} has no LoRA loader in diffusers"
         )
-    adapters = {spec.name: _load_one(pipe, spec) for spec in specs}
+    try:
+        adapters = {spec.name: _load_one(pipe, spec) for spec in specs}
+    except LoraError as exc:
+        # Name the backend: an unmeasured one (a GPU backend on a CPU-only test machine)
+        # fails here, in diffusers, rather than in `refuse_unsupported`.
+        what = f"{loaded.backend} {loaded.quant_type}" if loaded.quant_type else loaded.backend
+        raise LoraError(f"{exc} (backend {what})") from exc
     rank = sum(a.rank for a in adapters.values())
     lora = LoraAdapters(pipe, adapters, rank, _add_slot(pipe, adapters, rank))
     loaded.extra["lora"] = lora

@@ -272,3 +272,14 @@ def test_switching_adapters_does_not_recompile_compiled_blocks() -> None:
     for selection in [("orange", 1.0)], [("orange2", 0.5)], [], [("orange", 1.0), ("orange2", 2.0)]:
         run(*selection)
     assert counters["frames"]["total"] == compiled
+
+
+def test_a_file_diffusers_cannot_read_is_refused_with_the_backend(
+    with_adapters: tuple[Any, np.ndarray], tmp_path: Path
+) -> None:
+    loaded, _ = with_adapters
+    with pytest.raises(LoraError) as err:
+        load_adapters(loaded, [LoraSpec("empty", str(tmp_path))])
+    message = str(err.value)
+    assert message.startswith(f"QDS_LORAS empty={tmp_path}: diffusers could not load it: ")
+    assert message.endswith("(backend none)")
