@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import io
 import re
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -175,6 +177,52 @@ def test_openai_client_adapter_draws_orange_and_the_base_stays_bit_exact(server:
     # Scale 0 leaves the adapter out: the base image again.
     zero, _ = _generate(client, ORANGE, lora=[{"name": "orange", "scale": 0.0}])
     assert zero == base_before
+
+
+class HoldFirstStep:
+    """The scheduler's before_batch hook: records each step's adapter sets and holds the first
+    step until `n` jobs are in the engine, so the later requests queue and meet there."""
+
+    def __init__(self, server: Server, n: int) -> None:
+        self.server, self.n = server, n
+        self.steps: list[list[tuple[tuple[str, float], ...]]] = []
+        self.first = threading.Event()
+
+    def __call__(self, jobs: list[Any]) -> None:
+        self.steps.append([job.request.lora for job in jobs])
+        if len(self.steps) == 1:
+            self.first.set()
+            qds = self.server.qds
+            deadline = time.monotonic() + 30
+            # No event tells the engine thread that the HTTP side has submitted: poll.
+            while qds.engine.in_use(qds.default_key) < self.n:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+
+def test_openai_client_requests_batch_only_with_the_same_adapters(server: Server) -> None:
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    hold = HoldFirstStep(server, 5)
+    orange = [{"name": "orange", "scale": 1.0}]
+    later = [orange, [{"name": "orange", "scale": 0.5}], None, None]
+    server.qds.scheduler.before_batch = hold
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(_generate, client, ORANGE, lora=orange)
+            assert hold.first.wait(30)
+            rest = [
+                pool.submit(_generate, client, ORANGE, seed=i + 1, **({"lora": lr} if lr else {}))
+                for i, lr in enumerate(later)
+            ]
+            images = [f.result()[1] for f in [first, *rest]]
+    finally:
+        server.qds.scheduler.before_batch = None
+    for step in hold.steps:
+        assert len(set(step)) == 1, step  # one adapter set per forward
+    assert [(("orange", 1.0),)] * 2 in hold.steps  # the two orange requests shared steps
+    assert [()] * 2 in hold.steps  # and so did the two base ones
+    assert all(adheres(np.asarray(img), ORANGE) for img in images[:2])
+    assert not any(adheres(np.asarray(img), ORANGE) for img in images[3:])
 
 
 def _post(server: Server, body: dict[str, Any]) -> Any:
