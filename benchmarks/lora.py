@@ -122,7 +122,15 @@ def run_cell(settings: Any, adapter: Path) -> dict[str, Any]:
     result["applies"] = True
     result["load_lora_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    with_lora = _images(pipe, LORA_PROMPTS, SEEDS)
+    try:
+        with_lora = _images(pipe, LORA_PROMPTS, SEEDS)
+    except Exception as exc:  # it loads, but the forward with it fails
+        result["forward_error"] = _error(exc)
+        pipe.unload_lora_weights()
+        result["base_bit_exact_unloaded"] = bool(
+            np.array_equal(_images(pipe, LORA_PROMPTS, SEEDS), base)
+        )
+        return result
     result["seconds_per_image_lora"] = (time.perf_counter() - t) / len(with_lora)
     result["output_changes"] = not bool(np.array_equal(with_lora, base))
     result["mean_abs_diff_vs_base"] = float(np.mean(np.abs(with_lora - base)) * 255)
@@ -236,6 +244,21 @@ def matrix_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
             why = c.get("unavailable") or c.get("error", "")
             rows.append([name, "not measured here: " + str(why).replace("|", "/")] + ["-"] * 7)
             continue
+        if c.get("forward_error"):
+            rows.append(
+                [
+                    name,
+                    "yes, but the forward with it fails: "
+                    + str(c["forward_error"]).replace("|", "/"),
+                    "-",
+                    f"- / {_pct(c.get('orange_adherence_without'))}",
+                    "-",
+                    "-",
+                    _yes(c.get("base_bit_exact_unloaded")),
+                    "refused at start-up",
+                ]
+            )
+            continue
         if not c.get("applies"):
             restored = c.get("base_bit_exact_after_failed_load")
             rows.append(
@@ -293,7 +316,7 @@ def render(data: dict[str, Any]) -> str:
     if m := data.get("matrix"):
         parts += [
             "## Which backends take a LoRA",
-            meta_line(m["meta"]),
+            meta_line(m["meta"]) + f" Also: {_versions_note(m)}.",
             f"Adapter: `{m['adapter']}` (the demo LoRA, `examples/demo/train_lora.py`: teaches "
             "the color orange). Each cell in its own process: load through qdserve's loader, "
             f"generate the {m['prompts']} orange prompts x seeds {m['seeds']} ({STEPS} steps), "
@@ -303,6 +326,11 @@ def render(data: dict[str, Any]) -> str:
             "prompts (six trained colors), seed 0, with the adapter on. Bit-exact: the float "
             "output arrays equal the base run's (`numpy.array_equal`).",
             md_table(MATRIX_HEADER, matrix_rows(m["cells"])),
+            *[
+                f"Re-run since: {', '.join(r['cells'])}, by `{r['meta']['command']}` on "
+                f"{r['meta']['date']} (git {r['meta']['git_commit']})."
+                for r in m.get("reruns", [])
+            ],
         ]
     if s := data.get("switching"):
         parts += [render_switching(s)]
@@ -473,6 +501,10 @@ def quality_section(matrix: dict[str, Any]) -> str:
         if not c.get("measured"):
             why = str(c.get("unavailable") or c.get("error", "")).replace("|", "/")
             rows.append([name, "-", "-", "-", "-", f"not measured here: {why}"])
+        elif c.get("forward_error"):
+            error = str(c["forward_error"]).replace("|", "/")
+            without = _pct(c.get("orange_adherence_without"))
+            rows.append([name, "-", without, "-", "-", f"loads, forward fails: {error}"])
         elif not c.get("applies"):
             error = str(c.get("error", "")).replace("|", "/")
             without = _pct(c.get("orange_adherence_without"))
@@ -501,7 +533,7 @@ def quality_section(matrix: dict[str, Any]) -> str:
     body = "\n\n".join(
         [
             "## The demo LoRA per backend",
-            meta_line(matrix["meta"]),
+            meta_line(matrix["meta"]) + f" Also: {_versions_note(matrix)}.",
             f"The demo LoRA (`{matrix['adapter']}`, `examples/demo/train_lora.py`) teaches the "
             "demo model a color it never saw, orange. Adherence: the checker sees the prompted "
             f"shape, in orange, at the prompted place, over the {matrix['prompts']} orange "
@@ -511,6 +543,11 @@ def quality_section(matrix: dict[str, Any]) -> str:
             "float outputs equal the base run's. Full matrix and method: "
             "docs/benchmarks/lora.md.",
             md_table(header, rows),
+            *[
+                f"Re-run since: {', '.join(r['cells'])} ({r['meta']['date']}, git "
+                f"{r['meta']['git_commit']})."
+                for r in matrix.get("reruns", [])
+            ],
         ]
     )
     return f"{SECTION_BEGIN}\n{body}\n{SECTION_END}"
@@ -528,6 +565,18 @@ def write_quality_section(md_path: Path, matrix: dict[str, Any]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     md_path.write_text(text)
+
+
+def _lora_versions() -> dict[str, str | None]:
+    """Versions the shared meta line leaves out and the LoRA cells depend on."""
+    from quantization.environment import library_version
+
+    return {name: library_version(name) for name in ("peft", "sdnq")}
+
+
+def _versions_note(matrix: dict[str, Any]) -> str:
+    versions = matrix.get("versions") or {}
+    return ", ".join(f"{k} {v}" for k, v in versions.items() if v)
 
 
 def _load_existing(out_dir: Path) -> dict[str, Any]:
@@ -572,16 +621,39 @@ def main(argv: list[str], out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         from examples.demo.train_lora import LORA_PROMPTS
 
         adapter = args.adapter.resolve()
-        data["matrix"] = {
-            "meta": meta,
-            "adapter": str(adapter.relative_to(REPO) if adapter.is_relative_to(REPO) else adapter),
-            "prompts": len(LORA_PROMPTS),
-            "seeds": SEEDS,
-            "steps": STEPS,
-            "cells": cells,
-        }
-        if only is None and args.quality_md is not None:
-            write_quality_section(args.quality_md, data["matrix"])
+        previous = data.get("matrix")
+        if only is not None and previous:
+            # A re-run of some cells: they replace theirs in the full matrix.
+            ids = {cell_id((c["backend"], c["quant_type"])) for c in cells}
+            kept = [
+                c for c in previous["cells"] if cell_id((c["backend"], c["quant_type"])) not in ids
+            ]
+            order = {
+                cell_id((c["backend"], c["quant_type"])): i for i, c in enumerate(previous["cells"])
+            }
+            merged = sorted(
+                kept + cells,
+                key=lambda c: order.get(cell_id((c["backend"], c["quant_type"])), len(order)),
+            )
+            previous["cells"] = merged
+            previous.setdefault("reruns", []).append({"meta": meta, "cells": sorted(ids)})
+            data["matrix"] = previous
+            if args.quality_md is not None:
+                write_quality_section(args.quality_md, previous)
+        else:
+            data["matrix"] = {
+                "meta": meta,
+                "adapter": str(
+                    adapter.relative_to(REPO) if adapter.is_relative_to(REPO) else adapter
+                ),
+                "prompts": len(LORA_PROMPTS),
+                "seeds": SEEDS,
+                "steps": STEPS,
+                "cells": cells,
+                "versions": _lora_versions(),
+            }
+            if only is None and args.quality_md is not None:
+                write_quality_section(args.quality_md, data["matrix"])
     data["headline"] = headline(data)
     write_json(args.out / "lora.json", data)
     (args.out / "lora.md").write_text(render(data))
@@ -593,11 +665,11 @@ def headline(data: dict[str, Any]) -> str:
     parts = []
     if m := data.get("matrix"):
         measured = [c for c in m["cells"] if c.get("measured")]
-        ok = [c for c in measured if c.get("applies")]
-        refused = sorted({c["backend"] for c in measured if not c.get("applies")})
+        ok = [c for c in measured if c.get("applies") and not c.get("forward_error")]
+        refused = sorted({c["backend"] for c in measured if c not in ok})
         parts.append(
             f"{len(ok)} of {len(measured)} CPU variants take the demo LoRA"
-            + (f" (not: {', '.join(refused)})" if refused else "")
+            + (f" (not all of: {', '.join(refused)})" if refused else "")
         )
     if s := data.get("switching"):
         run = s["runs"][0]

@@ -283,3 +283,22 @@ def test_a_file_diffusers_cannot_read_is_refused_with_the_backend(
     message = str(err.value)
     assert message.startswith(f"QDS_LORAS empty={tmp_path}: diffusers could not load it: ")
     assert message.endswith("(backend none)")
+
+
+def test_backend_refusals_match_the_measured_matrix() -> None:
+    """Every CPU cell of docs/benchmarks/lora.json (benchmarks/lora.py): the backend refuses
+    a LoRA exactly where diffusers could not apply it or the forward with it failed."""
+    import json
+
+    from quantization.backends import get_backend
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lora.json"
+    cells = [c for c in json.loads(path.read_text())["matrix"]["cells"] if c.get("measured")]
+    assert len(cells) >= 15
+    for cell in cells:
+        works = bool(cell.get("applies")) and not cell.get("forward_error")
+        reason = get_backend(cell["backend"]).lora_unsupported_reason(cell["quant_type"])
+        assert (reason is None) == works, (cell["backend"], cell["quant_type"], reason)
+        if reason is not None:
+            measured = cell.get("error") or cell.get("forward_error")
+            assert measured.split(": ", 1)[1].strip("'\"")[:30] in reason, (reason, measured)

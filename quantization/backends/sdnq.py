@@ -69,3 +69,27 @@ class SDNQBackend(QuantBackend):
 
     def saved_quant_type(self, component_config: dict[str, Any]) -> str | None:
         return component_config.get("weights_dtype")
+
+    def lora_unsupported_reason(self, quant_type: str | None) -> str | None:
+        # Measured per type by benchmarks/lora.py (docs/benchmarks/lora.md), diffusers 0.42.1,
+        # sdnq 0.2.8, peft 0.21.2, on CPU: int8 takes the demo LoRA (bit-exact base when off).
+        qtype = quant_type or self.default_quant_type
+        if qtype in ("uint4", "int4"):
+            return (
+                "diffusers' Flux LoRA loader reads each targeted layer's weight shape as "
+                "(out, in), and sdnq stores 4-bit weights packed in a 1-D tensor (measured: "
+                "ValueError: not enough values to unpack (expected 2, got 1)); use sdnq int8"
+            )
+        if qtype == "int6":
+            return (
+                "diffusers' Flux LoRA loader rebuilds a Linear from the stored weight, which "
+                "sdnq packs as integers (measured: RuntimeError: Only Tensors of floating point "
+                "and complex dtype can require gradients); use sdnq int8"
+            )
+        if qtype == "float8_e4m3fn":
+            return (
+                "the LoRA loads, but PEFT gives its layers the stored float8 dtype and the "
+                "first forward fails (measured on CPU: NotImplementedError: "
+                "\"mul_cpu_reduced_float\" not implemented for 'Float8_e4m3fn'); use sdnq int8"
+            )
+        return None
