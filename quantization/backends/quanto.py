@@ -45,5 +45,5 @@ class QuantoBackend(QuantBackend):
             "'<module>.weight' from the model's state dict, and quanto stores it as "
             "'weight._data' / 'weight._scale' (measured: KeyError: 'proj_out.weight' in "
             "load_lora_weights, diffusers 0.42.1, optimum-quanto 0.2.7); serve LoRAs on "
-            "torchao, gguf or sdnq instead"
+            "gguf, torchao (int8wo, int8dq, float8wo) or sdnq int8 instead"
         )
