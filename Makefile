@@ -30,8 +30,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/qdserve bench all
 
-# CPU container image qdserve:cpu on a local Debian base (built when missing); cached, so a
-# rerun without changes takes seconds. GPU image: deploy/image/build.sh cuda. Needs Docker (as
+# CPU container image qdserve:cpu on a local Debian base (built when missing); cached: a rerun
+# with nothing changed rebuilds nothing. GPU image: deploy/image/build.sh cuda. Needs Docker (as
 # root, the script starts Debian's dockerd when none answers); see docs/deploy.md.
 image:
 	PYTHON=$(PYTHON) deploy/image/build.sh cpu
