@@ -2,7 +2,7 @@
 #
 # Build it with `make image` (CPU image qdserve:cpu) or deploy/image/build.sh cuda (GPU image
 # qdserve:cuda): the script creates the local Debian base when missing and hands pip this
-# machine's CA bundle and local wheel folder (see deploy/image/README.md). By hand, where a
+# machine's CA bundle and local wheel folder (docs/deploy.md, "The image"). By hand, where a
 # registry is reachable:
 #
 #   docker build -t qdserve:cuda .                                  # GPU: Debian + PyPI's CUDA torch
