@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qdserve-installed
 
-.PHONY: serve test lint bench bench-gpu venv clean image
+.PHONY: serve test test-unit lint bench bench-gpu venv clean image
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fast tier alone (no server, no pipeline): seconds.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -449,7 +449,8 @@ def render(data: dict[str, Any]) -> str:
                 "disconnect_to_cancelled: the engine has removed the request from its batch (no "
                 "further step runs it); disconnect_to_next_started: the waiting request has joined "
                 "a batch (its first step runs next). At most one step that was already running "
-                "when the client left completes first (tests/test_streaming.py counts it).",
+                "when the client left completes first (tests/integration/test_streaming.py counts "
+                "it).",
             ]
         )
         + "\n"

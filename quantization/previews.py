@@ -18,7 +18,7 @@ domain (the embedded model's shapes) reconstructs random colour patches badly (m
 of 255 measured), so its encoder says little about how its decoder renders real latents.
 Measured on the embedded model, fitted on eight requests' final decodes: mean absolute error
 12.6 of 255 against the real decode of three unseen requests' final latents (their flat mean
-colour: 27.7; tests/test_streaming_previews.py).
+colour: 27.7; tests/integration/test_streaming_previews.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ processor), so that:
   (`step` returns it, decoded), or at once when dropped (`remove`);
 - a request run alone gets exactly what `generate()` computes for it (same CPU generator per
   image, seed + i; same schedule; same float32 Euler update), and in a batch the same up to
-  the rounding of batched matmuls (tests/test_stepping.py states the measured tolerance).
+  the rounding of batched matmuls (tests/backends/test_stepping.py states the measured tolerance).
 
 Only `FluxPipeline` itself qualifies (`supports_stepping`): its subclasses and other families
 (SD3, SDXL) add inputs or use other schedulers, and keep whole-call batching. Nothing here

@@ -48,7 +48,11 @@ class ServiceSettings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="Address uvicorn binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port uvicorn binds.")
-    max_queue: int = Field(default=32, ge=1, description="Requests admitted and waiting for the engine (beyond it: 429 + Retry-After).")
+    max_queue: int = Field(
+        default=32,
+        ge=1,
+        description="Requests admitted and waiting for the engine (beyond it: 429 + Retry-After).",
+    )
     request_timeout: float = Field(
         default=300.0, gt=0, description="Seconds a request may wait + run before a 504."
     )

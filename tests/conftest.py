@@ -50,7 +50,7 @@ def embedded_path(cache_dir: Path) -> Path:
 
 # A skip whose reason says a tool is missing is not a pass: list them at the end, loudly, so a
 # fresh clone's `make test` says what it could not run and how to get it (`.ci/run` installs
-# every tool and sets QDS_REQUIRE_TOOLS=1, which turns such skips into a failing run).
+# the tools first); QDS_REQUIRE_TOOLS=1 turns such skips into a failing run.
 _TOOL_SKIP_MARKERS = ("is not installed", "needs Debian's", "too old")
 _missing_tools: dict[str, int] = {}
 

@@ -84,7 +84,8 @@ def running_server(
     # OpenMP's spinning threads make a 2-thread generation ~35x slower than a 1-thread one.
     service.setdefault("torch_threads", 1)
     # The engine core on a thread of this process, so tests can reach its scheduler and cache
-    # and set hooks that cannot be pickled; tests/test_engine_core.py covers engine="process".
+    # and set hooks that cannot be pickled; tests/integration/test_engine_core.py covers
+    # engine="process".
     service.setdefault("engine", "inline")
     settings = ServiceSettings(**service)
     app = create_app(QuantSettings(cache_dir=cache_dir, **(quant or {})), settings)

@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QDS_CACHE_DIR=/tmp/qdcache
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$OUT/card.txt"
 python3 -c "import torch, diffusers, torchao; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'torchao', torchao.__version__)" >> "$OUT/card.txt" 2>&1
 cat "$OUT/card.txt"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -m gpu tests/test_loading.py tests/test_gpu_metrics.py \
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -m gpu tests/backends/test_loading.py tests/integration/test_gpu_metrics.py \
   ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider -q -s -o addopts="" --timeout 150 2>&1 \
   | grep -v Warning | tee "$OUT/gpu_tests.log" | grep -E "GPU|GAUGE|passed|failed|Error" | head -60
 i=0

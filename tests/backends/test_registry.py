@@ -102,7 +102,8 @@ def test_default_prepare_returns_the_settings(tmp_path: Path) -> None:
 
 
 def test_gguf_needs_its_file_unless_unprepared(tmp_path: Path) -> None:
-    # The conversion itself runs in tests/test_loading.py (every GGUF type loads through it).
+    # The conversion itself runs in tests/backends/test_loading.py (every GGUF type loads
+    # through it).
     with pytest.raises(ValidationError, match="QDS_QUANT_BACKEND=gguf needs QDS_GGUF_FILE"):
         QuantSettings(quant_backend="gguf", quant_type="Q4_0")
     unprepared = QuantSettings.unprepared(quant_backend="gguf", quant_type="Q4_0")

@@ -1,5 +1,5 @@
 """SDNQ specifics on the embedded model on CPU (every type also runs through the registry-wide
-tests in tests/test_loading.py: load, storage, closeness, text encoders, qdserve quantize).
+tests in tests/backends/test_loading.py: load, storage, closeness, text encoders, qdserve quantize).
 
 Measured here (sdnq 0.2.8, random-weight embedded model, fp32 transformer of 9.24 M
 parameters): SDNQ keeps Flux's embedders, norm_out and proj_out unquantized (8.5 % of the

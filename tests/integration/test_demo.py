@@ -14,7 +14,7 @@ import pytest
 from examples.demo import shapes
 from examples.demo.checker import adheres, classify
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "quantization" / "demo_weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "quantization" / "demo_weights"
 
 
 def test_dataset_is_deterministic() -> None:

@@ -24,7 +24,7 @@ from benchmarks.common import (
     summarize,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GPU_RUNS = sorted((REPO / "docs" / "benchmarks").glob("gpu-h200-run*"))
 
 

@@ -120,7 +120,7 @@ def test_cli_serve_refuses_bad_env_before_binding() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 2
     assert "QDS_QUANT_TYPE='int8' is not a quant type of backend 'bitsandbytes_4bit'" in proc.stderr

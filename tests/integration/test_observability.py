@@ -32,7 +32,7 @@ from test_service_support import Server, free_port, running_server
 
 from service import metric_names
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMG = "/v1/images/generations"
 QUANTO = {"quant_backend": "quanto", "quant_type": "int8"}
 SMALL = {"size": "32x32", "num_inference_steps": 2}

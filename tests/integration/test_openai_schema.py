@@ -33,7 +33,7 @@ from service.protocol import (
 from service.responses import images_response
 from service.variants import ModelKey
 
-SCHEMA_DIR = Path(__file__).parent / "schemas" / "openai"
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas" / "openai"
 SCHEMAS: dict[str, Any] = json.loads((SCHEMA_DIR / "images.json").read_text())
 SERVED_SIZE = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
 

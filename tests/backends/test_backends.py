@@ -138,7 +138,7 @@ def test_backends_command_lists_every_combination() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)

@@ -292,7 +292,7 @@ def test_backend_refusals_match_the_measured_matrix() -> None:
 
     from quantization.backends import get_backend
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lora.json"
+    path = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "lora.json"
     cells = [c for c in json.loads(path.read_text())["matrix"]["cells"] if c.get("measured")]
     assert len(cells) >= 15
     for cell in cells:

@@ -12,7 +12,7 @@ from PIL import Image
 from examples.demo import edits_check, shapes
 from examples.demo.checker import classify
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "quantization" / "demo_weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "quantization" / "demo_weights"
 needs_weights = pytest.mark.skipif(
     not (WEIGHTS / "model_index.json").exists(), reason="no shipped weights"
 )

@@ -13,7 +13,7 @@ import torch
 from quantization.loader import ModelLoadError, load_pipeline
 from quantization.settings import QuantSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _qdserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -210,7 +210,7 @@ def _steps_since(server: Server, start: int) -> list[list[tuple]]:
 
 
 # Image equality tolerance between a request run in a batch and the same seed alone: at most
-# 2 levels of 8-bit pixels (tests/test_stepping.py states the measured differences).
+# 2 levels of 8-bit pixels (tests/backends/test_stepping.py states the measured differences).
 TOLERANCE = 2
 
 

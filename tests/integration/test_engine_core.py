@@ -48,7 +48,7 @@ from service.settings import ServiceSettings
 from service.variants import key_for
 
 IMG = "/v1/images/generations"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 

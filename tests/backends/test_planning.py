@@ -25,7 +25,7 @@ from quantization.planning import (
     resolve_budget,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "docs" / "benchmarks"
 U = "none"  # unquantized
 
