@@ -458,6 +458,9 @@ class ModelCard(BaseModel):
     in_use: int = 0
     # The QDS_LORAS adapters: name, source, and for a loaded variant rank, bytes and state.
     loras: list[dict[str, Any]] = Field(default_factory=list)
+    # QDS_QUANT_BACKEND=auto: the plan this variant was loaded by (backend and type per
+    # component, bytes, budget, priority); absent otherwise.
+    plan: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

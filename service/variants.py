@@ -217,6 +217,7 @@ class Variants:
                     storage_bytes=entry.storage_bytes if entry else None,
                     in_use=entry.in_use if entry else 0,
                     loras=lora_cards(loras, entry),
+                    plan=getattr(entry, "plan", None),
                 )
             )
         return cards

@@ -86,6 +86,7 @@ class LoadedView:
     components: tuple[str, ...]
     loras: tuple[dict[str, Any], ...] = ()
     lora_error: str = ""
+    plan: dict[str, Any] | None = None
 
 
 class ModelsView:
@@ -105,6 +106,7 @@ class ModelsView:
                 e.components,
                 e.loras,
                 e.lora_error,
+                e.plan,
             )
             for key, e in c.loaded.items()
         ]

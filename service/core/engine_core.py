@@ -499,7 +499,16 @@ def _loaded_event(key: ModelKey, loaded: LoadedPipeline, loaded_at: float) -> m.
         tuple(loaded.components),
         loras=tuple(adapters.describe()) if adapters is not None else (),
         lora_error=str(getattr(loaded, "extra", {}).get("lora_error", "")),
+        plan=_plan_card(getattr(loaded, "extra", {}).get("plan")),
     )
+
+
+def _plan_card(plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not plan:
+        return None
+    from quantization.planning import plan_card
+
+    return plan_card(plan)
 
 
 def _load_failure(exc: BaseException) -> tuple[str, str]:

@@ -356,3 +356,7 @@ def test_auto_is_served_and_listed(cache_dir: Path) -> None:
         card = c.get("/v1/models").json()["data"][0]
         assert card["backend"] == "auto" and card["loaded"] is True
         assert card["storage_bytes"] < BUDGET
+        # The served plan is listed: each component's choice, within the budget.
+        plan = card["plan"]
+        assert plan["budget_bytes"] == BUDGET and plan["total_bytes"] <= BUDGET
+        assert plan["components"]["transformer"]["backend"] == "torchao"
