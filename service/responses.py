@@ -73,3 +73,26 @@ def native_completed(out: Outcome, output_format: str, model_id: str) -> Complet
         usage=u,
         timings=timings(out),
     )
+
+
+def native_headers(out: Outcome) -> dict[str, str]:
+    """The native endpoints' headers (/v1/generate and /v1/edit: curl scripts read both alike)."""
+    ms = {
+        "queue": out.queue_seconds,
+        "inference": out.inference_seconds,
+        "encode": out.encode_seconds,
+    }
+    return {
+        "X-Seed": str(out.seeds[0]),
+        "X-Model": out.key.model,
+        "X-Backend": out.key.backend,
+        "X-Quant-Type": out.key.quant_type or "",
+        "X-Width": str(out.width),
+        "X-Height": str(out.height),
+        "X-Steps": str(out.steps),
+        "X-Queue-Seconds": f"{out.queue_seconds:.6f}",
+        "X-Inference-Seconds": f"{out.inference_seconds:.6f}",
+        "X-Encode-Seconds": f"{out.encode_seconds:.6f}",
+        "X-Batch-Images": str(out.batch_images),
+        "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in ms.items()),
+    }

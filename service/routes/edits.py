@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from service.auth import require_api_key
-from service.engine import ClientGone, Outcome, ServiceState
+from service.engine import ClientGone, ServiceState
 from service.protocol import (
     CONTENT_TYPES,
     ERROR_RESPONSES,
@@ -28,7 +28,7 @@ from service.protocol import (
     ImagesResponse,
 )
 from service.resolve import ImageParams, lora_pairs, parse_size
-from service.responses import images_response
+from service.responses import images_response, native_headers
 from service.streaming import stream_response
 from service.uploads import EditImages, decode_edit_images, read_edit_form
 
@@ -209,26 +209,3 @@ async def edit_image(request: Request) -> Response:
         media_type=CONTENT_TYPES[params.output_format],
         headers=native_headers(out),
     )
-
-
-def native_headers(out: Outcome) -> dict[str, str]:
-    """/v1/generate's response headers (kept identical so curl scripts read both alike)."""
-    ms = {
-        "queue": out.queue_seconds,
-        "inference": out.inference_seconds,
-        "encode": out.encode_seconds,
-    }
-    return {
-        "X-Seed": str(out.seeds[0]),
-        "X-Model": out.key.model,
-        "X-Backend": out.key.backend,
-        "X-Quant-Type": out.key.quant_type or "",
-        "X-Width": str(out.width),
-        "X-Height": str(out.height),
-        "X-Steps": str(out.steps),
-        "X-Queue-Seconds": f"{out.queue_seconds:.6f}",
-        "X-Inference-Seconds": f"{out.inference_seconds:.6f}",
-        "X-Encode-Seconds": f"{out.encode_seconds:.6f}",
-        "X-Batch-Images": str(out.batch_images),
-        "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in ms.items()),
-    }

@@ -8,6 +8,7 @@ from service.auth import require_api_key
 from service.engine import ServiceState
 from service.protocol import CONTENT_TYPES, ERROR_RESPONSES, GenerateRequest
 from service.resolve import ImageParams
+from service.responses import native_headers
 from service.streaming import stream_response
 
 router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)])
@@ -43,25 +44,8 @@ async def generate_image(body: GenerateRequest, request: Request) -> Response:
         return await stream_response(qds, request, params, "native", body.partial_images or 0)
     out = await qds.run(request, params)
     request.state.log_extra = out.log_fields()
-    ms = {
-        "queue": out.queue_seconds,
-        "inference": out.inference_seconds,
-        "encode": out.encode_seconds,
-    }
-    headers = {
-        "X-Seed": str(out.seeds[0]),
-        "X-Model": out.key.model,
-        "X-Backend": out.key.backend,
-        "X-Quant-Type": out.key.quant_type or "",
-        "X-Width": str(out.width),
-        "X-Height": str(out.height),
-        "X-Steps": str(out.steps),
-        "X-Queue-Seconds": f"{out.queue_seconds:.6f}",
-        "X-Inference-Seconds": f"{out.inference_seconds:.6f}",
-        "X-Encode-Seconds": f"{out.encode_seconds:.6f}",
-        "X-Batch-Images": str(out.batch_images),
-        "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in ms.items()),
-    }
     return Response(
-        content=out.images[0], media_type=CONTENT_TYPES[params.output_format], headers=headers
+        content=out.images[0],
+        media_type=CONTENT_TYPES[params.output_format],
+        headers=native_headers(out),
     )
