@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from quantization.generate import (
     GenerationRequest,
     GenerationResult,
+    call_pipeline,
     image_seeds,
 )
 from quantization.generate import (
@@ -236,26 +236,8 @@ def edit_batch(
             # As generate_batch: Flux's negative prompt only acts through true CFG.
             kwargs["true_cfg_scale"] = max(guidance, 1.5)
 
-    step_times: list[float] = []
-    last = [time.perf_counter()]
-
-    def on_step(_pipe: Any, step: int, _t: Any, cb_kwargs: dict[str, Any]) -> dict[str, Any]:
-        now = time.perf_counter()
-        step_times.append(now - last[0])
-        last[0] = now
-        if step_callback is not None:
-            step_callback(step, step_times[-1])
-        return cb_kwargs
-
-    if "callback_on_step_end" in accepts:
-        kwargs["callback_on_step_end"] = on_step
-
-    start = time.perf_counter()
-    # no_grad, not inference_mode: quanto's int4/int2 kernels set version counters.
-    with torch.no_grad():
-        output = pipe(**kwargs)
-    elapsed = time.perf_counter() - start
-    out_images = list(output.images)
+    call = call_pipeline(pipe, kwargs, accepts, step_callback)
+    out_images = call.images
 
     results = []
     offset = 0
@@ -269,9 +251,9 @@ def edit_batch(
                 height=height,
                 # The steps that ran (what the time was spent on), not the schedule length.
                 steps=run,
-                inference_seconds=elapsed,
+                inference_seconds=call.seconds,
                 timings={
-                    "step_seconds_mean": sum(step_times) / len(step_times) if step_times else 0.0,
+                    "step_seconds_mean": call.step_seconds_mean,
                     "batch_images": float(len(out_images)),
                     "schedule_steps": float(steps),
                 },

@@ -106,6 +106,48 @@ def _call_kwargs(loaded: LoadedPipeline, accepts: set[str]) -> dict[str, Any]:
     return kwargs
 
 
+@dataclass
+class PipelineCall:
+    images: list[Any]
+    seconds: float
+    step_times: list[float]
+
+    @property
+    def step_seconds_mean(self) -> float:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+
+
+def call_pipeline(
+    pipe: Any,
+    kwargs: dict[str, Any],
+    accepts: set[str],
+    step_callback: Callable[[int, float], None] | None = None,
+) -> PipelineCall:
+    """One pipeline call, timed per diffusers step (generations and edits share it)."""
+    import torch
+
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def _on_step(_pipe: Any, step: int, _t: Any, cb_kwargs: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+        if step_callback is not None:
+            step_callback(step, step_times[-1])
+        return cb_kwargs
+
+    if "callback_on_step_end" in accepts:
+        kwargs["callback_on_step_end"] = _on_step
+
+    start = time.perf_counter()
+    # no_grad, not inference_mode: quanto's int4/int2 kernels set version counters, which
+    # inference tensors refuse.
+    with torch.no_grad():
+        output = pipe(**kwargs)
+    return PipelineCall(list(output.images), time.perf_counter() - start, step_times)
+
+
 def generate_batch(
     loaded: LoadedPipeline,
     requests: Sequence[GenerationRequest],
@@ -162,27 +204,8 @@ def generate_batch(
             # through true CFG, so turn it on when one is given.
             kwargs["true_cfg_scale"] = max(guidance, 1.5)
 
-    step_times: list[float] = []
-    last = [time.perf_counter()]
-
-    def _on_step(_pipe: Any, step: int, _t: Any, cb_kwargs: dict[str, Any]) -> dict[str, Any]:
-        now = time.perf_counter()
-        step_times.append(now - last[0])
-        last[0] = now
-        if step_callback is not None:
-            step_callback(step, step_times[-1])
-        return cb_kwargs
-
-    if "callback_on_step_end" in accepts:
-        kwargs["callback_on_step_end"] = _on_step
-
-    start = time.perf_counter()
-    # no_grad, not inference_mode: quanto's int4/int2 kernels set version counters, which
-    # inference tensors refuse.
-    with torch.no_grad():
-        output = pipe(**kwargs)
-    elapsed = time.perf_counter() - start
-    images = list(output.images)
+    call = call_pipeline(pipe, kwargs, accepts, step_callback)
+    images = call.images
 
     results = []
     offset = 0
@@ -194,9 +217,9 @@ def generate_batch(
                 width=width,
                 height=height,
                 steps=steps,
-                inference_seconds=elapsed,
+                inference_seconds=call.seconds,
                 timings={
-                    "step_seconds_mean": sum(step_times) / len(step_times) if step_times else 0.0,
+                    "step_seconds_mean": call.step_seconds_mean,
                     "batch_images": float(len(images)),
                 },
                 usage=count_usage(loaded, req),
