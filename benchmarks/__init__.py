@@ -2,9 +2,9 @@
 
 Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
 
-Subcommands: matrix, overhead, load, peer, batching, compile, gpu-report, streaming, quality,
-lora, all. `all` clears docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h200-run*/`) and
-regenerates everything.
+Subcommands: matrix, overhead, load, peer, batch-size, batching, compile, gpu-report,
+streaming, quality, lora, all. `all` clears docs/benchmarks/ (keeping the recorded GPU runs,
+`gpu-h200-run*/`) and regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
 
@@ -41,6 +41,12 @@ def _peer(argv: list[str], out: Path, quick: bool) -> Any:
     from benchmarks import peer
 
     return peer.main(argv, out, quick)
+
+
+def _batch_size(argv: list[str], out: Path, quick: bool) -> Any:
+    from benchmarks import batch_size
+
+    return batch_size.main(argv, out, quick)
 
 
 def _compile(argv: list[str], out: Path, quick: bool) -> Any:
@@ -84,6 +90,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "overhead": _serving("overhead"),
     "load": _serving("load"),
     "peer": _peer,
+    "batch-size": _batch_size,
     "batching": _serving("batching"),
     "compile": _compile,
     "gpu-report": _gpu_report,

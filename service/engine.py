@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from quantization.environment import resolve_device
 from quantization.generate import GenerationRequest, image_seeds
 from quantization.loader import load_pipeline
 from quantization.settings import QuantSettings
@@ -34,7 +35,7 @@ from service.core.messages import Finished
 from service.imaging import encode_all
 from service.metrics import Metrics
 from service.resolve import ImageParams, check_limits, check_lora_variant, resolve
-from service.settings import ServiceSettings
+from service.settings import ServiceSettings, batch_limit
 from service.variants import ModelKey, Variants
 
 if TYPE_CHECKING:
@@ -125,8 +126,12 @@ class ServiceState:
         self.model_id = self.variants.model_id
         self.preload_variants, warnings = self.variants.preload(self.settings.preload)
         self.warnings.extend(warnings)
-        # The engine needs no API keys: they stay in the HTTP process.
-        engine_settings = self.settings.model_copy(update={"api_keys": []})
+        # The engine needs no API keys: they stay in the HTTP process. It gets the batch limit
+        # resolved for its device, so the engine and the queue estimate agree on one number.
+        device = resolve_device(self.quant.device)
+        engine_settings = self.settings.model_copy(
+            update={"api_keys": [], "max_batch": batch_limit(self.settings.max_batch, device)}
+        )
         self.engine = EngineClient(
             EngineConfig(self.quant, engine_settings, self.preload_variants),
             mode=self.settings.engine,

@@ -102,11 +102,12 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line; text: human-readable."
     )
-    max_batch: int = Field(
-        default=4,
-        ge=1,
+    max_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto",
         description="Most images denoised together: requests join a running batch at the next "
-        "step (no batching window); 1 turns batching off.",
+        "step (no batching window); 1 turns batching off. auto: 8 on CPU (the best measured on "
+        "the demo model: docs/benchmarks/batch-size.md), 4 on a GPU (not measured there: large "
+        "images already fill a GPU at batch 1, and a bigger batch needs more memory).",
     )
     engine: Literal["process", "inline"] = Field(
         default="process",
@@ -187,3 +188,16 @@ class ServiceSettings(BaseSettings):
             if not re.fullmatch(r"\d+x\d+", size):
                 raise ValueError(f"QDS_WARMUP_SIZES entry {size!r} is not WxH (e.g. 512x512)")
         return value
+
+
+# The `auto` batch limits: CPU from docs/benchmarks/batch-size.md (img/s peaks at 8 and falls
+# past it); the accelerator value is the earlier default, unmeasured (no GPU in that session).
+AUTO_MAX_BATCH_CPU = 8
+AUTO_MAX_BATCH_ACCELERATOR = 4
+
+
+def batch_limit(max_batch: int | Literal["auto"], device: str) -> int:
+    """QDS_MAX_BATCH resolved for the engine's device (`cpu`, `cuda`, `cuda:N`)."""
+    if max_batch != "auto":
+        return int(max_batch)
+    return AUTO_MAX_BATCH_CPU if device == "cpu" else AUTO_MAX_BATCH_ACCELERATOR

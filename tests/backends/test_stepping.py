@@ -200,6 +200,25 @@ def test_different_step_counts_finish_after_their_own_steps(loaded: LoadedPipeli
         assert _diff(result, _generate(loaded, req)) <= TOL
 
 
+def test_requests_finishing_together_share_one_decode(
+    loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reqs = {"a": _req(loaded, seed=11), "b": _req(loaded, seed=12, num_images=2)}
+    batch = StepBatch(loaded)
+    batch.add_many(list(reqs.items()))
+    decoded: list[int] = []
+    real = batch._decode
+    monkeypatch.setattr(
+        batch, "_decode", lambda packed, req: decoded.append(len(packed)) or real(packed, req)
+    )
+    out = _drain(batch)
+    assert decoded == [3]  # one VAE call for all 3 images, not one per request
+    assert len(out["a"][0].images) == 1 and len(out["b"][0].images) == 2
+    for job_id, req in reqs.items():
+        assert out[job_id][0].seeds == [req.seed] + ([req.seed + 1] if req.num_images > 1 else [])
+        assert _diff(out[job_id][0], _generate(loaded, req)) <= TOL
+
+
 def test_remove_drops_a_request_and_the_others_finish(loaded: LoadedPipeline) -> None:
     keep = {"a": _req(loaded, seed=31), "c": _req(loaded, seed=33, num_inference_steps=3)}
     batch = StepBatch(loaded)

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from quantization.settings import QuantSettings
-from service.settings import ServiceSettings, parse_bytes
+from service.settings import ServiceSettings, batch_limit, parse_bytes
 
 
 def _error(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
@@ -125,3 +125,14 @@ def test_cli_serve_refuses_bad_env_before_binding() -> None:
     assert proc.returncode == 2
     assert "QDS_QUANT_TYPE='int8' is not a quant type of backend 'bitsandbytes_4bit'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_max_batch_auto_resolves_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServiceSettings().max_batch == "auto"
+    assert batch_limit("auto", "cpu") == 8  # measured best on CPU (docs/benchmarks/batch-size.md)
+    assert batch_limit("auto", "cuda") == batch_limit("auto", "cuda:1") == 4
+    monkeypatch.setenv("QDS_MAX_BATCH", "3")
+    assert batch_limit(ServiceSettings().max_batch, "cpu") == 3
+    monkeypatch.setenv("QDS_MAX_BATCH", "0")
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        ServiceSettings()

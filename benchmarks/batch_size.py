@@ -1,0 +1,162 @@
+"""`qdserve bench batch-size`: images per second against batch size, in process, no HTTP.
+
+Where `QDS_MAX_BATCH=auto` gets its CPU value: the demo model (or `--variant`) at torch's
+default thread count, both ways the service can batch it, interleaved round by round so drift
+on shared CPUs hits every size alike:
+
+- `generate_batch`: one whole pipeline call for the batch (what LitServe's peer server runs);
+- `StepBatch`: the engine's step loop (`quantization.stepping`), prompt embeddings cached as
+  the engine caches them.
+
+A batch pays off while it amortizes per-operation overhead; past the size where the matmuls
+fill the cores, images per second stop rising (and latency keeps growing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    PROMPT,
+    fmt,
+    md_table,
+    meta_line,
+    parse_variant,
+    prepared_settings,
+    run_meta,
+    write_json,
+)
+
+SIZES = (1, 2, 4, 6, 8, 12, 16)
+WAYS = ("generate_batch", "StepBatch")
+
+
+def parse(argv: Sequence[str], quick: bool) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qdserve bench batch-size", description=__doc__)
+    p.add_argument("--variant", default="none", help="backend:quant_type, e.g. quanto:int8")
+    p.add_argument("--rounds", type=int, default=2 if quick else 7)
+    p.add_argument("--sizes", default="1,4" if quick else ",".join(map(str, SIZES)))
+    return p.parse_args(list(argv))
+
+
+def runners(loaded: Any) -> dict[str, Callable[[int, int], None]]:
+    from quantization.generate import GenerationRequest, generate_batch, resolve
+    from quantization.prompt_cache import PromptCache
+    from quantization.stepping import StepBatch, supports_stepping
+
+    def requests(batch: int, seed: int) -> list[GenerationRequest]:
+        return [
+            resolve(loaded.defaults, GenerationRequest(PROMPT, seed=seed + i)) for i in range(batch)
+        ]
+
+    def whole(batch: int, seed: int) -> None:
+        generate_batch(loaded, requests(batch, seed))
+
+    cache = PromptCache(64 * 2**20)
+
+    def stepped(batch: int, seed: int) -> None:
+        run = StepBatch(loaded, prompt_cache=cache, max_images=batch)
+        run.add_many([(str(i), r) for i, r in enumerate(requests(batch, seed))])
+        while len(run):
+            run.step()
+
+    out = {"generate_batch": whole}
+    if supports_stepping(loaded):
+        out["StepBatch"] = stepped
+    return out
+
+
+def measure(variant: str, sizes: list[int], rounds: int, work: Path) -> dict[str, Any]:
+    import torch
+
+    from quantization.loader import load_pipeline
+
+    loaded = load_pipeline(prepared_settings(parse_variant(variant), work))
+    ways = runners(loaded)
+    per_image: dict[str, dict[int, list[float]]] = {w: {b: [] for b in sizes} for w in ways}
+    for run in ways.values():  # untimed warm-up of every shape
+        for b in sizes:
+            run(b, 0)
+    for rnd in range(rounds):
+        for b in sizes if rnd % 2 == 0 else sizes[::-1]:
+            for way, run in ways.items():
+                t0 = time.perf_counter()
+                run(b, 1000 * rnd)
+                per_image[way][b].append((time.perf_counter() - t0) / b)
+    rows: dict[str, dict[str, Any]] = {}
+    for way, by_size in per_image.items():
+        rows[way] = {
+            str(b): {
+                "images_per_second": 1 / statistics.median(v),
+                "seconds_per_call_median": statistics.median(v) * b,
+                "rounds": len(v),
+            }
+            for b, v in by_size.items()
+        }
+    best = {way: max(r, key=lambda b: r[b]["images_per_second"]) for way, r in rows.items()}
+    return {
+        "variant": variant,
+        "torch_threads": torch.get_num_threads(),
+        "size": f"{loaded.defaults.size}x{loaded.defaults.size}",
+        "steps": loaded.defaults.steps,
+        "rounds": rounds,
+        "results": rows,
+        "best_batch": best,
+    }
+
+
+def render(data: dict[str, Any]) -> str:
+    sizes = list(next(iter(data["results"].values())))
+    ways = list(data["results"])
+    header = ["batch", *(f"{w} img/s" for w in ways), *(f"{w} ms/call" for w in ways)]
+    rows = [
+        [
+            b,
+            *(fmt(r[b]["images_per_second"], 2) for r in data["results"].values()),
+            *(fmt(r[b]["seconds_per_call_median"] * 1e3, 0) for r in data["results"].values()),
+        ]
+        for b in sizes
+    ]
+    best = ", ".join(f"{w} {b}" for w, b in data["best_batch"].items())
+    return (
+        "\n\n".join(
+            [
+                f"# Images per second against batch size ({data['variant']})",
+                meta_line(data["meta"]),
+                f"In process, no HTTP: {data['size']}, {data['steps']} steps, "
+                f"{data['torch_threads']} torch threads (torch's default), medians of "
+                f"{data['rounds']} interleaved rounds. `generate_batch` is one pipeline call "
+                "per batch (LitServe's peer server runs it); `StepBatch` is the engine's "
+                "step loop with the prompt cache.",
+                md_table(header, rows),
+                f"Best batch: {best}. `QDS_MAX_BATCH=auto` uses 8 on CPU from this table "
+                "(service/settings.py); on a GPU it keeps 4 (not measured there).",
+            ]
+        )
+        + "\n"
+    )
+
+
+def main(argv: Sequence[str], out: Path, quick: bool) -> dict[str, Any]:
+    args = parse(argv, quick)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    command = " ".join(["qdserve bench batch-size", *(["--quick"] if quick else []), *argv])
+    import torch
+
+    meta = run_meta(command, torch_threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="qds-batch-size-") as tmp:
+        data = {"meta": meta, **measure(args.variant, sizes, args.rounds, Path(tmp))}
+    data["headline"] = "best batch: " + ", ".join(
+        f"{w} {b} ({fmt(data['results'][w][b]['images_per_second'], 2)} img/s vs "
+        f"{fmt(data['results'][w].get('4', {}).get('images_per_second'), 2)} at 4)"
+        for w, b in data["best_batch"].items()
+    )
+    write_json(out / "batch-size.json", data)
+    (out / "batch-size.md").write_text(render(data))
+    return data
