@@ -51,7 +51,7 @@ from benchmarks.common import (
 )
 
 GEN_PATH = "/v1/images/generations"
-TABLES = ("defaults", "pinned")
+TABLES = ("defaults", "pinned", "equal-batch")
 # LitServe's batching as its documentation's typical example sets it.
 LITSERVE_MAX_BATCH = 4
 LITSERVE_BATCH_TIMEOUT_S = 0.025
@@ -102,7 +102,10 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
     )
     p.add_argument("--pinned-threads", type=int, default=1, help="threads in the pinned table")
     p.add_argument(
-        "--tables", default=",".join(TABLES), help="defaults, pinned or both (comma list)"
+        "--tables",
+        default=",".join(TABLES),
+        help="comma list of defaults (headline), pinned (equal pinned torch threads), "
+        "equal-batch (LitServe's max_batch_size set to qdserve's CPU batch limit)",
     )
     p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
     args = p.parse_args(list(argv))
@@ -134,7 +137,20 @@ def qdserve_env(settings: Any, threads: int | None) -> dict[str, str]:
     return env
 
 
-def litserve_argv(settings_path: Path, threads: int | None) -> list[str]:
+def table_threads(table: str, pinned: int) -> int | None:
+    """Torch threads both servers get: None (torch's default) except in the pinned table."""
+    return pinned if table == "pinned" else None
+
+
+def litserve_batch(table: str) -> int:
+    """LitServe's max_batch_size: its docs' example (4), or qdserve's own CPU batch limit in
+    the equal-batch table (a tuned peer: what LitServe does at the batch qdserve runs)."""
+    from service.settings import batch_limit
+
+    return batch_limit("auto", "cpu") if table == "equal-batch" else LITSERVE_MAX_BATCH
+
+
+def litserve_argv(settings_path: Path, threads: int | None, max_batch: int) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -144,7 +160,7 @@ def litserve_argv(settings_path: Path, threads: int | None) -> list[str]:
         "--settings",
         str(settings_path),
         "--max-batch-size",
-        str(LITSERVE_MAX_BATCH),
+        str(max_batch),
         "--batch-timeout",
         str(LITSERVE_BATCH_TIMEOUT_S),
         "--torch-threads",
@@ -164,7 +180,7 @@ def start_servers(
     )
     litserve = Server(
         f"litserve-{table}",
-        litserve_argv(settings_path, threads),
+        litserve_argv(settings_path, threads, litserve_batch(table)),
         {"HF_HUB_OFFLINE": "1"},
         "/health",
         inherit_qds=False,
@@ -259,17 +275,19 @@ def server_info(server: Server) -> dict[str, Any]:
 
 # -- the ceiling ---------------------------------------------------------------------------
 def direct_calls(loaded: Any, threads: int, calls: int) -> dict[str, Any]:
-    """A direct in-process pipeline call at batch 1 and batch 4 with `threads` torch threads
-    (servers stopped meanwhile): the most a server could serve on this machine."""
+    """A direct in-process pipeline call at batch 1, 4 (LitServe's example) and qdserve's CPU
+    batch limit with `threads` torch threads (servers stopped meanwhile): the most a server
+    batching that far could serve on this machine."""
     import torch
 
     from quantization.generate import GenerationRequest, generate_batch
+    from service.settings import batch_limit
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     out: dict[str, Any] = {}
     try:
-        for batch in (1, LITSERVE_MAX_BATCH):
+        for batch in sorted({1, LITSERVE_MAX_BATCH, batch_limit("auto", "cpu")}):
 
             def call(seed: int, batch: int = batch) -> None:
                 generate_batch(
@@ -310,7 +328,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
     loaded = load_pipeline(settings)
     tables: dict[str, Any] = {}
     for table in opts.tables:
-        threads = None if table == "defaults" else opts.pinned_threads
+        threads = table_threads(table, opts.pinned_threads)
         direct_threads = default_threads if threads is None else threads
         servers = start_servers(settings, settings_path, threads, work / "logs", table)
         try:
@@ -330,6 +348,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
                 "direct": direct_threads,
             },
             "levels": levels,
+            "litserve_max_batch": litserve_batch(table),
             "direct": direct,
             "ratios": ratios(levels, direct),
             "servers": info,
@@ -375,6 +394,7 @@ HEADER = ["server", "concurrency", "ok", "errors", "img/s", "p50 ms", "p99 ms", 
 TITLES = {
     "defaults": "As users run them (defaults): the headline",
     "pinned": "Both pinned to the same torch thread count",
+    "equal-batch": "LitServe tuned to qdserve's batch limit (a second table, not the headline)",
 }
 
 
@@ -446,7 +466,8 @@ def render(data: dict[str, Any]) -> str:
         f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
         "(`torch.set_num_threads` only in the pinned table).\n"
         "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP, at "
-        "batch 1 and 4, with the table's thread count: the ceiling.",
+        "batch 1, 4 and 8 (qdserve's `QDS_MAX_BATCH=auto` on CPU), with the table's thread "
+        "count: the ceiling of a server batching that far.",
         f"Both servers load the same pipeline folder (`{data['model_folder']}`) with the same "
         f"quantization (`{variant}`) and get the same requests (OpenAI images JSON, b64 PNG, "
         f"same seeds): concurrency {', '.join(map(str, opts['concurrency']))}; per level "
@@ -459,7 +480,9 @@ def render(data: dict[str, Any]) -> str:
         parts += [
             f"## {TITLES[name]}",
             f"torch threads: qdserve {threads['qdserve']}, litserve {threads['litserve']}, "
-            f"direct call {threads['direct']}.",
+            f"direct call {threads['direct']}. LitServe max_batch_size "
+            f"{t.get('litserve_max_batch', peer['max_batch_size'])}; qdserve "
+            "`QDS_MAX_BATCH` at its default (auto: 8 on CPU).",
             md_table(HEADER, table_rows(t)),
             "Ratios (qdserve / litserve: img/s > 1 and latency < 1 favour qdserve):",
             md_table(

@@ -210,13 +210,13 @@ def test_bench_finds_the_checkout_from_any_folder(
 PEER_FIXTURE = REPO / "tests" / "fixtures" / "peer_smoke.json"
 
 
-def test_peer_options_default_to_both_tables_at_1_4_16() -> None:
+def test_peer_options_default_to_every_table_at_1_4_16() -> None:
     from benchmarks.peer import parse_options
 
     opts = parse_options([])
     assert (opts.concurrency, opts.tables, opts.variant, opts.slug) == (
         (1, 4, 16),
-        ("defaults", "pinned"),
+        ("defaults", "pinned", "equal-batch"),
         "none",
         "peer",
     )
@@ -235,7 +235,13 @@ def test_peer_options_default_to_both_tables_at_1_4_16() -> None:
 def test_peer_servers_get_the_same_pipeline_and_threads_only_when_pinned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from benchmarks.peer import litserve_argv, qdserve_env, same_requests
+    from benchmarks.peer import (
+        litserve_argv,
+        litserve_batch,
+        qdserve_env,
+        same_requests,
+        table_threads,
+    )
     from quantization.settings import QuantSettings
 
     monkeypatch.delenv("QDS_QUANT_BACKEND", raising=False)
@@ -247,11 +253,15 @@ def test_peer_servers_get_the_same_pipeline_and_threads_only_when_pinned(
         "QDS_QUANT_TYPE": "int8",
     }
     assert qdserve_env(settings, 1)["QDS_TORCH_THREADS"] == "1"
-    argv = litserve_argv(tmp_path / "s.json", None)
+    argv = litserve_argv(tmp_path / "s.json", None, litserve_batch("defaults"))
     assert argv[argv.index("--torch-threads") + 1] == "0"  # 0: torch's default
     assert argv[argv.index("--max-batch-size") + 1] == "4"
     assert argv[argv.index("--batch-timeout") + 1] == "0.025"
-    assert litserve_argv(tmp_path / "s.json", 1)[-1] == "1"
+    assert litserve_argv(tmp_path / "s.json", 1, 4)[-1] == "1"
+    # Only the pinned table pins threads; only the equal-batch table tunes LitServe's batch,
+    # to qdserve's own CPU limit.
+    assert [table_threads(t, 1) for t in ("defaults", "pinned", "equal-batch")] == [None, 1, None]
+    assert [litserve_batch(t) for t in ("defaults", "pinned", "equal-batch")] == [4, 4, 8]
     # Both servers get the same body for the same round, level and index.
     assert same_requests(0, 4)(3) == same_requests(0, 4)(3)
     assert same_requests(0, 4)(3)["seed"] != same_requests(1, 4)(3)["seed"]
@@ -278,7 +288,7 @@ def test_server_at_defaults_does_not_inherit_the_bench_qds_environment(
         assert seen.read_text() == expected
 
 
-def test_peer_report_says_which_server_is_which_with_both_tables(tmp_path: Path) -> None:
+def test_peer_report_says_which_server_is_which_in_every_table(tmp_path: Path) -> None:
     from benchmarks import report
     from benchmarks.peer import headline, render
 
@@ -300,8 +310,12 @@ def test_peer_report_says_which_server_is_which_with_both_tables(tmp_path: Path)
         assert table["ratios"]["4"]["images_per_second_qdserve_over_litserve"] == pytest.approx(
             q["images_per_second"] / table["levels"]["litserve"]["4"]["images_per_second"]
         )
-    assert text.count("| direct pipeline call, batch 1 (ceiling) |") == 2
-    assert text.count("| direct pipeline call, batch 4 (ceiling) |") == 2
+    for batch in (1, 4, 8):
+        assert text.count(f"| direct pipeline call, batch {batch} (ceiling) |") == 3
+    tuned = text.index("## LitServe tuned to qdserve's batch limit (a second table")
+    assert defaults < pinned < tuned
+    assert text.count("LitServe max_batch_size 4;") == 2
+    assert text.count("LitServe max_batch_size 8;") == 1
     assert headline(data).startswith("none: defaults: img/s qdserve/litserve c1 ")
     # The index lists the default run and a --variant run.
     (tmp_path / "peer.json").write_text(json.dumps({**data, "headline": headline(data)}))
