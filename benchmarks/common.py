@@ -157,7 +157,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def run_meta(command: str, torch_threads: int | None = None) -> dict[str, Any]:
+def run_meta(command: str, torch_threads: int | str | None = None) -> dict[str, Any]:
     """Machine, versions, date and commit of a run; `torch_threads` defaults to the
     benchmarks' pinned TORCH_THREADS (pass what the run really used when it differs)."""
     import psutil

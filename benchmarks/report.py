@@ -14,7 +14,7 @@ SECTIONS = [
     ("load", "Load test: throughput and p50/p95/p99 at concurrency 1, 4, 16"),
     ("peer", "Side by side with LitServe: defaults (headline) and pinned threads, interleaved"),
     ("batch-size", "Images per second against batch size, in process (QDS_MAX_BATCH=auto)"),
-    ("batching", "Micro-batching gain (QDS_BATCH_WINDOW_MS on vs off)"),
+    ("batching", "Step-level batching gain (QDS_MAX_BATCH 1 vs 4 vs auto)"),
     ("compile", "QDS_COMPILE (regional torch.compile) per backend"),
     ("gpu", "GPU (NVIDIA H200) denoiser numbers next to the published H100 anchors"),
     ("streaming", "Streaming: overhead at partial_images=2, preview cost, disconnect to free"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +36,6 @@ from benchmarks.common import (
 )
 
 GEN_PATH = "/v1/images/generations"
-WINDOW_MS = 25.0
-MAX_BATCH = 4
 
 
 def _server_rss(server: Server) -> dict[str, int] | None:
@@ -505,35 +504,38 @@ def _mem(info: dict[str, Any]) -> str:
 # -- batching --------------------------------------------------------------------------
 def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     levels = [(4, 8)] if quick else [(4, 48), (16, 96)]
+
+    def spec(name: str, max_batch: str) -> Callable[[Path], Server]:
+        # torch's default thread count, as users run it (batch-size.md measured the same).
+        return lambda d: qdserve_server(name, d, QDS_MAX_BATCH=max_batch, QDS_TORCH_THREADS="0")
+
     specs: dict[str, Callable[[Path], Server]] = {
-        "off": lambda d: qdserve_server("qdserve-batch-off", d, QDS_BATCH_WINDOW_MS="0"),
-        f"on (window {WINDOW_MS:g} ms, max {MAX_BATCH})": lambda d: qdserve_server(
-            "qdserve-batch-on", d, QDS_BATCH_WINDOW_MS=str(WINDOW_MS), QDS_MAX_BATCH=str(MAX_BATCH)
-        ),
+        "off (QDS_MAX_BATCH=1)": spec("qdserve-batch-off", "1"),
+        "QDS_MAX_BATCH=4": spec("qdserve-batch-4", "4"),
     }
     if not quick:
-        specs[f"on (window {WINDOW_MS:g} ms, max 8)"] = lambda d: qdserve_server(
-            "qdserve-batch-on8", d, QDS_BATCH_WINDOW_MS=str(WINDOW_MS), QDS_MAX_BATCH="8"
-        )
+        specs["default (QDS_MAX_BATCH=auto: 8 on CPU)"] = spec("qdserve-batch-auto", "auto")
     with _servers(specs, log_dir) as srv:
         res = _interleave(srv, levels, rounds=2)
         info = {name: _server_info(s) for name, s in srv.items()}
+    off = next(iter(res))
     gains = {
         name: {
-            conc: ratio(r["throughput_rps"], res["off"][conc]["throughput_rps"])
+            conc: ratio(r["throughput_rps"], res[off][conc]["throughput_rps"])
             for conc, r in levels_.items()
         }
         for name, levels_ in res.items()
-        if name != "off"
+        if name != off
     }
     return {
         "levels": res,
         "throughput_gain_vs_off": gains,
         "servers": info,
-        "method": "qdserve servers differing only in QDS_BATCH_WINDOW_MS / QDS_MAX_BATCH, all up "
-        "for the whole run (those not being measured paused), 2 interleaved rounds per "
-        "concurrency with alternating order; "
-        "identical request shapes (so every request is batchable).",
+        "method": "qdserve servers differing only in QDS_MAX_BATCH (step-level batching: "
+        "requests join a running batch at the next step), torch at its default thread count, "
+        "all up for the whole run (those not being measured paused), 2 interleaved rounds per "
+        "concurrency with alternating order; identical request shapes (so every request is "
+        "batchable).",
     }
 
 
@@ -549,7 +551,7 @@ def render_batching(data: dict[str, Any]) -> str:
     return (
         "\n\n".join(
             [
-                "# Micro-batching (QDS_BATCH_WINDOW_MS)",
+                "# Step-level batching (QDS_MAX_BATCH)",
                 meta_line(data["meta"]),
                 data["method"],
                 md_table(LEVEL_HEADER, rows),
@@ -609,7 +611,9 @@ def main(name: str, out: Path, quick: bool) -> dict[str, Any]:
 
     measure, render = PARTS[name]
     with tempfile.TemporaryDirectory(prefix=f"qds-{name}-") as tmp:
-        meta = run_meta(f"qdserve bench {name}" + (" --quick" if quick else ""))
+        # The batching servers run at torch's default thread count, the others pinned.
+        threads = f"torch default ({os.cpu_count()})" if name == "batching" else None
+        meta = run_meta(f"qdserve bench {name}" + (" --quick" if quick else ""), threads)
         data = {"meta": meta, **measure(out, quick, Path(tmp))}
     data["headline"] = headline(name, data)
     write_json(out / f"{name}.json", data)

@@ -163,6 +163,17 @@ class ServiceState:
         """Stop the engine: queued requests get 503, running ones finish (up to `timeout`)."""
         self.engine.stop(timeout)
 
+    def abandon_pending(self) -> int:
+        """The graceful-shutdown deadline is near: answer every request still waiting with an
+        OpenAI-shaped 503 now, while its handler can still write it (service.server)."""
+        count = self.engine.abandon(
+            "the server is shutting down and QDS_SHUTDOWN_TIMEOUT ran out before this request "
+            "finished; retry on another replica"
+        )
+        if count:
+            log.warning("shutdown deadline: answered %d unfinished request(s) with 503", count)
+        return count
+
     @property
     def ready(self) -> bool:
         return self.engine.ready

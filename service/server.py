@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -33,9 +36,44 @@ def uvicorn_config(app: Any, settings: ServiceSettings, *, host: str, port: int)
     )
 
 
+# How long before uvicorn's graceful-shutdown timeout the unfinished requests are answered:
+# enough for their handlers to write a 503 before uvicorn cancels them.
+DEADLINE_MARGIN_S = 0.5
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, except that requests still unfinished near the graceful-shutdown
+    deadline get an OpenAI-shaped 503 `shutting_down` instead of the plain-text 500 uvicorn
+    writes for the tasks it cancels. (uvicorn has no hook for this: its `shutdown` waits for
+    the tasks, then cancels them.) With QDS_SHUTDOWN_TIMEOUT=0 there is no time to answer:
+    uvicorn cancels at once."""
+
+    def __init__(self, config: uvicorn.Config, on_deadline: Callable[[], object]) -> None:
+        super().__init__(config)
+        self.on_deadline = on_deadline
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timeout = self.config.timeout_graceful_shutdown
+        handle = None
+        if timeout:
+            delay = max(0.0, timeout - min(DEADLINE_MARGIN_S, timeout / 2))
+            handle = asyncio.get_running_loop().call_later(delay, self.on_deadline)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+
+def server_for(app: Any, settings: ServiceSettings, *, host: str, port: int) -> Server:
+    """The server `qdserve serve` runs (the tests' servers too)."""
+    config = uvicorn_config(app, settings, host=host, port=port)
+    return Server(config, on_deadline=app.state.qds.abandon_pending)
+
+
 def serve(host: str, port: int) -> None:
     """Serve on host:port with settings from the environment (`QDS_*`); blocks until stopped."""
     service = ServiceSettings()
     configure_logging(service.log_level, service.log_format)
     app = create_app(QuantSettings(), service)
-    uvicorn.Server(uvicorn_config(app, service, host=host, port=port)).run()
+    server_for(app, service, host=host, port=port).run()

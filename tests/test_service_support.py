@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from quantization.settings import QuantSettings
 from service.app import create_app
 from service.engine import ServiceState
-from service.server import uvicorn_config
+from service.server import server_for
 from service.settings import ServiceSettings
 
 
@@ -35,7 +34,7 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         # The configuration `qdserve serve` runs with (graceful-shutdown timeout included).
-        self.server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port))
+        self.server = server_for(app, settings, host="127.0.0.1", port=port)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -20,15 +20,22 @@ Choices, and what they follow:
   same batch-4 pipeline call is ~20% slower from a non-main thread, and in-process the HTTP
   work shares the cores and the GIL with it. The context is "spawn": forking a process that
   has imported torch (and started its thread pools) is unsafe.
+- Nothing else in the engine keeps a thread that ran torch: loads run on a thread that exits
+  afterwards (`service.cache`). Profiled under load, a live load thread (its OpenMP team
+  still alive) left one of the two intra-op threads idle half the time and made the step loop
+  25-50% slower; with it gone both threads run at 100% and the engine is ~90% transformer
+  forward (py-spy, concurrency 16).
 - The scheduler lives in the engine (vLLM V1 puts it in the engine core; TGI's router owns
   batching but talks to shards over gRPC). Here the batch composition depends on the loaded
   pipeline (its defaults, whether it can step), so it sits next to the pipeline, and admission
   happens at the step boundary without a round trip.
 - Step-level continuous batching (TGI's router and vLLM's scheduler at token level): a request
   joins a running batch of its kind at the next step and leaves after its own last step, so
-  no batching window is needed (a lone request starts at once). Pipelines that cannot step
-  (`quantization.stepping.supports_stepping` false) run whole `generate_batch` calls, batched
-  from whatever is queued when the previous call ends.
+  no batching window is needed (a lone request starts at once). `QDS_MAX_BATCH=auto` is 8
+  on CPU, where the demo model's images per second peak (docs/benchmarks/batch-size.md), and
+  4 on a GPU (unmeasured). Requests that finish at the same step share one VAE decode.
+  Pipelines that cannot step (`quantization.stepping.supports_stepping` false) run whole
+  `generate_batch` calls, batched from whatever is queued when the previous call ends.
 - Transport: one `multiprocessing` pipe, pickled dataclasses (`messages`), one list of events
   per loop iteration. vLLM uses ZeroMQ + msgpack with I/O threads to overlap serialisation
   with the GPU; at one message per request and per step that buys nothing here. Images travel

@@ -321,6 +321,17 @@ class EngineClient:
             job.future.cancel()
         return not job.started
 
+    def abandon(self, message: str) -> int:
+        """Answer every request still waiting with ShuttingDown(message) and withdraw it from
+        the engine (at its next step boundary); on the event loop. The number answered."""
+        jobs, self._jobs = self._jobs, {}
+        for job in jobs.values():
+            self._send(m.Cancel(job.job_id, "shutdown"))
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown(message))
+        self.metrics.queue_depth.set(0)
+        return len(jobs)
+
     async def query(self, timeout: float = 30.0) -> dict[str, Any]:
         """The engine's own accounting (scheduler counters, loads, prompt cache)."""
         self._check_alive()

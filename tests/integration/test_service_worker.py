@@ -147,6 +147,33 @@ def test_graceful_shutdown_finishes_running_and_queued(cache_dir: Path) -> None:
     assert isinstance(engine_thread, threading.Thread) and not engine_thread.is_alive()
 
 
+def test_requests_unfinished_at_the_shutdown_deadline_get_a_json_503(cache_dir: Path) -> None:
+    """Defect: uvicorn cancels what is still running when QDS_SHUTDOWN_TIMEOUT runs out and
+    writes a plain-text 500; service.server answers those requests first with a 503."""
+    gate = Gate()  # never opened before the deadline: the running request cannot finish
+    with running_server(cache_dir, max_queue=4, max_batch=1, shutdown_timeout=1.5) as server:
+        server.qds.scheduler.before_batch = gate
+        pool = ThreadPoolExecutor(2)
+        running = pool.submit(_post, server, {"prompt": "a", "seed": 1})
+        wait_for(lambda: gate.arrived == 1)
+        queued = pool.submit(_post, server, {"prompt": "b", "seed": 2})
+        wait_for(lambda: server.qds.queue_depth() == 1)
+        stop = time.monotonic()
+        server.server.should_exit = True  # what SIGTERM does
+        answers = [running.result(30), queued.result(30)]
+        waited = time.monotonic() - stop
+        gate.event.set()
+        pool.shutdown()
+    for r in answers:
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "shutting_down"
+        assert "QDS_SHUTDOWN_TIMEOUT ran out" in error["message"]
+        assert r.headers["x-request-id"]
+    # Answered near the deadline (1.5 s minus the 0.5 s margin), not at once, not never.
+    assert 0.8 < waited < 10
+
+
 def _refused(url: str) -> bool:
     try:
         httpx.get(f"{url}/healthz", timeout=2)
