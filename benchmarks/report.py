@@ -70,22 +70,25 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
             meta_line(run["meta"]),
             "",
         ]
-    lines += ["| part | file | headline |", "|---|---|---|"]
+    # Parts are re-run one at a time, so each row says when, and at which commit, it was
+    # measured: a row older than an engine change is visibly older.
+    lines += ["| part | file | headline | measured (git) |", "|---|---|---|---|"]
     for name, title in SECTIONS:
         md = out / f"{name}.md"
         if not md.exists():
             err = out / f"{name}.error.txt"
             note = "failed: " + err.read_text().strip() if err.exists() else "not run"
-            lines.append(f"| {title} | - | {note} |")
+            lines.append(f"| {title} | - | {note} | - |")
             continue
         data = _load(out, name)
         head = headline(name, data) if data else ""
-        lines.append(f"| {title} | [{md.name}]({md.name}) | {head} |")
+        lines.append(f"| {title} | [{md.name}]({md.name}) | {head} | {measured(data)} |")
     for md in sorted(out.glob("peer-*.md")):  # `qdserve bench peer --variant ...`
         data = _load(out, md.stem)
         head = headline("peer", data) if data else ""
         lines.append(
-            f"| Side by side with LitServe, {md.stem[5:]} | [{md.name}]({md.name}) | {head} |"
+            f"| Side by side with LitServe, {md.stem[5:]} | [{md.name}]({md.name}) | {head} "
+            f"| {measured(data)} |"
         )
     lines += dominant(out)
     runs = sorted(p.name for p in out.glob("gpu-h200-run*") if p.is_dir())
@@ -97,6 +100,13 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
             + ".",
         ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def measured(data: dict[str, Any] | None) -> str:
+    meta = (data or {}).get("meta") or {}
+    if not meta:
+        return "-"
+    return f"{str(meta.get('date', '?'))[:10]} ({meta.get('git_commit') or '?'})"
 
 
 def dominant(out: Path) -> list[str]:
