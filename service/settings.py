@@ -109,6 +109,14 @@ class ServiceSettings(BaseSettings):
         "the demo model: docs/benchmarks/batch-size.md), 4 on a GPU (not measured there: large "
         "images already fill a GPU at batch 1, and a bigger batch needs more memory).",
     )
+    engine_stall_timeout: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds the engine process may go without any sign of progress while "
+        "requests run before it is taken as hung: killed, its requests answered 503, and "
+        "restarted (like a crash). Must exceed the longest single denoising step (and, for "
+        "pipelines without step-level batching, a whole pipeline call); 0 turns it off.",
+    )
     engine: Literal["process", "inline"] = Field(
         default="process",
         description="process: the pipelines run in their own process (production); inline: "

@@ -162,6 +162,8 @@ class EngineClient:
         self._started_at = 0.0
         self._restart_delay = 0.0
         self._job_seconds = 1.0
+        self._last_word = 0.0  # when the current engine last sent anything
+        self._stall: str | None = None  # why the watchdog killed the current engine
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -186,6 +188,29 @@ class EngineClient:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._spawn()
+        self._watch_stalls()
+
+    def _watch_stalls(self) -> None:
+        """Every few seconds: an engine process that has requests running and has said
+        nothing for QDS_ENGINE_STALL_TIMEOUT is hung (a step that never returns): kill it, so
+        the crash path answers its requests with 503 and starts a new one. A thread engine
+        (inline mode) cannot be killed and is left alone."""
+        limit = self.config.settings.engine_stall_timeout
+        if self._stopping or not limit or self.mode != "process":
+            return
+        running = any(j.started for j in self._jobs.values())
+        silent = time.monotonic() - self._last_word
+        handle = self._handle
+        is_process = handle is not None and not isinstance(handle, threading.Thread)
+        if running and self._alive and silent > limit and is_process:
+            self._stall = (
+                f"the engine made no progress for {silent:.0f} s with requests running "
+                f"(QDS_ENGINE_STALL_TIMEOUT={limit:g}) and was killed"
+            )
+            log.error("%s", self._stall)
+            with contextlib.suppress(OSError):
+                handle.kill()  # type: ignore[union-attr]
+        self._loop_().call_later(min(5.0, max(0.1, limit / 4)), self._watch_stalls)
 
     def _spawn(self) -> None:
         self._generation += 1
@@ -209,7 +234,8 @@ class EngineClient:
             self._handle = thread
             thread.start()
         self._alive = True
-        self._started_at = time.monotonic()
+        self._started_at = self._last_word = time.monotonic()
+        self._stall = None
         outq: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._outq = outq
         threading.Thread(
@@ -392,6 +418,7 @@ class EngineClient:
     def _on_events(self, gen: int, events: list[object]) -> None:
         if gen != self._generation:
             return  # a previous engine's last words
+        self._last_word = time.monotonic()
         for event in events:
             try:
                 self._on_event(event)
@@ -401,6 +428,8 @@ class EngineClient:
     def _on_event(self, e: object) -> None:
         if isinstance(e, m.Metrics):
             apply(self.metrics, e.ops)
+        elif isinstance(e, m.Alive):
+            pass  # its arrival is the news (_last_word)
         elif isinstance(e, m.Started):
             job = self._jobs.get(e.job_id)
             if job is not None:
@@ -465,6 +494,8 @@ class EngineClient:
             self._publish_ready()
             log.info("%s", how)
             return
+        if self._stall:
+            how = f"{self._stall} ({how})"
         self.reason = f"{how}; restarting"
         log.error("%s", self.reason)
         self._fail_all(EngineUnavailable(self.reason))

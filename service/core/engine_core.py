@@ -453,6 +453,8 @@ class EngineCore:
         ops = self.metrics.drain()
         if ops:
             events.append(m.Metrics(ops))
+        if not events and self.scheduler.has_work():
+            events.append(m.Alive())  # the stall watchdog's sign of life (core.client)
         if not events or self._closed:
             return
         try:

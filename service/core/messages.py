@@ -174,6 +174,12 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Alive:
+    """The loop is turning with work in hand (sent once per telemetry period when nothing
+    else is): what the HTTP side's stall watchdog waits for."""
+
+
+@dataclass(frozen=True)
 class Gpu:
     readings: GpuReadings
 

@@ -710,6 +710,44 @@ def test_readiness_reports_the_engine_death(process_server: Server) -> None:
         assert c.get("/readyz").status_code == 200
 
 
+def test_a_hung_engine_is_killed_answered_503_and_restarted(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """QDS_ENGINE_STALL_TIMEOUT: a request slower than the limit but stepping is left alone
+    (the engine says it is alive between steps); a step that never returns is not."""
+
+    def setup(qds: Any) -> None:
+        qds.before_batch = marker_hook
+
+    with running_server(
+        cache_dir, engine="process", setup=setup, engine_stall_timeout=2, request_timeout=60
+    ) as server:
+        qds = server.qds
+        old_pid = qds.engine.pid
+        slow = tmp_path / "slow"
+        start = time.monotonic()
+        r = _post(server, {"prompt": f"slow:{slow}", "num_inference_steps": 50})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - start > 2.5  # longer than the limit, and not killed
+        assert qds.engine.pid == old_pid
+
+        hang = tmp_path / "hang"
+        start = time.monotonic()
+        r = _post(server, {"prompt": f"hang:{hang}"})
+        waited = time.monotonic() - start
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "engine_unavailable"
+        assert "made no progress for" in err["message"]
+        assert "(QDS_ENGINE_STALL_TIMEOUT=2) and was killed" in err["message"]
+        assert "signal 9, SIGKILL" in err["message"]
+        assert 2 < waited < 30
+        with server.client() as c:
+            wait_for(lambda: c.get("/readyz").status_code == 200, 90, "ready again")
+            assert qds.engine.pid != old_pid and qds.engine.restarts == 1
+            assert c.post(IMG, json={"prompt": "after", "size": "32x32"}).status_code == 200
+
+
 def test_sigterm_finishes_requests_in_flight_and_stops_the_engine(
     cache_dir: Path, tmp_path: Path
 ) -> None:
