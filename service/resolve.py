@@ -55,9 +55,22 @@ class ImageParams:
     def from_body(cls, body: ImageGenerationRequest | GenerateRequest) -> ImageParams:
         if isinstance(body, ImageGenerationRequest):
             width, height = parse_size(body.size)
-            n, size_field = body.n, "size"
-        else:
-            width, height, n, size_field = body.width, body.height, 1, None
+            return cls.of(body, n=body.n, width=width, height=height, size_field="size")
+        return cls.of(body, n=1, width=body.width, height=body.height, size_field=None)
+
+    @classmethod
+    def of(
+        cls,
+        body: Any,
+        *,
+        n: int,
+        width: int | None,
+        height: int | None,
+        size_field: str | None,
+        **extra: Any,
+    ) -> ImageParams:
+        """The fields every image request body shares (generations and edits, OpenAI and
+        native), plus the route's own (`extra`: an edit's images and strength)."""
         return cls(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
@@ -74,6 +87,7 @@ class ImageParams:
             quant_type=body.quant_type,
             size_field=size_field,
             lora=lora_pairs(body.lora),
+            **extra,
         )
 
     def size_param(self, side: str) -> str:

@@ -27,7 +27,7 @@ from service.protocol import (
     ImageEditRequest,
     ImagesResponse,
 )
-from service.resolve import ImageParams, lora_pairs, parse_size
+from service.resolve import ImageParams, parse_size
 from service.responses import images_response, native_headers
 from service.streaming import stream_response
 from service.uploads import EditImages, decode_edit_images, read_edit_form
@@ -119,24 +119,14 @@ def _params(
     height: int | None,
     size_field: str | None,
 ) -> ImageParams:
-    return ImageParams(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
+    return ImageParams.of(
+        body,
         n=n,
         width=width,
         height=height,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-        output_format=body.output_format or "png",
-        output_compression=body.output_compression,
-        model=body.model,
-        quant_backend=body.quant_backend,
-        quant_type=body.quant_type,
         size_field=size_field,
         edit=images,
         strength=body.strength,
-        lora=lora_pairs(body.lora),
     )
 
 
