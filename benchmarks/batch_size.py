@@ -157,6 +157,10 @@ def main(argv: Sequence[str], out: Path, quick: bool) -> dict[str, Any]:
         f"{fmt(data['results'][w].get('4', {}).get('images_per_second'), 2)} at 4)"
         for w, b in data["best_batch"].items()
     )
-    write_json(out / "batch-size.json", data)
-    (out / "batch-size.md").write_text(render(data))
+    # A --variant run gets its own files (batch-size-quanto-int8.md), never the default's.
+    backend, qtype = parse_variant(args.variant)
+    slug = "-".join(["batch-size", *(p for p in (backend, qtype) if p and backend != "none")])
+    slug = slug.replace("_", "-")
+    write_json(out / f"{slug}.json", data)
+    (out / f"{slug}.md").write_text(render(data))
     return data
