@@ -51,7 +51,10 @@ Choices, and what they follow:
 - Faults: the engine's death reads as end-of-file on the pipe; every waiting request gets a
   503 naming the cause (signal or exit code), /readyz says so, and a new engine is started
   (vLLM fails the whole server with `EngineDeadError`; one pod per GPU here, so restarting is
-  cheaper than a pod restart and Kubernetes still sees readiness drop). Client disconnects and
+  cheaper than a pod restart and Kubernetes still sees readiness drop). A hung engine (alive,
+  stuck in a step) is the same case once the HTTP side's watchdog kills it: no word from the
+  engine for QDS_ENGINE_STALL_TIMEOUT while requests run (it sends `Alive` each telemetry
+  period while it has work). Client disconnects and
   deadlines send `Cancel`; the engine drops the request before the next step
   (`qds_cancelled_total{reason}`). Out-of-memory fails that batch with a 503 and frees its
   memory after the exception handler. Shutdown: `Stop` -> queued requests get 503
