@@ -115,7 +115,8 @@ class ServiceSettings(BaseSettings):
         description="Seconds the engine process may go without any sign of progress while "
         "requests run before it is taken as hung: killed, its requests answered 503, and "
         "restarted (like a crash). Must exceed the longest single denoising step (and, for "
-        "pipelines without step-level batching, a whole pipeline call); 0 turns it off.",
+        "pipelines without step-level batching, a whole pipeline call); 0 turns it off, "
+        "otherwise at least 2 (the engine reports in once a second).",
     )
     engine: Literal["process", "inline"] = Field(
         default="process",
@@ -195,6 +196,18 @@ class ServiceSettings(BaseSettings):
         for size in value:
             if not re.fullmatch(r"\d+x\d+", size):
                 raise ValueError(f"QDS_WARMUP_SIZES entry {size!r} is not WxH (e.g. 512x512)")
+        return value
+
+    @field_validator("engine_stall_timeout")
+    @classmethod
+    def _stall_timeout(cls, value: float) -> float:
+        # The engine's sign of life comes once per telemetry period (1 s): a shorter limit
+        # would kill healthy engines.
+        if 0 < value < 2:
+            raise ValueError(
+                f"QDS_ENGINE_STALL_TIMEOUT={value:g}: use 0 (off) or at least 2 seconds "
+                "(the engine reports in once a second)"
+            )
         return value
 
 

@@ -136,3 +136,15 @@ def test_max_batch_auto_resolves_per_device(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("QDS_MAX_BATCH", "0")
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         ServiceSettings()
+
+
+def test_engine_stall_timeout_is_off_or_at_least_two_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ServiceSettings().engine_stall_timeout == 600
+    for ok in ("0", "2", "30.5"):
+        monkeypatch.setenv("QDS_ENGINE_STALL_TIMEOUT", ok)
+        assert ServiceSettings().engine_stall_timeout == float(ok)
+    monkeypatch.setenv("QDS_ENGINE_STALL_TIMEOUT", "1")
+    with pytest.raises(ValidationError, match=r"use 0 \(off\) or at least 2 seconds"):
+        ServiceSettings()
