@@ -486,6 +486,24 @@ async def _load(
     return LoadResult(concurrency, issued, len(latencies), errors, wall, latencies, usage)
 
 
+def pooled(results: Sequence[LoadResult]) -> dict[str, Any]:
+    """Interleaved rounds pooled: requests, ok and errors summed, wall times summed, latency
+    percentiles over every request (the fields `bench peer` and `bench load` share)."""
+    lat = [x for r in results for x in r.latencies]
+    wall = sum(r.wall_seconds for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    return {
+        "requests": sum(r.requests for r in results),
+        "ok": sum(r.ok for r in results),
+        "errors": errors,
+        "wall_seconds": wall,
+        "latency_seconds": latency_summary(lat) if lat else None,
+    }
+
+
 def run_load(
     url: str,
     body_for: Callable[[int], dict[str, Any]],

@@ -42,6 +42,7 @@ from benchmarks.common import (
     md_table,
     meta_line,
     parse_variant,
+    pooled,
     prepared_settings,
     ratio,
     run_load,
@@ -231,21 +232,12 @@ def interleave(
 
 def merge(results: list[LoadResult]) -> dict[str, Any]:
     """Rounds pooled: images over summed wall time, latency percentiles over all requests."""
-    lat = [x for r in results for x in r.latencies]
-    wall = sum(r.wall_seconds for r in results)
-    ok = sum(r.ok for r in results)
-    errors: dict[str, int] = {}
-    for r in results:
-        for k, v in r.errors.items():
-            errors[k] = errors.get(k, 0) + v
+    out = pooled(results)
+    wall = out["wall_seconds"]
     batches = [float(u["batch_images"]) for r in results for u in r.usage if "batch_images" in u]
     return {
-        "requests": sum(r.requests for r in results),
-        "ok": ok,
-        "errors": errors,
-        "wall_seconds": wall,
-        "images_per_second": ok / wall if wall else None,
-        "latency_seconds": latency_summary(lat) if lat else None,
+        **out,
+        "images_per_second": out["ok"] / wall if wall else None,
         "per_round_images_per_second": [r.ok / r.wall_seconds for r in results if r.wall_seconds],
         "mean_batch_images": sum(batches) / len(batches) if batches else None,
     }

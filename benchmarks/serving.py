@@ -25,9 +25,9 @@ from benchmarks.common import (
     Server,
     fmt,
     image_body,
-    latency_summary,
     md_table,
     meta_line,
+    pooled,
     qdserve_server,
     ratio,
     run_load,
@@ -76,21 +76,12 @@ def _usage_summary(results: list[LoadResult]) -> dict[str, Any] | None:
 
 def _merge(results: list[LoadResult]) -> dict[str, Any]:
     """Aggregate interleaved rounds: total ok over summed wall time, pooled latencies."""
-    lat = [x for r in results for x in r.latencies]
-    wall = sum(r.wall_seconds for r in results)
-    ok = sum(r.ok for r in results)
-    errors: dict[str, int] = {}
-    for r in results:
-        for k, v in r.errors.items():
-            errors[k] = errors.get(k, 0) + v
+    out = pooled(results)
+    wall = out["wall_seconds"]
     return {
         "concurrency": results[0].concurrency,
-        "requests": sum(r.requests for r in results),
-        "ok": ok,
-        "errors": errors,
-        "wall_seconds": wall,
-        "throughput_rps": ok / wall if wall else None,
-        "latency_seconds": latency_summary(lat) if lat else None,
+        **out,
+        "throughput_rps": out["ok"] / wall if wall else None,
         "server_usage_mean": _usage_summary(results),
     }
 
