@@ -32,6 +32,7 @@ from benchmarks.common import (
     run_meta,
     write_json,
 )
+from service.settings import AUTO_MAX_BATCH_CPU
 
 SIZES = (1, 2, 4, 6, 8, 12, 16)
 WAYS = ("generate_batch", "StepBatch")
@@ -135,7 +136,8 @@ def render(data: dict[str, Any]) -> str:
                 "per batch (LitServe's peer server runs it); `StepBatch` is the engine's "
                 "step loop with the prompt cache.",
                 md_table(header, rows),
-                f"Best batch: {best}. `QDS_MAX_BATCH=auto` uses 8 on CPU from this table "
+                f"Best batch: {best}. `QDS_MAX_BATCH=auto` uses {AUTO_MAX_BATCH_CPU} on CPU "
+                "from this table "
                 "(service/settings.py); on a GPU it keeps 4 (not measured there).",
             ]
         )

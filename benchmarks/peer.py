@@ -50,6 +50,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
+from service.settings import AUTO_MAX_BATCH_CPU
 
 GEN_PATH = "/v1/images/generations"
 TABLES = ("defaults", "pinned", "equal-batch")
@@ -146,9 +147,7 @@ def table_threads(table: str, pinned: int) -> int | None:
 def litserve_batch(table: str) -> int:
     """LitServe's max_batch_size: its docs' example (4), or qdserve's own CPU batch limit in
     the equal-batch table (a tuned peer: what LitServe does at the batch qdserve runs)."""
-    from service.settings import batch_limit
-
-    return batch_limit("auto", "cpu") if table == "equal-batch" else LITSERVE_MAX_BATCH
+    return AUTO_MAX_BATCH_CPU if table == "equal-batch" else LITSERVE_MAX_BATCH
 
 
 def litserve_argv(settings_path: Path, threads: int | None, max_batch: int) -> list[str]:
@@ -273,13 +272,12 @@ def direct_calls(loaded: Any, threads: int, calls: int) -> dict[str, Any]:
     import torch
 
     from quantization.generate import GenerationRequest, generate_batch
-    from service.settings import batch_limit
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     out: dict[str, Any] = {}
     try:
-        for batch in sorted({1, LITSERVE_MAX_BATCH, batch_limit("auto", "cpu")}):
+        for batch in sorted({1, LITSERVE_MAX_BATCH, AUTO_MAX_BATCH_CPU}):
 
             def call(seed: int, batch: int = batch) -> None:
                 generate_batch(
@@ -458,8 +456,9 @@ def render(data: dict[str, Any]) -> str:
         f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
         "(`torch.set_num_threads` only in the pinned table).\n"
         "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP, at "
-        "batch 1, 4 and 8 (qdserve's `QDS_MAX_BATCH=auto` on CPU), with the table's thread "
-        "count: the ceiling of a server batching that far.",
+        f"batch 1, {LITSERVE_MAX_BATCH} and {AUTO_MAX_BATCH_CPU} (qdserve's "
+        "`QDS_MAX_BATCH=auto` on CPU), with the table's thread count: the ceiling of a server "
+        "batching that far.",
         f"Both servers load the same pipeline folder (`{data['model_folder']}`) with the same "
         f"quantization (`{variant}`) and get the same requests (OpenAI images JSON, b64 PNG, "
         f"same seeds): concurrency {', '.join(map(str, opts['concurrency']))}; per level "
@@ -474,7 +473,7 @@ def render(data: dict[str, Any]) -> str:
             f"torch threads: qdserve {threads['qdserve']}, litserve {threads['litserve']}, "
             f"direct call {threads['direct']}. LitServe max_batch_size "
             f"{t.get('litserve_max_batch', peer['max_batch_size'])}; qdserve "
-            "`QDS_MAX_BATCH` at its default (auto: 8 on CPU).",
+            f"`QDS_MAX_BATCH` at its default (auto: {AUTO_MAX_BATCH_CPU} on CPU).",
             md_table(HEADER, table_rows(t)),
             "Ratios (qdserve / litserve: img/s > 1 and latency < 1 favour qdserve):",
             md_table(

@@ -34,6 +34,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
+from service.settings import AUTO_MAX_BATCH_CPU
 
 GEN_PATH = "/v1/images/generations"
 
@@ -505,7 +506,8 @@ def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
         "QDS_MAX_BATCH=4": spec("qdserve-batch-4", "4"),
     }
     if not quick:
-        specs["default (QDS_MAX_BATCH=auto: 8 on CPU)"] = spec("qdserve-batch-auto", "auto")
+        name = f"default (QDS_MAX_BATCH=auto: {AUTO_MAX_BATCH_CPU} on CPU)"
+        specs[name] = spec("qdserve-batch-auto", "auto")
     with _servers(specs, log_dir) as srv:
         res = _interleave(srv, levels, rounds=2)
         info = {name: _server_info(s) for name, s in srv.items()}
