@@ -50,7 +50,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from service.settings import AUTO_MAX_BATCH_CPU
+from service.settings import AUTO_MAX_BATCH_CPU, batch_limit
 
 GEN_PATH = "/v1/images/generations"
 TABLES = ("defaults", "pinned", "equal-batch")
@@ -71,6 +71,10 @@ class PeerOptions:
     pinned_threads: int = 1
     tables: tuple[str, ...] = TABLES
     direct_calls: int = 10
+    model: str | None = None
+    size: int | None = None
+    steps: int | None = None
+    name: str | None = None
 
     @property
     def parsed_variant(self) -> Variant:
@@ -78,7 +82,9 @@ class PeerOptions:
 
     @property
     def slug(self) -> str:
-        """File stem: peer (unquantized) or peer-quanto-int8."""
+        """File stem: `--name`, else peer (unquantized) or peer-quanto-int8."""
+        if self.name:
+            return self.name
         backend, qtype = self.parsed_variant
         if backend == "none":
             return "peer"
@@ -110,6 +116,14 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         "equal-batch (LitServe's max_batch_size set to qdserve's CPU batch limit)",
     )
     p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
+    p.add_argument(
+        "--model",
+        help="pipeline folder both servers load (default: the embedded model); on a GPU, "
+        "`python -m benchmarks.gpu_pipeline` builds a Flux-dev-size one",
+    )
+    p.add_argument("--size", type=int, help="image side in pixels (default: 32)")
+    p.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
+    p.add_argument("--name", help="file stem of the report (default: peer[-variant])")
     args = p.parse_args(list(argv))
     tables = tuple(t for t in args.tables.split(",") if t)
     if unknown := set(tables) - set(TABLES):
@@ -122,6 +136,10 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         pinned_threads=args.pinned_threads,
         tables=tables,
         direct_calls=args.direct_calls,
+        model=args.model,
+        size=args.size,
+        steps=args.steps,
+        name=args.name,
     )
 
 
@@ -144,10 +162,11 @@ def table_threads(table: str, pinned: int) -> int | None:
     return pinned if table == "pinned" else None
 
 
-def litserve_batch(table: str) -> int:
-    """LitServe's max_batch_size: its docs' example (4), or qdserve's own CPU batch limit in
-    the equal-batch table (a tuned peer: what LitServe does at the batch qdserve runs)."""
-    return AUTO_MAX_BATCH_CPU if table == "equal-batch" else LITSERVE_MAX_BATCH
+def litserve_batch(table: str, qdserve_batch: int) -> int:
+    """LitServe's max_batch_size: its docs' example (4), or qdserve's own batch limit on this
+    device in the equal-batch table (a tuned peer: what LitServe does at the batch qdserve
+    runs)."""
+    return qdserve_batch if table == "equal-batch" else LITSERVE_MAX_BATCH
 
 
 def litserve_argv(settings_path: Path, threads: int | None, max_batch: int) -> list[str]:
@@ -169,7 +188,12 @@ def litserve_argv(settings_path: Path, threads: int | None, max_batch: int) -> l
 
 
 def start_servers(
-    settings: Any, settings_path: Path, threads: int | None, log_dir: Path, table: str
+    settings: Any,
+    settings_path: Path,
+    threads: int | None,
+    log_dir: Path,
+    table: str,
+    litserve_max: int,
 ) -> dict[str, Server]:
     qdserve = Server(
         f"qdserve-{table}",
@@ -180,7 +204,7 @@ def start_servers(
     )
     litserve = Server(
         f"litserve-{table}",
-        litserve_argv(settings_path, threads, litserve_batch(table)),
+        litserve_argv(settings_path, threads, litserve_max),
         {"HF_HUB_OFFLINE": "1"},
         "/health",
         inherit_qds=False,
@@ -197,10 +221,13 @@ def start_servers(
     return servers
 
 
-def same_requests(round_index: int, level: int) -> Callable[[int], dict[str, Any]]:
+def same_requests(
+    opts: PeerOptions, round_index: int, level: int
+) -> Callable[[int], dict[str, Any]]:
     """The i-th request of a round and level: identical for both servers."""
     base = 100_000 * (round_index + 1) + 1_000 * level
-    return lambda i: image_body(base + i)
+    size = opts.size or 32
+    return lambda i: image_body(base + i, size, opts.steps)
 
 
 def interleave(
@@ -218,7 +245,7 @@ def interleave(
                             servers[other].pause()
                     servers[name].resume()
                     url = servers[name].base_url + GEN_PATH
-                    body = same_requests(rnd, conc)
+                    body = same_requests(opts, rnd, conc)
                     run_load(url, body, conc, conc)  # untimed warm-up at this concurrency
                     res = run_load(url, body, conc, UNBOUNDED, max_seconds=opts.seconds)
                     results[name].setdefault(str(conc), []).append(res)
@@ -265,10 +292,12 @@ def server_info(server: Server) -> dict[str, Any]:
 
 
 # -- the ceiling ---------------------------------------------------------------------------
-def direct_calls(loaded: Any, threads: int, calls: int) -> dict[str, Any]:
-    """A direct in-process pipeline call at batch 1, 4 (LitServe's example) and qdserve's CPU
-    batch limit with `threads` torch threads (servers stopped meanwhile): the most a server
-    batching that far could serve on this machine."""
+def direct_calls(
+    loaded: Any, threads: int, opts: PeerOptions, qdserve_batch: int
+) -> dict[str, Any]:
+    """A direct in-process pipeline call at batch 1, 4 (LitServe's example) and qdserve's
+    batch limit on this device with `threads` torch threads (servers stopped meanwhile): the
+    most a server batching that far could serve on this machine."""
     import torch
 
     from quantization.generate import GenerationRequest, generate_batch
@@ -277,23 +306,33 @@ def direct_calls(loaded: Any, threads: int, calls: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     out: dict[str, Any] = {}
     try:
-        for batch in sorted({1, LITSERVE_MAX_BATCH, AUTO_MAX_BATCH_CPU}):
+        for batch in sorted({1, LITSERVE_MAX_BATCH, qdserve_batch}):
 
             def call(seed: int, batch: int = batch) -> None:
                 generate_batch(
-                    loaded, [GenerationRequest(PROMPT, seed=seed + j) for j in range(batch)]
+                    loaded,
+                    [
+                        GenerationRequest(
+                            PROMPT,
+                            seed=seed + j,
+                            width=opts.size or 32,
+                            height=opts.size or 32,
+                            num_inference_steps=opts.steps,
+                        )
+                        for j in range(batch)
+                    ],
                 )
 
             call(0)  # warm-up
             times = []
-            for i in range(calls):
+            for i in range(opts.direct_calls):
                 t0 = time.perf_counter()
                 call(1000 + i * batch)
                 times.append(time.perf_counter() - t0)
             med = summarize(times)["median"]
             out[str(batch)] = {
                 "batch": batch,
-                "calls": calls,
+                "calls": opts.direct_calls,
                 "seconds_per_call": latency_summary(times),
                 "images_per_second": batch / med,
             }
@@ -306,21 +345,30 @@ def direct_calls(loaded: Any, threads: int, calls: int) -> dict[str, Any]:
 def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
     import torch
 
+    from quantization.environment import detect_device, resolve_device
     from quantization.loader import load_pipeline, resolve_model
 
     default_threads = torch.get_num_threads()  # before anything pins it: torch's default
-    settings = prepared_settings(opts.parsed_variant, work)
+    extra = {"model": opts.model} if opts.model else {}
+    settings = prepared_settings(opts.parsed_variant, work, **extra)
     # One folder for both servers (and the direct call), named by its path.
     _, folder = resolve_model(settings)
     settings = type(settings).model_validate({**settings.model_dump(), "model": folder})
     settings_path = work / "settings.json"
     write_json(settings_path, settings.model_dump(mode="json"))
-    loaded = load_pipeline(settings)
+    device = resolve_device(settings.device)
+    qdserve_batch = batch_limit("auto", device)
+    # Loaded after the first table's servers have stopped: on a GPU a third copy of a
+    # real-size denoiser beside the two servers' would not fit an 80 GB card.
+    loaded = None
     tables: dict[str, Any] = {}
     for table in opts.tables:
         threads = table_threads(table, opts.pinned_threads)
         direct_threads = default_threads if threads is None else threads
-        servers = start_servers(settings, settings_path, threads, work / "logs", table)
+        litserve_max = litserve_batch(table, qdserve_batch)
+        servers = start_servers(
+            settings, settings_path, threads, work / "logs", table, litserve_max
+        )
         try:
             raw = interleave(servers, opts)
             info = {name: server_info(s) for name, s in servers.items()}
@@ -330,7 +378,8 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         levels = {
             name: {c: merge(rs) for c, rs in by_level.items()} for name, by_level in raw.items()
         }
-        direct = direct_calls(loaded, direct_threads, opts.direct_calls)
+        loaded = loaded or load_pipeline(settings)
+        direct = direct_calls(loaded, direct_threads, opts, qdserve_batch)
         tables[table] = {
             "torch_threads": {
                 "qdserve": f"torch default ({default_threads})" if threads is None else threads,
@@ -338,13 +387,15 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
                 "direct": direct_threads,
             },
             "levels": levels,
-            "litserve_max_batch": litserve_batch(table),
+            "litserve_max_batch": litserve_max,
             "direct": direct,
             "ratios": ratios(levels, direct),
             "servers": info,
         }
     return {
         "variant": opts.variant,
+        "device": {"kind": device, "name": detect_device().name},
+        "qdserve_auto_batch": qdserve_batch,
         "model_folder": folder,
         "settings": settings.model_dump(mode="json"),
         "options": {**asdict(opts), "concurrency": list(opts.concurrency)},
@@ -442,6 +493,12 @@ def ratio_rows(t: dict[str, Any]) -> list[list[str]]:
 def render(data: dict[str, Any]) -> str:
     opts, peer = data["options"], data["peer"]
     variant = data["variant"]
+    # Reports written before GPU runs existed carry neither field: they ran on the CPU.
+    device = data.get("device", {"kind": "cpu", "name": "cpu"})
+    auto = f"auto: {data.get('qdserve_auto_batch', AUTO_MAX_BATCH_CPU)} on {device['kind']}"
+    request = f"{opts.get('size') or 32}x{opts.get('size') or 32}, " + (
+        f"{opts['steps']} steps" if opts.get("steps") else "the model's default steps"
+    )
     parts = [
         f"# qdserve vs LitServe, side by side ({'unquantized' if variant == 'none' else variant})",
         meta_line(data["meta"]),
@@ -456,12 +513,13 @@ def render(data: dict[str, Any]) -> str:
         f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
         "(`torch.set_num_threads` only in the pinned table).\n"
         "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP, at "
-        f"batch 1, {LITSERVE_MAX_BATCH} and {AUTO_MAX_BATCH_CPU} (qdserve's "
-        "`QDS_MAX_BATCH=auto` on CPU), with the table's thread count: the ceiling of a server "
-        "batching that far.",
+        f"batch 1, {LITSERVE_MAX_BATCH} and qdserve's `QDS_MAX_BATCH` ({auto}), with the "
+        "table's thread count: the ceiling of a server batching that far.",
+        f"Device: {device['kind']} ({device['name']}).",
         f"Both servers load the same pipeline folder (`{data['model_folder']}`) with the same "
         f"quantization (`{variant}`) and get the same requests (OpenAI images JSON, b64 PNG, "
-        f"same seeds): concurrency {', '.join(map(str, opts['concurrency']))}; per level "
+        f"same seeds, {request}): concurrency {', '.join(map(str, opts['concurrency']))}; "
+        "per level "
         f"{opts['rounds']} interleaved round(s) of {opts['seconds']:g} s per server after an "
         "untimed warm-up, the server not being measured paused (SIGSTOP). img/s: images "
         "answered over the summed wall time; p50/p99 over every request of the level.",
@@ -473,7 +531,7 @@ def render(data: dict[str, Any]) -> str:
             f"torch threads: qdserve {threads['qdserve']}, litserve {threads['litserve']}, "
             f"direct call {threads['direct']}. LitServe max_batch_size "
             f"{t.get('litserve_max_batch', peer['max_batch_size'])}; qdserve "
-            f"`QDS_MAX_BATCH` at its default (auto: {AUTO_MAX_BATCH_CPU} on CPU).",
+            f"`QDS_MAX_BATCH` at its default ({auto}).",
             md_table(HEADER, table_rows(t)),
             "Ratios (qdserve / litserve: img/s > 1 and latency < 1 favour qdserve):",
             md_table(
