@@ -95,7 +95,7 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
     if runs:
         lines += [
             "",
-            "Recorded GPU runs (raw, from `benchmarks/gpu.py`): "
+            "Recorded GPU runs (raw logs; each folder's files or NOTES.md say what ran): "
             + ", ".join(f"[{r}/]({r}/)" for r in runs)
             + ".",
         ]
