@@ -246,6 +246,10 @@ def test_peer_options_default_to_every_table_at_1_4_16() -> None:
         1,
     )
     assert parse_options(["--variant", "torchao:int8wo"]).slug == "peer-torchao-int8wo"
+    g = parse_options(
+        ["--model", "/m", "--size", "1024", "--steps", "4", "--name", "peer-nvidia-h200"]
+    )
+    assert (g.model, g.size, g.steps, g.slug) == ("/m", 1024, 4, "peer-nvidia-h200")
     with pytest.raises(SystemExit):
         parse_options(["--tables", "fastest"])
 
@@ -254,6 +258,7 @@ def test_peer_servers_get_the_same_pipeline_and_threads_only_when_pinned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from benchmarks.peer import (
+        PeerOptions,
         litserve_argv,
         litserve_batch,
         qdserve_env,
@@ -271,18 +276,25 @@ def test_peer_servers_get_the_same_pipeline_and_threads_only_when_pinned(
         "QDS_QUANT_TYPE": "int8",
     }
     assert qdserve_env(settings, 1)["QDS_TORCH_THREADS"] == "1"
-    argv = litserve_argv(tmp_path / "s.json", None, litserve_batch("defaults"))
+    argv = litserve_argv(tmp_path / "s.json", None, litserve_batch("defaults", 8))
     assert argv[argv.index("--torch-threads") + 1] == "0"  # 0: torch's default
     assert argv[argv.index("--max-batch-size") + 1] == "4"
     assert argv[argv.index("--batch-timeout") + 1] == "0.025"
     assert litserve_argv(tmp_path / "s.json", 1, 4)[-1] == "1"
     # Only the pinned table pins threads; only the equal-batch table tunes LitServe's batch,
-    # to qdserve's own CPU limit.
+    # to qdserve's own limit on the device (8 on CPU, 4 on a GPU).
     assert [table_threads(t, 1) for t in ("defaults", "pinned", "equal-batch")] == [None, 1, None]
-    assert [litserve_batch(t) for t in ("defaults", "pinned", "equal-batch")] == [4, 4, 8]
+    assert [litserve_batch(t, 8) for t in ("defaults", "pinned", "equal-batch")] == [4, 4, 8]
+    assert litserve_batch("equal-batch", 4) == 4
     # Both servers get the same body for the same round, level and index.
-    assert same_requests(0, 4)(3) == same_requests(0, 4)(3)
-    assert same_requests(0, 4)(3)["seed"] != same_requests(1, 4)(3)["seed"]
+    opts = PeerOptions()
+    assert same_requests(opts, 0, 4)(3) == same_requests(opts, 0, 4)(3)
+    assert same_requests(opts, 0, 4)(3)["seed"] != same_requests(opts, 1, 4)(3)["seed"]
+    assert same_requests(opts, 0, 4)(3)["size"] == "32x32"
+    assert "num_inference_steps" not in same_requests(opts, 0, 4)(3)  # the model's default
+    gpu = PeerOptions(size=1024, steps=4)
+    assert same_requests(gpu, 0, 4)(3)["size"] == "1024x1024"
+    assert same_requests(gpu, 0, 4)(3)["num_inference_steps"] == 4
 
 
 def test_server_at_defaults_does_not_inherit_the_bench_qds_environment(
@@ -347,3 +359,62 @@ def test_peer_report_says_which_server_is_which_in_every_table(tmp_path: Path) -
     assert "[peer.md](peer.md)" in index
     assert "| Side by side with LitServe, quanto-int8 | [peer-quanto-int8.md]" in index
     assert "quanto:int8: defaults: img/s" in index
+
+
+GPU_PEER = REPO / "docs" / "benchmarks" / "peer-nvidia-h200.json"
+
+
+def test_gpu_peer_report_names_the_card_the_request_and_the_gpu_batch_limit(
+    tmp_path: Path,
+) -> None:
+    """The recorded H200 run renders with its device, request shape and qdserve's GPU limit (4),
+    and `bench all` keeps it (it cannot be re-measured on the CPU machines)."""
+    from benchmarks.peer import render
+
+    data = json.loads(GPU_PEER.read_text())
+    text = render(data)
+    assert "Device: cuda (NVIDIA H200)." in text
+    assert "b64 PNG, same seeds, 1024x1024, 4 steps)" in text
+    assert "qdserve `QDS_MAX_BATCH` at its default (auto: 4 on cuda)." in text
+    assert "| direct pipeline call, batch 8 (ceiling) |" not in text
+    ratios = data["tables"]["defaults"]["ratios"]
+    assert ratios["16"]["images_per_second_qdserve_over_litserve"] == pytest.approx(1.27, abs=0.01)
+    assert ratios["16"]["p99_qdserve_over_litserve"] == pytest.approx(0.81, abs=0.01)
+    for name in (GPU_PEER.name, "peer.json", "gpu-h200-run4"):
+        (tmp_path / name).touch()
+    clean(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-h200-run4", GPU_PEER.name]
+
+
+def test_old_cpu_peer_reports_render_as_cpu_runs() -> None:
+    from benchmarks.peer import render
+
+    data = json.loads(PEER_FIXTURE.read_text())
+    assert "device" not in data  # written before GPU runs existed
+    text = render(data)
+    assert "Device: cpu (cpu)." in text and "(auto: 8 on cpu)" in text
+    assert "same seeds, 32x32, the model's default steps)" in text
+
+
+def test_gpu_pipeline_folder_is_servable_flux_with_flux_dev_widths(tmp_path: Path) -> None:
+    """The folder `bench peer --model` gets on a GPU, built here with the two-block denoiser:
+    Flux-dev's text widths (T5 4096, pooled 768), an 8x VAE, Flux-dev's scheduler, and it
+    generates through the loader and the step loop at 64x64."""
+    from benchmarks.gpu_pipeline import FLUX_DEV_SCHEDULER, SMALL_DENOISER, build
+    from quantization.generate import GenerationRequest, generate
+    from quantization.loader import load_pipeline
+    from quantization.settings import QuantSettings
+
+    folder = tmp_path / "flux"
+    info = build(folder, "cpu", SMALL_DENOISER)
+    assert json.loads((folder / "built.json").read_text())["parameters"] == info["parameters"]
+    loaded = load_pipeline(QuantSettings(model=str(folder), device="cpu"))
+    pipe = loaded.pipeline
+    assert pipe.vae_scale_factor == 8 and loaded.defaults.size == 1024
+    assert pipe.text_encoder_2.config.d_model == SMALL_DENOISER["joint_attention_dim"] == 4096
+    assert pipe.scheduler.config.use_dynamic_shifting == FLUX_DEV_SCHEDULER["use_dynamic_shifting"]
+    out = generate(
+        loaded,
+        GenerationRequest("a red circle", seed=1, width=64, height=64, num_inference_steps=1),
+    )
+    assert out.images[0].size == (64, 64)
