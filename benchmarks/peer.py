@@ -260,9 +260,17 @@ def merge(results: list[LoadResult]) -> dict[str, Any]:
     """Rounds pooled: images over summed wall time, latency percentiles over all requests."""
     out = pooled(results)
     wall = out["wall_seconds"]
-    batches = [float(u["batch_images"]) for r in results for u in r.usage if "batch_images" in u]
+    usage = [u for r in results for u in r.usage]
+    batches = [float(u["batch_images"]) for u in usage if "batch_images" in u]
+    # qdserve's own account of where a request's time went (LitServe's answer has none).
+    timings = {
+        k: sum(float(u[k]) for u in usage) / len(usage)
+        for k in ("queue_seconds", "inference_seconds", "encode_seconds")
+        if usage and all(k in u for u in usage)
+    }
     return {
         **out,
+        "mean_timings_seconds": timings or None,
         "images_per_second": out["ok"] / wall if wall else None,
         "per_round_images_per_second": [r.ok / r.wall_seconds for r in results if r.wall_seconds],
         "mean_batch_images": sum(batches) / len(batches) if batches else None,
@@ -308,8 +316,8 @@ def direct_calls(
     try:
         for batch in sorted({1, LITSERVE_MAX_BATCH, qdserve_batch}):
 
-            def call(seed: int, batch: int = batch) -> None:
-                generate_batch(
+            def call(seed: int, batch: int = batch) -> Any:
+                return generate_batch(
                     loaded,
                     [
                         GenerationRequest(
@@ -323,7 +331,7 @@ def direct_calls(
                     ],
                 )
 
-            call(0)  # warm-up
+            warm = call(0)[0].images[0]
             times = []
             for i in range(opts.direct_calls):
                 t0 = time.perf_counter()
@@ -336,9 +344,26 @@ def direct_calls(
                 "seconds_per_call": latency_summary(times),
                 "images_per_second": batch / med,
             }
+            if batch == 1:
+                out["1"]["png_b64_seconds"] = answer_encoding_seconds(warm)
     finally:
         torch.set_num_threads(previous)
     return out
+
+
+def answer_encoding_seconds(image: Any, repeats: int = 5) -> float:
+    """Median seconds to turn one image into what both servers answer (PNG, base64) with
+    qdserve's encoder: part of every server's latency, not of a direct call's."""
+    import base64
+
+    from service.imaging import encode
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        base64.b64encode(encode(image, "png"))
+        times.append(time.perf_counter() - t0)
+    return summarize(times)["median"]
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -477,6 +502,30 @@ def table_rows(t: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def time_notes(t: dict[str, Any]) -> list[str]:
+    """Where a lone request's time goes beyond the direct call (runs before these fields
+    existed have none)."""
+    direct = t["direct"].get("1", {})
+    lone = t["levels"]["qdserve"].get("1", {}).get("mean_timings_seconds")
+    notes = []
+    if "png_b64_seconds" in direct:
+        notes.append(
+            f"Encoding one answer image (PNG level 1 as qdserve does, then base64) took "
+            f"{fmt(direct['png_b64_seconds'] * 1e3, 1)} ms in the bench process: every server "
+            "pays it (LitServe at Pillow's default level), a direct call does not."
+        )
+    if lone:
+        notes.append(
+            "qdserve's own timings at concurrency 1 (mean): "
+            + ", ".join(
+                f"{k.removesuffix('_seconds')} {fmt(lone[k] * 1e3, 1)} ms"
+                for k in ("queue_seconds", "inference_seconds", "encode_seconds")
+            )
+            + "; the rest of its latency is HTTP, base64 and JSON."
+        )
+    return notes
+
+
 def ratio_rows(t: dict[str, Any]) -> list[list[str]]:
     return [
         [
@@ -533,6 +582,7 @@ def render(data: dict[str, Any]) -> str:
             f"{t.get('litserve_max_batch', peer['max_batch_size'])}; qdserve "
             f"`QDS_MAX_BATCH` at its default ({auto}).",
             md_table(HEADER, table_rows(t)),
+            *time_notes(t),
             "Ratios (qdserve / litserve: img/s > 1 and latency < 1 favour qdserve):",
             md_table(
                 [

@@ -418,3 +418,28 @@ def test_gpu_pipeline_folder_is_servable_flux_with_flux_dev_widths(tmp_path: Pat
         GenerationRequest("a red circle", seed=1, width=64, height=64, num_inference_steps=1),
     )
     assert out.images[0].size == (64, 64)
+
+
+def test_peer_report_says_where_a_lone_requests_time_went() -> None:
+    """The encoding every server pays and qdserve's own timings, beside the direct call."""
+    from benchmarks.peer import time_notes
+
+    table = {
+        "direct": {"1": {"png_b64_seconds": 0.1104}},
+        "levels": {
+            "qdserve": {
+                "1": {
+                    "mean_timings_seconds": {
+                        "queue_seconds": 0.0004,
+                        "inference_seconds": 0.7351,
+                        "encode_seconds": 0.0562,
+                    }
+                }
+            }
+        },
+    }
+    encoding, own = time_notes(table)
+    assert "took 110.4 ms in the bench process" in encoding
+    assert own.startswith("qdserve's own timings at concurrency 1 (mean): queue 0.4 ms, ")
+    assert "inference 735.1 ms, encode 56.2 ms;" in own
+    assert time_notes({"direct": {}, "levels": {"qdserve": {}}}) == []
