@@ -81,6 +81,11 @@ class PeerOptions:
         return parse_variant(self.variant)
 
     @property
+    def side(self) -> int:
+        """Width and height of every request (`--size`; the embedded model's 32 by default)."""
+        return self.size or 32
+
+    @property
     def slug(self) -> str:
         """File stem: `--name`, else peer (unquantized) or peer-quanto-int8."""
         if self.name:
@@ -113,7 +118,7 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         "--tables",
         default=",".join(TABLES),
         help="comma list of defaults (headline), pinned (equal pinned torch threads), "
-        "equal-batch (LitServe's max_batch_size set to qdserve's CPU batch limit)",
+        "equal-batch (LitServe's max_batch_size set to qdserve's batch limit on the device)",
     )
     p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
     p.add_argument(
@@ -226,8 +231,7 @@ def same_requests(
 ) -> Callable[[int], dict[str, Any]]:
     """The i-th request of a round and level: identical for both servers."""
     base = 100_000 * (round_index + 1) + 1_000 * level
-    size = opts.size or 32
-    return lambda i: image_body(base + i, size, opts.steps)
+    return lambda i: image_body(base + i, opts.side, opts.steps)
 
 
 def interleave(
@@ -323,8 +327,8 @@ def direct_calls(
                         GenerationRequest(
                             PROMPT,
                             seed=seed + j,
-                            width=opts.size or 32,
-                            height=opts.size or 32,
+                            width=opts.side,
+                            height=opts.side,
                             num_inference_steps=opts.steps,
                         )
                         for j in range(batch)
