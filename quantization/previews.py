@@ -23,6 +23,7 @@ colour: 27.7; tests/integration/test_streaming_previews.py).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,7 @@ class LatentRGB:
 
 # One fit per VAE module (a pipeline's, shared by every batch on it); gone with the pipeline.
 _FITS: weakref.WeakKeyDictionary[Any, LatentRGB] = weakref.WeakKeyDictionary()
+_OBSERVE = threading.Lock()
 
 
 def _fit(pipe: Any, channels: int) -> LatentRGB:
@@ -116,11 +118,13 @@ def observe_decode(
     import torch
 
     latents = _unpack(pipe, packed, req)
-    fit = _fit(pipe, latents.shape[1])
-    if fit.pixels >= MAX_PIXELS:
-        return
-    pixels = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])
-    fit.observe(latents, torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0)
+    # Batches on two engine lanes (service.core.lanes) may finish at once: one fit, one writer.
+    with _OBSERVE:
+        fit = _fit(pipe, latents.shape[1])
+        if fit.pixels >= MAX_PIXELS:
+            return
+        pixels = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])
+        fit.observe(latents, torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0)
 
 
 def flux_preview(

@@ -103,6 +103,7 @@ class _Job:
     forward_seconds: float = 0.0
     batch_images_sum: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    usage: Any = None  # counted at add (tokenizers on the driving thread, not in a lane)
 
     @property
     def images(self) -> int:
@@ -277,6 +278,7 @@ class StepBatch:
                         "encode_seconds": encode_seconds,
                         "prepare_seconds": time.perf_counter() - started,
                     },
+                    usage=count_usage(self.loaded, req),
                 )
                 self._key = step_key(self.loaded, req)
         self._stacked = None
@@ -568,7 +570,7 @@ class StepBatch:
                                 "batch_images": job.batch_images_sum / job.total,
                                 "decode_seconds": done - start,
                             },
-                            usage=count_usage(self.loaded, req),
+                            usage=job.usage,
                         ),
                     )
                 )

@@ -35,7 +35,7 @@ from service.core.messages import Finished
 from service.imaging import encode_all
 from service.metrics import Metrics
 from service.resolve import ImageParams, check_limits, check_lora_variant, resolve
-from service.settings import ServiceSettings, batch_limit
+from service.settings import ServiceSettings, batch_limit, lane_count
 from service.variants import ModelKey, Variants
 
 if TYPE_CHECKING:
@@ -129,8 +129,13 @@ class ServiceState:
         # The engine needs no API keys: they stay in the HTTP process. It gets the batch limit
         # resolved for its device, so the engine and the queue estimate agree on one number.
         device = resolve_device(self.quant.device)
+        threads = self.settings.torch_threads or torch_default_threads()
         engine_settings = self.settings.model_copy(
-            update={"api_keys": [], "max_batch": batch_limit(self.settings.max_batch, device)}
+            update={
+                "api_keys": [],
+                "max_batch": batch_limit(self.settings.max_batch, device),
+                "engine_lanes": lane_count(self.settings.engine_lanes, device, threads),
+            }
         )
         self.engine = EngineClient(
             EngineConfig(self.quant, engine_settings, self.preload_variants),
@@ -349,6 +354,13 @@ class ServiceState:
             f"(QDS_ALLOW_ON_DEMAND_LOAD); loaded: {', '.join(self.loaded_ids()) or 'none'}",
             param="quant_backend",
         )
+
+
+def torch_default_threads() -> int:
+    """torch's intra-op thread count here: the engine process starts with the same default."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _load_error(key: ModelKey, exc: JobFailed) -> Exception:

@@ -109,6 +109,14 @@ class ServiceSettings(BaseSettings):
         "the demo model: docs/benchmarks/batch-size.md), 4 on a GPU (not measured there: large "
         "images already fill a GPU at batch 1, and a bigger batch needs more memory).",
     )
+    engine_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="Step batches of one model denoised at the same time, each on its own "
+        "thread with an even share of the torch threads; the batch limit is split between "
+        "them, and a batch running alone keeps every thread. auto: 2 on a CPU with 2 or more "
+        "torch threads (two batches of 4 on 1 thread each: 1.2-1.4x the images per second of "
+        "one batch of 8 on 2, embedded model), 1 on a GPU (one stream: no gain).",
+    )
     engine_stall_timeout: float = Field(
         default=600.0,
         ge=0,
@@ -215,6 +223,16 @@ class ServiceSettings(BaseSettings):
 # past it); the accelerator value is the earlier default, unmeasured (no GPU in that session).
 AUTO_MAX_BATCH_CPU = 8
 AUTO_MAX_BATCH_ACCELERATOR = 4
+
+
+AUTO_LANES_CPU = 2
+
+
+def lane_count(lanes: int | Literal["auto"], device: str, torch_threads: int) -> int:
+    """QDS_ENGINE_LANES resolved for the engine's device and its torch thread count."""
+    if lanes != "auto":
+        return int(lanes)
+    return AUTO_LANES_CPU if device == "cpu" and torch_threads >= AUTO_LANES_CPU else 1
 
 
 def batch_limit(max_batch: int | Literal["auto"], device: str) -> int:

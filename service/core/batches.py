@@ -177,6 +177,12 @@ def uses_stepping(loaded: LoadedPipeline) -> bool:
     return stepping is not None and stepping.supports_stepping(loaded)
 
 
+def is_step_batch(batch: Batch) -> bool:
+    """A step-level batch: its `step()` touches only its own samples and the pipeline's
+    stateless modules, so two of them may step at once (lanes)."""
+    return stepping is not None and isinstance(batch, stepping.StepBatch)
+
+
 def new_batch(
     loaded: LoadedPipeline,
     *,

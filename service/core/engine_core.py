@@ -126,6 +126,7 @@ class EngineCore:
         )
         self.scheduler = Scheduler(
             max_batch=self.settings.max_batch,
+            lanes=self.settings.engine_lanes if isinstance(self.settings.engine_lanes, int) else 1,
             emit=self._emit,
             metrics=self.metrics,
             prompt_cache=self.prompt_cache,

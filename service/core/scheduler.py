@@ -5,9 +5,11 @@ At every step boundary (`admit`) queued jobs join a running batch of the same mo
 and compatibility key (`batches.compat_key`: size, guidance, CFG mode) while it has room
 (`max_batch` images), or start a new batch when no batch of their kind runs. A job whose kind
 is running but full waits for room (one batch per kind, as TGI and vLLM keep one running
-batch, so a device's batched forward is not split in two). Batches of different kinds take
-turns, one step each (round robin), so a 1024x1024 request does not stall a 256x256 one for
-its whole run. A lone request starts at once: there is no batching window.
+batch, so a device's batched forward is not split in two), except with `lanes` > 1 (CPU,
+`service.core.lanes`): then up to `lanes` step batches of a kind run, each capped at its share
+of `max_batch`, and batches of one model step at the same time, one per lane thread. Batches
+of different kinds take turns, one step each (round robin), so a 1024x1024 request does not
+stall a 256x256 one for its whole run. A lone request starts at once: there is no batching window.
 
 Cancellation (`cancel`) removes a job from the queue, or its samples from the running batch
 before the next step; `dropped_images` and `cancelled` count both, by reason.
@@ -31,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 from quantization import lora
 from quantization.edit import EditRequest
 from service.core import messages as m
-from service.core.batches import Batch, EditBatch, compat_key, new_batch
+from service.core.batches import (
+    Batch,
+    EditBatch,
+    compat_key,
+    is_step_batch,
+    new_batch,
+    uses_stepping,
+)
+from service.core.lanes import Lanes
 
 if TYPE_CHECKING:
     from quantization.generate import GenerationRequest
@@ -109,8 +119,10 @@ class Scheduler:
         make_batch: BatchFactory = new_batch,
         kind_of: KindOf = compat_key,
         max_running: int = MAX_RUNNING_BATCHES,
+        lanes: int = 1,
     ) -> None:
         self.max_batch = max_batch
+        self.lanes = lanes
         self.emit = emit
         self.metrics = metrics
         self.prompt_cache = prompt_cache
@@ -227,12 +239,17 @@ class Scheduler:
                 self._fail(job, "internal", f"{type(exc).__name__}: {exc}")
                 continue
             same = [r for r in self.running if r.key == job.key and r.kind == kind]
-            target = next((r for r in same if r.batch.can_join(job.request)), None)
-            if target is None:
-                if same and job.images <= self.max_batch:
-                    continue  # its kind runs but is full: join when a sample leaves
-                if len(self.running) >= self.max_running:
-                    continue
+            room = [r for r in same if r.batch.can_join(job.request)]
+            lanes = self._lanes_for(job)
+            # With lanes, a free lane takes the job before a running batch grows: two batches
+            # of 2 on a thread each beat one of 4 on two threads too (1.15x, embedded model).
+            if room and (len(same) >= lanes or len(self.running) >= self.max_running):
+                target = min(room, key=lambda r: len(r.batch))
+            elif same and not room and len(same) >= lanes and job.images <= self.max_batch:
+                continue  # its kind runs but is full: join when a sample leaves
+            elif len(self.running) >= self.max_running:
+                continue
+            else:
                 target = Running(job.key, kind, self._new_batch(job))
                 self.running.append(target)
             self._join(target, job, now)
@@ -262,13 +279,20 @@ class Scheduler:
                 on_step=on_step,
                 between_steps=self._between_steps,
             )
+        # With lanes, each of a kind's batches takes its share of the limit.
+        share = max(1, self.max_batch // self._lanes_for(job))
         return self.make_batch(
             job.loaded,
-            max_images=max(self.max_batch, job.images),
+            max_images=max(share, job.images),
             prompt_cache=self.prompt_cache,
             on_step=on_step,
             between_steps=self._between_steps,
         )
+
+    def _lanes_for(self, job: Job) -> int:
+        """How many batches of the job's kind may run: lanes only split step batches."""
+        lanes_apply = not isinstance(job.request, EditRequest) and uses_stepping(job.loaded)
+        return self.lanes if self.lanes > 1 and lanes_apply else 1
 
     def _between_steps(self) -> None:
         if self.between_steps is not None:
@@ -300,36 +324,77 @@ class Scheduler:
         self.emit(m.Started(job.job_id, queued))
 
     def step_next(self) -> None:
-        """Run one step of the next running batch (round robin)."""
+        """Run one step of the next running batch (round robin), beside the other batches of
+        its model that share a lane with it (`lanes` > 1)."""
         if not self.running:
             return
         run = self.running[self._turn % len(self.running)]
         self._turn += 1
-        jobs = list(run.jobs.values())
-        images_before = len(run.batch)
-        self.active += 1
+        runs = [run, *self._lane_partners(run)]
+        jobs = {id(r): list(r.jobs.values()) for r in runs}
+        before = {id(r): len(r.batch) for r in runs}
+        self.active += len(runs)
         self.max_concurrent = max(self.max_concurrent, self.active)
-        self.step_log.append([(j.key, j.job_id, j.images) for j in jobs])
+        for r in runs:
+            self.step_log.append([(j.key, j.job_id, j.images) for j in jobs[id(r)]])
         self._stepping = True
-        self._current = run
+        self._current = run if len(runs) == 1 else None
         started = time.perf_counter()
-        oom: str | None = None
-        error: str | None = None
-        finished: list = []
+        # A batch whose step fails (its hook or its forward) fails alone; its partners go on.
+        outcomes: dict[int, tuple[list, str | None, str | None]] = {}
         try:
-            if self.before_batch is not None:
-                self.before_batch(jobs)
-            if jobs:  # the batch's adapters (none: the base, bit-exact); a no-op if unchanged
-                lora.activate(jobs[0].loaded, jobs[0].request.lora)
-            finished = run.batch.step()
+            for r in runs:
+                try:
+                    if self.before_batch is not None:
+                        self.before_batch(jobs[id(r)])
+                except Exception as exc:
+                    outcomes[id(r)] = ([], *_classify(exc))
+            stepping = [r for r in runs if id(r) not in outcomes]
+            if stepping and jobs[id(run)]:  # the batch's adapters (none: the base,
+                # bit-exact), shared by its partners (`_lane_partners`); a no-op if unchanged
+                lora.activate(jobs[id(run)][0].loaded, jobs[id(run)][0].request.lora)
+            if len(stepping) == 1:
+                outcomes[id(stepping[0])] = (stepping[0].batch.step(), None, None)
+            elif stepping:
+                results = Lanes.get(self.lanes).run([r.batch.step for r in stepping], _classify)
+                outcomes.update(zip(map(id, stepping), results, strict=True))
         except Exception as exc:
-            oom, error = _classify(exc)
+            for r in runs:
+                outcomes.setdefault(id(r), ([], *_classify(exc)))
         finally:
-            self.active -= 1
+            self.active -= len(runs)
             self._stepping = False
             self._current = None
         # Past the handler: the failed call's frames are gone, so memory can really be freed.
         elapsed = time.perf_counter() - started
+        for r in runs:
+            self._after_step(r, before[id(r)], elapsed, *outcomes[id(r)])
+
+    def _lane_partners(self, run: Running) -> list[Running]:
+        """Other step batches of the same model and adapters that step with `run`, one lane
+        each (none without lanes)."""
+        if self.lanes < 2 or not is_step_batch(run.batch):
+            return []
+        partners = [
+            r
+            for r in self.running
+            if r is not run
+            and r.key == run.key
+            and r.kind[1] == run.kind[1]  # one adapter set per forward
+            and is_step_batch(r.batch)
+            and r.jobs
+        ]
+        return partners[: self.lanes - 1]
+
+    def _after_step(
+        self,
+        run: Running,
+        images_before: int,
+        elapsed: float,
+        finished: list,
+        oom: str | None,
+        error: str | None,
+    ) -> None:
         self.steps_run += 1
         key = run.key
         if oom is not None or error is not None:

@@ -1,0 +1,132 @@
+"""Engine lanes (QDS_ENGINE_LANES): step batches of one model denoised at the same time.
+
+Real StepBatches on the embedded model, driven by a real EngineCore through its pipe (the
+harness of test_engine_core.py): lanes open before batches grow, run concurrently, keep the
+same-seed guarantee, and a lane's failure stays in its batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from test_engine_core import Gate, Harness
+
+from quantization.generate import GenerationRequest, generate
+from quantization.loader import load_pipeline
+from quantization.settings import QuantSettings
+from service.core import messages as m
+from service.core.engine_core import EngineHooks
+from service.core.lanes import Lanes
+from service.settings import ServiceSettings, lane_count
+
+TOL = 2  # uint8 pixels: the step loop's stated same-seed tolerance (README)
+
+
+def test_lane_count_auto_is_two_on_a_multi_thread_cpu_and_one_on_a_gpu() -> None:
+    assert lane_count("auto", "cpu", 2) == 2
+    assert lane_count("auto", "cpu", 16) == 2
+    assert lane_count("auto", "cpu", 1) == 1  # one thread: nothing to share out
+    assert lane_count("auto", "cuda", 16) == 1
+    assert lane_count(3, "cuda:0", 1) == 3
+    assert ServiceSettings(engine_lanes="1").engine_lanes == 1
+    with pytest.raises(ValidationError, match="engine_lanes"):
+        ServiceSettings(engine_lanes="0")
+
+
+def test_lane_threads_run_on_their_own_torch_thread_count() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    lanes = Lanes(2, 1)
+    names: list[str] = []
+
+    def probe() -> list[int]:
+        names.append(threading.current_thread().name)
+        return [torch.get_num_threads()]
+
+    results = lanes.run([probe, probe], lambda exc: (None, str(exc)))
+    assert [r[0] for r in results] == [[1], [1]]
+    assert all(n.startswith("qds-lane") for n in names)
+    assert torch.get_num_threads() == before  # the caller's count is untouched
+
+
+def _refuse(jobs: list) -> None:
+    if any(j.request.prompt == "boom" for j in jobs):
+        raise RuntimeError("refused by the test hook")
+
+
+class _GateAndRefuse(Gate):
+    def __call__(self, jobs: list) -> None:
+        super().__call__(jobs)
+        _refuse(jobs)
+
+
+@pytest.fixture
+def lanes_engine(cache_dir: Path):
+    made: list[Harness] = []
+
+    def make(gate: Gate) -> Harness:
+        hooks = EngineHooks(before_batch=gate)
+        harness = Harness(hooks, cache_dir, max_batch=8, engine_lanes=2)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
+def test_requests_spread_over_two_lanes_run_together_and_match_alone(
+    lanes_engine, cache_dir: Path
+) -> None:
+    gate = Gate(1)
+    h = lanes_engine(gate)
+    requests = {
+        name: {"prompt": f"a {color} circle", "seed": seed, "num_inference_steps": 4}
+        for name, color, seed in (("a", "red", 1), ("b", "blue", 2), ("c", "green", 3))
+    }
+    h.submit("a", **requests["a"])
+    assert gate.arrived.wait(30)  # a runs alone, on the engine's main thread
+    h.submit("b", **requests["b"])
+    h.submit("c", **requests["c"])
+    gate.release.set()
+    done = {name: h.finished(name) for name in requests}
+    scheduler = h.scheduler
+    # b opened the second lane instead of joining a; c joined the lighter batch; the two
+    # batches then stepped at the same time.
+    assert scheduler.max_concurrent == 2
+    assert not any({"a", "b"} <= {j for _, j, _ in step} for step in scheduler.step_log)
+    loaded = load_pipeline(QuantSettings(cache_dir=cache_dir))
+    for name, req in requests.items():
+        alone = generate(
+            loaded,
+            GenerationRequest(
+                req["prompt"],
+                seed=req["seed"],
+                num_inference_steps=4,
+                width=16,
+                height=16,
+                guidance_scale=3.5,
+            ),
+        )
+        got = np.asarray(done[name].result.images[0], dtype=np.int16)
+        ref = np.asarray(alone.images[0], dtype=np.int16)
+        assert int(np.abs(got - ref).max()) <= TOL, name
+
+
+def test_a_failing_lane_fails_only_its_batch(lanes_engine) -> None:
+    gate = _GateAndRefuse(1)
+    h = lanes_engine(gate)
+    h.submit("a", prompt="a red circle", num_inference_steps=3)
+    assert gate.arrived.wait(30)
+    h.submit("boom", prompt="boom", num_inference_steps=3)  # its own lane
+    gate.release.set()
+    failed = h.failed("boom")
+    assert failed.kind == "internal" and "refused by the test hook" in failed.message
+    assert h.finished("a").result.width == 16
+    h.submit("after", prompt="a red circle")
+    assert isinstance(h.finished("after"), m.Finished)
