@@ -34,6 +34,9 @@ Choices, and what they follow:
   no batching window is needed (a lone request starts at once). `QDS_MAX_BATCH=auto` is 8
   on CPU, where the demo model's images per second peak (docs/benchmarks/batch-size.md), and
   4 on a GPU (unmeasured). Requests that finish at the same step share one VAE decode.
+  On a CPU the limit is shared by `QDS_ENGINE_LANES` batches (auto 2) that step at the same
+  time on threads of their own, one torch thread each (`lanes`): at the demo model's sizes two
+  batches of 4 serve more than one of 8 on both threads.
   Pipelines that cannot step (`quantization.stepping.supports_stepping` false) run whole
   `generate_batch` calls, batched from whatever is queued when the previous call ends.
 - Transport: one `multiprocessing` pipe, pickled dataclasses (`messages`), one list of events
