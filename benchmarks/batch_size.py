@@ -6,7 +6,10 @@ on shared CPUs hits every size alike:
 
 - `generate_batch`: one whole pipeline call for the batch (what LitServe's peer server runs);
 - `StepBatch`: the engine's step loop (`quantization.stepping`), prompt embeddings cached as
-  the engine caches them.
+  the engine caches them;
+- `StepBatch x2 lanes`: the engine with `QDS_ENGINE_LANES=2` (its CPU default): the batch as two
+  step batches stepped at the same time, each on a lane thread with half the torch threads
+  (`service.core.lanes`); a batch of 1 runs alone, as in the engine.
 
 A batch pays off while it amortizes per-operation overhead; past the size where the matmuls
 fill the cores, images per second stop rising (and latency keeps growing).
@@ -35,7 +38,7 @@ from benchmarks.common import (
 from service.settings import AUTO_MAX_BATCH_CPU
 
 SIZES = (1, 2, 4, 6, 8, 12, 16)
-WAYS = ("generate_batch", "StepBatch")
+WAYS = ("generate_batch", "StepBatch", "StepBatch x2 lanes")
 
 
 def parse(argv: Sequence[str], quick: bool) -> argparse.Namespace:
@@ -67,10 +70,35 @@ def runners(loaded: Any) -> dict[str, Callable[[int, int], None]]:
         while len(run):
             run.step()
 
+    def laned(batch: int, seed: int) -> None:
+        from service.core.lanes import Lanes
+
+        reqs = requests(batch, seed)
+        half = (batch + 1) // 2
+        runs = []
+        for lane, part in enumerate((reqs[:half], reqs[half:])):
+            if part:
+                run = StepBatch(loaded, prompt_cache=cache, max_images=len(part))
+                run.add_many([(f"{lane}-{i}", r) for i, r in enumerate(part)])
+                runs.append(run)
+        while any(len(r) for r in runs):
+            live = [r for r in runs if len(r)]
+            if len(live) == 1:
+                live[0].step()
+                continue
+            for _, _, error in Lanes.get(2).run([r.step for r in live], _as_text):
+                if error:
+                    raise RuntimeError(error)
+
     out = {"generate_batch": whole}
     if supports_stepping(loaded):
         out["StepBatch"] = stepped
+        out["StepBatch x2 lanes"] = laned
     return out
+
+
+def _as_text(exc: BaseException) -> tuple[None, str]:
+    return None, f"{type(exc).__name__}: {exc}"
 
 
 def measure(variant: str, sizes: list[int], rounds: int, work: Path) -> dict[str, Any]:
@@ -134,7 +162,9 @@ def render(data: dict[str, Any]) -> str:
                 f"{data['torch_threads']} torch threads (torch's default), medians of "
                 f"{data['rounds']} interleaved rounds. `generate_batch` is one pipeline call "
                 "per batch (LitServe's peer server runs it); `StepBatch` is the engine's "
-                "step loop with the prompt cache.",
+                "step loop with the prompt cache; `StepBatch x2 lanes` is that loop as the "
+                "engine runs it with `QDS_ENGINE_LANES=2` (two half batches stepped at once, "
+                "one lane thread each).",
                 md_table(header, rows),
                 f"Best batch: {best}. `QDS_MAX_BATCH=auto` uses {AUTO_MAX_BATCH_CPU} on CPU "
                 "from this table "

@@ -158,17 +158,19 @@ def test_bench_matrix_quick_end_to_end(tmp_path: Path) -> None:
     assert "[matrix.md](matrix.md)" in index
 
 
-def test_bench_batch_size_quick_both_ways_and_variant_files(tmp_path: Path) -> None:
+def test_bench_batch_size_quick_every_way_and_variant_files(tmp_path: Path) -> None:
     argv = ["batch-size", "--quick", "--out", str(tmp_path), "--sizes", "1,2", "--rounds", "1"]
     assert bench_main(argv) == 0
     data = json.loads((tmp_path / "batch-size.json").read_text())
-    assert set(data["results"]) == {"generate_batch", "StepBatch"}  # Flux: both ways
+    # Flux: whole calls, the step loop, and the step loop on two lanes (the engine's CPU way).
+    assert set(data["results"]) == {"generate_batch", "StepBatch", "StepBatch x2 lanes"}
     for way, rows in data["results"].items():
         assert set(rows) == {"1", "2"}
         assert all(r["images_per_second"] > 0 for r in rows.values())
         assert data["best_batch"][way] in ("1", "2")
     text = (tmp_path / "batch-size.md").read_text()
     assert "| 2 |" in text and "QDS_MAX_BATCH=auto" in text
+    assert "StepBatch x2 lanes img/s" in text
     index = (tmp_path / "README.md").read_text()
     assert "[batch-size.md](batch-size.md)" in index
     assert bench_main([*argv, "--variant", "quanto:int8", "--sizes", "1"]) == 0

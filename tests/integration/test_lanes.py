@@ -71,7 +71,8 @@ def lanes_engine(cache_dir: Path):
 
     def make(gate: Gate) -> Harness:
         hooks = EngineHooks(before_batch=gate)
-        harness = Harness(hooks, cache_dir, max_batch=8, engine_lanes=2)
+        # Two lanes share a limit of 4: a batch takes 2 images before the second lane opens.
+        harness = Harness(hooks, cache_dir, max_batch=4, engine_lanes=2)
         made.append(harness)
         return harness
 
@@ -96,10 +97,12 @@ def test_requests_spread_over_two_lanes_run_together_and_match_alone(
     gate.release.set()
     done = {name: h.finished(name) for name in requests}
     scheduler = h.scheduler
-    # b opened the second lane instead of joining a; c joined the lighter batch; the two
-    # batches then stepped at the same time.
+    # b filled a's batch to its share (2 of 4), c opened the second lane, and the two batches
+    # stepped at the same time.
+    steps = [{j for _, j, _ in step} for step in scheduler.step_log]
+    assert {"a", "b"} in steps
+    assert not any({"a", "c"} <= step or {"b", "c"} <= step for step in steps)
     assert scheduler.max_concurrent == 2
-    assert not any({"a", "b"} <= {j for _, j, _ in step} for step in scheduler.step_log)
     loaded = load_pipeline(QuantSettings(cache_dir=cache_dir))
     for name, req in requests.items():
         alone = generate(
@@ -123,10 +126,12 @@ def test_a_failing_lane_fails_only_its_batch(lanes_engine) -> None:
     h = lanes_engine(gate)
     h.submit("a", prompt="a red circle", num_inference_steps=3)
     assert gate.arrived.wait(30)
-    h.submit("boom", prompt="boom", num_inference_steps=3)  # its own lane
+    h.submit("b", prompt="a blue circle", num_inference_steps=3)  # fills a's share
+    h.submit("boom", prompt="boom", num_inference_steps=3)  # the second lane
     gate.release.set()
     failed = h.failed("boom")
     assert failed.kind == "internal" and "refused by the test hook" in failed.message
     assert h.finished("a").result.width == 16
+    assert h.finished("b").result.width == 16
     h.submit("after", prompt="a red circle")
     assert isinstance(h.finished("after"), m.Finished)
