@@ -112,10 +112,11 @@ class ServiceSettings(BaseSettings):
     engine_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default="auto",
         description="Step batches of one model denoised at the same time, each on its own "
-        "thread with an even share of the torch threads; the batch limit is split between "
-        "them, and a batch running alone keeps every thread. auto: 2 on a CPU with 2 or more "
-        "torch threads (two batches of 4 on 1 thread each: 1.2-1.4x the images per second of "
-        "one batch of 8 on 2, embedded model), 1 on a GPU (one stream: no gain).",
+        "thread with an even share of the torch threads; each fills to its share of "
+        "QDS_MAX_BATCH before the next opens, and a batch running alone keeps every thread. "
+        "auto: 2 on a CPU with 2 or more torch threads (docs/benchmarks/batch-size.md: two "
+        "half batches at once against one batch on every thread), 1 on a GPU (one CUDA "
+        "stream; not measured there).",
     )
     engine_stall_timeout: float = Field(
         default=600.0,

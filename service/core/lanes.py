@@ -1,12 +1,12 @@
 """Lanes: step batches of one model denoised at the same time, each on its own thread.
 
 On a CPU a transformer forward at the demo model's sizes leaves cores idle between its many
-small kernels even with every intra-op thread on it; two batches of 4, each on a thread of its
-own with one intra-op thread, served 1.2-1.4x the images per second of one batch of 8 on two
-intra-op threads (tests of this module's design, embedded model, 2 cores; the same split inside
-one forward gained nothing). So the scheduler may run up to `lanes` step batches at once; a
-batch running alone stays on the engine's main thread with all its threads (a lone request's
-latency is unchanged).
+small kernels even with every intra-op thread on it: two half batches stepped at once, each on
+a thread of its own with half the intra-op threads, serve more images per second than one
+batch on all of them (`qdserve bench batch-size`, the `StepBatch x2 lanes` column; splitting
+one forward in two inside a step gained nothing when tried). So the scheduler may run up to
+`lanes` step batches at once; a batch running alone stays on the engine's main thread with
+all its threads (a lone request's latency is unchanged).
 
 Hand-written: torch's inter-op pool (`torch.jit.fork`) runs TorchScript only, and a plain
 ThreadPoolExecutor cannot give each worker its own OpenMP thread count.
