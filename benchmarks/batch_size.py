@@ -166,12 +166,30 @@ def render(data: dict[str, Any]) -> str:
                 "engine runs it with `QDS_ENGINE_LANES=2` (two half batches stepped at once, "
                 "one lane thread each).",
                 md_table(header, rows),
-                f"Best batch: {best}. `QDS_MAX_BATCH=auto` uses {AUTO_MAX_BATCH_CPU} on CPU "
-                "from this table "
-                "(service/settings.py); on a GPU it keeps 4 (not measured there).",
+                f"Best batch: {best}. {auto_note(data)}",
             ]
         )
         + "\n"
+    )
+
+
+def auto_note(data: dict[str, Any]) -> str:
+    """How `QDS_MAX_BATCH=auto` (8 on CPU, chosen from an earlier run of this table) fares in
+    this run, for the way the engine batches (lanes when measured)."""
+    text = (
+        f"`QDS_MAX_BATCH=auto` is {AUTO_MAX_BATCH_CPU} on CPU (service/settings.py; on a GPU "
+        "4, not measured there)."
+    )
+    way = next((w for w in reversed(WAYS) if w in data["results"]), None)
+    rows = data["results"].get(way, {}) if way else {}
+    if str(AUTO_MAX_BATCH_CPU) not in rows:
+        return text
+    at_auto = rows[str(AUTO_MAX_BATCH_CPU)]["images_per_second"]
+    best = rows[data["best_batch"][way]]["images_per_second"]
+    return (
+        f"{text} In this run `{way}` gives {fmt(at_auto, 2)} img/s at "
+        f"{AUTO_MAX_BATCH_CPU}, {fmt(100 * (1 - at_auto / best), 0)}% under its best "
+        f"({data['best_batch'][way]}); a larger batch also makes each request wait longer."
     )
 
 

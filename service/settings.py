@@ -105,9 +105,10 @@ class ServiceSettings(BaseSettings):
     max_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default="auto",
         description="Most images denoised together: requests join a running batch at the next "
-        "step (no batching window); 1 turns batching off. auto: 8 on CPU (the best measured on "
-        "the demo model: docs/benchmarks/batch-size.md), 4 on a GPU (not measured there: large "
-        "images already fill a GPU at batch 1, and a bigger batch needs more memory).",
+        "step (no batching window); 1 turns batching off; with lanes each batch takes its share. "
+        "auto: 8 on CPU (docs/benchmarks/batch-size.md: within 8% of the best measured on the "
+        "demo model, at a shorter wait per request), 4 on a GPU (large images already fill a "
+        "GPU at batch 1, and a bigger batch needs more memory; not swept there).",
     )
     engine_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default="auto",
@@ -220,8 +221,9 @@ class ServiceSettings(BaseSettings):
         return value
 
 
-# The `auto` batch limits: CPU from docs/benchmarks/batch-size.md (img/s peaks at 8 and falls
-# past it); the accelerator value is the earlier default, unmeasured (no GPU in that session).
+# The `auto` batch limits: CPU from docs/benchmarks/batch-size.md (img/s peaked at 8 in its
+# first run; the run with lanes has 12-16 up to 8% faster per image, each request waiting
+# longer); the accelerator value is the earlier default (the H200 peer run used it, no sweep).
 AUTO_MAX_BATCH_CPU = 8
 AUTO_MAX_BATCH_ACCELERATOR = 4
 
