@@ -20,6 +20,8 @@ import shutil
 import statistics
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +88,27 @@ def _inputs(arch: str, size: int, dtype: Any, device: str) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def bf16_weights() -> Iterator[None]:
+    """Modules built inside get bf16 parameters directly (a 12 B fp32 build would need 48 GB)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_and_save(arch: str, config: dict[str, Any], folder: Path, device: str) -> int:
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = FluxTransformer2DModel if arch == "flux-dev" else SD3Transformer2DModel
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
+    with bf16_weights(), torch.device(device):
+        model = cls(**config)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder, max_shard_size="20GB")
     del model

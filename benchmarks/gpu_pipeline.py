@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu import FLUX_DEV
+from benchmarks.gpu import FLUX_DEV, bf16_weights
 
 # A two-block denoiser with the same input/output widths: the CPU dry run of the GPU script.
 SMALL_DENOISER = {
@@ -67,49 +67,32 @@ def build(folder: Path, device: str, denoiser: dict[str, Any]) -> dict[str, Any]
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from quantization.embedded import build_clip_tokenizer, build_t5_tokenizer
+    from quantization.embedded import (
+        build_clip_tokenizer,
+        build_t5_tokenizer,
+        clip_text_encoder,
+        t5_text_encoder,
+    )
 
     t0 = time.perf_counter()
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
+    with bf16_weights():
         # Initialised where it will run: 12 B parameters initialise in seconds on a GPU.
         with torch.device(device):
             transformer = FluxTransformer2DModel(**denoiser)
         vae = AutoencoderKL(**VAE_CONFIG)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=denoiser["pooled_projection_dim"],
-                intermediate_size=256,
-                num_hidden_layers=1,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,
-                pad_token_id=clip_tok.pad_token_id,
-            )
+        text_encoder = clip_text_encoder(
+            clip_tok,
+            hidden=denoiser["pooled_projection_dim"],
+            intermediate=256,
+            layers=1,
+            heads=12,
         )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=denoiser["joint_attention_dim"],
-                d_kv=64,
-                d_ff=256,
-                num_layers=1,
-                num_heads=8,
-                relative_attention_num_buckets=8,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-                decoder_start_token_id=t5_tok.pad_token_id,
-            )
+        text_encoder_2 = t5_text_encoder(
+            t5_tok, d_model=denoiser["joint_attention_dim"], d_kv=64, d_ff=256, layers=1, heads=8
         )
-    finally:
-        torch.set_default_dtype(previous)
     built = time.perf_counter() - t0
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),

@@ -138,6 +138,50 @@ def build_t5_tokenizer() -> Any:
     return tok
 
 
+def clip_text_encoder(
+    tok: Any, *, hidden: int, intermediate: int, layers: int, heads: int, **extra: Any
+) -> Any:
+    """A CLIP text encoder for the in-memory CLIP tokenizer, random weights (seed first)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **extra,
+        )
+    )
+
+
+def t5_text_encoder(
+    tok: Any, *, d_model: int, d_kv: int, d_ff: int, layers: int, heads: int
+) -> Any:
+    """A T5 encoder for the in-memory T5 tokenizer, random weights (seed first)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok),
+            d_model=d_model,
+            d_kv=d_kv,
+            d_ff=d_ff,
+            num_layers=layers,
+            num_heads=heads,
+            relative_attention_num_buckets=8,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.pad_token_id,
+        )
+    )
+
+
 def build_pipeline(seed: int = 0) -> Any:
     """Build the embedded Flux pipeline in memory with deterministic random weights (fp32)."""
     import torch
@@ -147,7 +191,6 @@ def build_pipeline(seed: int = 0) -> Any:
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()
@@ -156,35 +199,11 @@ def build_pipeline(seed: int = 0) -> Any:
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**VAE_CONFIG)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-            projection_dim=128,
-        )
+    text_encoder = clip_text_encoder(
+        clip_tok, hidden=128, intermediate=256, layers=2, heads=4, projection_dim=128
     )
     torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=128,
-            d_kv=32,
-            d_ff=256,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    )
+    text_encoder_2 = t5_text_encoder(t5_tok, d_model=128, d_kv=32, d_ff=256, layers=2, heads=4)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0, use_dynamic_shifting=False, base_image_seq_len=64, max_image_seq_len=1024
     )
