@@ -43,7 +43,6 @@ class Lanes:
             torch.set_num_threads(threads)
             ready.wait()
 
-        self.count = count
         self._pool = ThreadPoolExecutor(count, thread_name_prefix="qds-lane", initializer=pin)
         for _ in range(count):
             self._pool.submit(lambda: None)
@@ -61,7 +60,11 @@ class Lanes:
                 cls._pools[(count, threads)] = cls(count, threads)
             return cls._pools[(count, threads)]
 
-    def run(self, steps: Sequence[Callable[[], list[Any]]], classify: Any) -> list[LaneResult]:
+    def run(
+        self,
+        steps: Sequence[Callable[[], list[Any]]],
+        classify: Callable[[Exception], tuple[str | None, str | None]],
+    ) -> list[LaneResult]:
         """Run each step on a lane; errors come back as text (`classify`), never raised, so
         no failed call's frames (and tensors) outlive the lane."""
 

@@ -126,15 +126,23 @@ def test_client_gone_before_start_costs_no_compute(limited: Server) -> None:
         gate.event.set()
 
 
+def _one_running_one_queued(
+    server: Server, gate: Gate, pool: ThreadPoolExecutor
+) -> tuple[Future, Future]:
+    """Request a held inside its step by `gate`, request b queued behind it (max_batch 1)."""
+    server.qds.scheduler.before_batch = gate
+    running = pool.submit(_post, server, {"prompt": "a", "seed": 1})
+    wait_for(lambda: gate.arrived == 1)
+    queued = pool.submit(_post, server, {"prompt": "b", "seed": 2})
+    wait_for(lambda: server.qds.queue_depth() == 1)
+    return running, queued
+
+
 def test_graceful_shutdown_finishes_running_and_queued(cache_dir: Path) -> None:
     gate = Gate()
     with running_server(cache_dir, max_queue=4, max_batch=1) as server:
-        server.qds.scheduler.before_batch = gate
         pool = ThreadPoolExecutor(2)
-        running = pool.submit(_post, server, {"prompt": "a", "seed": 1})
-        wait_for(lambda: gate.arrived == 1)
-        queued = pool.submit(_post, server, {"prompt": "b", "seed": 2})
-        wait_for(lambda: server.qds.queue_depth() == 1)
+        running, queued = _one_running_one_queued(server, gate, pool)
         server.server.should_exit = True  # what SIGTERM does
         # Stopped accepting: new connections are refused.
         wait_for(lambda: _refused(server.url))
@@ -152,12 +160,8 @@ def test_requests_unfinished_at_the_shutdown_deadline_get_a_json_503(cache_dir: 
     writes a plain-text 500; service.server answers those requests first with a 503."""
     gate = Gate()  # never opened before the deadline: the running request cannot finish
     with running_server(cache_dir, max_queue=4, max_batch=1, shutdown_timeout=1.5) as server:
-        server.qds.scheduler.before_batch = gate
         pool = ThreadPoolExecutor(2)
-        running = pool.submit(_post, server, {"prompt": "a", "seed": 1})
-        wait_for(lambda: gate.arrived == 1)
-        queued = pool.submit(_post, server, {"prompt": "b", "seed": 2})
-        wait_for(lambda: server.qds.queue_depth() == 1)
+        running, queued = _one_running_one_queued(server, gate, pool)
         stop = time.monotonic()
         server.server.should_exit = True  # what SIGTERM does
         answers = [running.result(30), queued.result(30)]
