@@ -242,8 +242,8 @@ class Scheduler:
             target = next((r for r in same if r.batch.can_join(job.request)), None)
             if target is None:
                 # With lanes, a kind's batches each fill to their share before another opens:
-                # opening lanes early (two batches of ~2 at concurrency 4) served 0.89x
-                # LitServe's batch of 4 on both threads (bench peer, 2-core CPU).
+                # opening lanes early (two batches of ~2 at concurrency 4) lost to LitServe's
+                # batch of 4 on both threads in a bench peer run (2-core CPU; issue 11's note).
                 if same and len(same) >= self._lanes_for(job) and job.images <= self.max_batch:
                     continue  # its kind runs but is full: join when a sample leaves
                 if len(self.running) >= self.max_running:
