@@ -22,11 +22,12 @@ server not being measured paused (SIGSTOP), so drift on shared CPUs hits both al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ TABLES = ("defaults", "pinned", "equal-batch")
 LITSERVE_MAX_BATCH = 4
 LITSERVE_BATCH_TIMEOUT_S = 0.025
 SERVERS = ("qdserve", "litserve")
+# The third contender at concurrency 1: a direct batch-1 call in the bench process.
+DIRECT = "direct"
 # Enough requests that a level always ends by time (`--seconds`), never by count.
 UNBOUNDED = 10**9
 
@@ -235,29 +238,55 @@ def same_requests(
 
 
 def interleave(
-    servers: dict[str, Server], opts: PeerOptions
+    servers: dict[str, Server], opts: PeerOptions, lone: Callable[[int], Any] | None = None
 ) -> dict[str, dict[str, list[LoadResult]]]:
-    """For each level and round, each server in turn (order alternating), the other paused."""
+    """For each level and round, each contender in turn (the order rotating), the others
+    paused. `lone` (one direct batch-1 pipeline call for a seed) is a third contender at
+    concurrency 1, timed in the same rounds: a lone request's latency against a direct call
+    taken at the same moment, not minutes later on a machine that drifts."""
     results: dict[str, dict[str, list[LoadResult]]] = {n: {} for n in servers}
-    names = list(servers)
+    if lone is not None:
+        results[DIRECT] = {}
     try:
         for conc in opts.concurrency:
-            for rnd in range(opts.rounds):
-                for name in names if rnd % 2 == 0 else names[::-1]:
-                    for other in names:
-                        if other != name:
-                            servers[other].pause()
-                    servers[name].resume()
-                    url = servers[name].base_url + GEN_PATH
+            names = list(servers) + ([DIRECT] if lone is not None and conc == 1 else [])
+            for rnd in range(opts.rounds if names else 0):
+                shift = rnd % len(names)
+                for name in names[shift:] + names[:shift]:
+                    for server in servers.values():
+                        server.pause()
                     body = same_requests(opts, rnd, conc)
-                    run_load(url, body, conc, conc)  # untimed warm-up at this concurrency
-                    res = run_load(url, body, conc, UNBOUNDED, max_seconds=opts.seconds)
+                    if name == DIRECT:
+                        assert lone is not None
+                        res = timed_calls(lone, body, opts.seconds)
+                    else:
+                        servers[name].resume()
+                        url = servers[name].base_url + GEN_PATH
+                        run_load(url, body, conc, conc)  # untimed warm-up at this concurrency
+                        res = run_load(url, body, conc, UNBOUNDED, max_seconds=opts.seconds)
+                        servers[name].pause()
                     results[name].setdefault(str(conc), []).append(res)
-                    servers[name].pause()
     finally:
         for server in servers.values():
             server.resume()
     return results
+
+
+def timed_calls(
+    call: Callable[[int], Any], body: Callable[[int], dict[str, Any]], seconds: float
+) -> LoadResult:
+    """`call(seed)` back to back for `seconds` with the seeds of the servers' requests
+    (`body`), after one untimed call: a concurrency-1 load without HTTP."""
+    call(int(body(0)["seed"]))
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        call(int(body(len(latencies))["seed"]))
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - start
+    n = len(latencies)
+    return LoadResult(1, n, n, {}, wall, latencies, [])
 
 
 def merge(results: list[LoadResult]) -> dict[str, Any]:
@@ -304,35 +333,42 @@ def server_info(server: Server) -> dict[str, Any]:
 
 
 # -- the ceiling ---------------------------------------------------------------------------
+def direct_request(opts: PeerOptions, seed: int) -> Any:
+    """The request both servers get for `seed`, as a direct call takes it."""
+    from quantization.generate import GenerationRequest
+
+    return GenerationRequest(
+        PROMPT, seed=seed, width=opts.side, height=opts.side, num_inference_steps=opts.steps
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def direct_calls(
     loaded: Any, threads: int, opts: PeerOptions, qdserve_batch: int
 ) -> dict[str, Any]:
     """A direct in-process pipeline call at batch 1, 4 (LitServe's example) and qdserve's
     batch limit on this device with `threads` torch threads (servers stopped meanwhile): the
     most a server batching that far could serve on this machine."""
-    import torch
+    from quantization.generate import generate_batch
 
-    from quantization.generate import GenerationRequest, generate_batch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     out: dict[str, Any] = {}
-    try:
+    with torch_threads(threads):
         for batch in sorted({1, LITSERVE_MAX_BATCH, qdserve_batch}):
 
             def call(seed: int, batch: int = batch) -> Any:
                 return generate_batch(
-                    loaded,
-                    [
-                        GenerationRequest(
-                            PROMPT,
-                            seed=seed + j,
-                            width=opts.side,
-                            height=opts.side,
-                            num_inference_steps=opts.steps,
-                        )
-                        for j in range(batch)
-                    ],
+                    loaded, [direct_request(opts, seed + j) for j in range(batch)]
                 )
 
             warm = call(0)[0].images[0]
@@ -350,9 +386,19 @@ def direct_calls(
             }
             if batch == 1:
                 out["1"]["png_b64_seconds"] = answer_encoding_seconds(warm)
-    finally:
-        torch.set_num_threads(previous)
     return out
+
+
+def lone_direct_call(loaded: Any, threads: int, opts: PeerOptions) -> Callable[[int], Any]:
+    """One direct batch-1 call for a seed, at `threads` torch threads: the third contender of
+    the concurrency-1 rounds (`interleave`)."""
+    from quantization.generate import generate_batch
+
+    def call(seed: int) -> Any:
+        with torch_threads(threads):
+            return generate_batch(loaded, [direct_request(opts, seed)])
+
+    return call
 
 
 def answer_encoding_seconds(image: Any, repeats: int = 5) -> float:
@@ -387,9 +433,11 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
     write_json(settings_path, settings.model_dump(mode="json"))
     device = resolve_device(settings.device)
     qdserve_batch = batch_limit("auto", device)
-    # Loaded after the first table's servers have stopped: on a GPU a third copy of a
-    # real-size denoiser beside the two servers' would not fit an 80 GB card.
-    loaded = None
+    # On a CPU the bench's own copy is loaded first, so a direct call runs in the same rounds
+    # as the servers at concurrency 1. On a GPU it is loaded after the first table's servers
+    # have stopped: a third copy of a real-size denoiser beside theirs would not fit an 80 GB
+    # card, so there the direct calls come after the servers' rounds.
+    loaded = load_pipeline(settings) if device == "cpu" else None
     tables: dict[str, Any] = {}
     for table in opts.tables:
         threads = table_threads(table, opts.pinned_threads)
@@ -398,17 +446,21 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         servers = start_servers(
             settings, settings_path, threads, work / "logs", table, litserve_max
         )
+        lone = lone_direct_call(loaded, direct_threads, opts) if loaded is not None else None
         try:
-            raw = interleave(servers, opts)
+            raw = interleave(servers, opts, lone)
             info = {name: server_info(s) for name, s in servers.items()}
         finally:
             for server in servers.values():
                 server.stop()
+        lone_rounds = raw.pop(DIRECT, {}).get("1")
         levels = {
             name: {c: merge(rs) for c, rs in by_level.items()} for name, by_level in raw.items()
         }
         loaded = loaded or load_pipeline(settings)
         direct = direct_calls(loaded, direct_threads, opts, qdserve_batch)
+        if lone_rounds:
+            direct["1"]["in_rounds"] = merge(lone_rounds)
         tables[table] = {
             "torch_threads": {
                 "qdserve": f"torch default ({default_threads})" if threads is None else threads,
@@ -453,10 +505,19 @@ def ratios(levels: dict[str, dict[str, Any]], direct: dict[str, Any]) -> dict[st
             "p99_qdserve_over_litserve": ratio(q_lat.get("p99"), p_lat.get("p99")),
         }
         if conc == "1":
-            call = direct["1"]["seconds_per_call"]["p50"]
+            call = lone_p50(direct["1"])
             out[conc]["p50_qdserve_over_direct_batch1"] = ratio(q_lat.get("p50"), call)
             out[conc]["p50_litserve_over_direct_batch1"] = ratio(p_lat.get("p50"), call)
     return out
+
+
+def lone_p50(direct1: dict[str, Any]) -> float:
+    """A lone request's yardstick: the direct batch-1 call timed in the concurrency-1 rounds
+    where there is one (CPU), else the one timed after the servers (GPU, older reports)."""
+    rounds = direct1.get("in_rounds")
+    if rounds and rounds.get("latency_seconds"):
+        return rounds["latency_seconds"]["p50"]
+    return direct1["seconds_per_call"]["p50"]
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -489,6 +550,21 @@ def table_rows(t: dict[str, Any]) -> list[list[str]]:
                     fmt(r.get("mean_batch_images"), 2),
                 ]
             )
+    lone = t["direct"].get("1", {}).get("in_rounds")
+    if lone:
+        lat = lone["latency_seconds"] or {}
+        rows.append(
+            [
+                "direct pipeline call, batch 1, in the concurrency-1 rounds",
+                "1",
+                str(lone["ok"]),
+                "0",
+                fmt(lone["images_per_second"], 2),
+                _ms(lat.get("p50")),
+                _ms(lat.get("p99")),
+                "1",
+            ]
+        )
     for batch, d in t["direct"].items():
         s = d["seconds_per_call"]
         rows.append(
@@ -567,7 +643,15 @@ def render(data: dict[str, Any]) -> str:
         "(`torch.set_num_threads` only in the pinned table).\n"
         "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP, at "
         f"batch 1, {LITSERVE_MAX_BATCH} and qdserve's `QDS_MAX_BATCH` ({auto}), with the "
-        "table's thread count: the ceiling of a server batching that far.",
+        "table's thread count, after the servers have stopped: the ceiling of a server "
+        "batching that far."
+        + (
+            " At batch 1 it is also a third contender in the concurrency-1 rounds (same "
+            "seconds, same seeds, both servers paused): `p50 qdserve / direct batch 1` "
+            "compares with that one."
+            if any(t["direct"].get("1", {}).get("in_rounds") for t in data["tables"].values())
+            else ""
+        ),
         f"Device: {device['kind']} ({device['name']}).",
         f"Both servers load the same pipeline folder (`{data['model_folder']}`) with the same "
         f"quantization (`{variant}`) and get the same requests (OpenAI images JSON, b64 PNG, "

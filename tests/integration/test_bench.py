@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,24 @@ def test_peer_report_says_where_a_lone_requests_time_went() -> None:
     assert own.startswith("qdserve's own timings at concurrency 1 (mean): queue 0.4 ms, ")
     assert "inference 735.1 ms, encode 56.2 ms;" in own
     assert time_notes({"direct": {}, "levels": {"qdserve": {}}}) == []
+
+
+def test_the_direct_call_is_a_third_contender_of_the_concurrency_1_rounds_only() -> None:
+    """On a CPU a lone request is compared with a direct call timed in the same rounds, with
+    the servers' seeds; the ratio and the table use that one, not the call timed afterwards."""
+    from benchmarks.peer import DIRECT, PeerOptions, interleave, lone_p50, merge, same_requests
+
+    seeds: list[int] = []
+    opts = PeerOptions(rounds=2, seconds=0.05, concurrency=(1, 4))
+    raw = interleave({}, opts, lambda seed: seeds.append(seed) or time.sleep(0.01))
+    assert list(raw) == [DIRECT] and list(raw[DIRECT]) == ["1"]  # not at concurrency 4
+    rounds = raw[DIRECT]["1"]
+    assert len(rounds) == 2 and all(r.ok >= 2 and not r.errors for r in rounds)
+    # The untimed first call and the timed ones take the servers' seeds of that round.
+    first = [same_requests(opts, rnd, 1)(i)["seed"] for rnd in (0, 1) for i in (0, 1)]
+    assert seeds[:3] == [first[0], *first[:2]] and first[2] in seeds
+    merged = merge(rounds)
+    assert merged["latency_seconds"]["p50"] == pytest.approx(0.01, abs=0.01)
+    later = {"seconds_per_call": {"p50": 9.0}}
+    assert lone_p50({**later, "in_rounds": merged}) == merged["latency_seconds"]["p50"]
+    assert lone_p50(later) == 9.0  # a GPU run or an older report
