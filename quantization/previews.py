@@ -51,8 +51,11 @@ class LatentRGB:
         import torch
 
         self.channels = channels
-        self.xtx = torch.zeros(channels + 1, channels + 1, dtype=torch.float64)
-        self.xty = torch.zeros(channels + 1, 3, dtype=torch.float64)
+        # Ordinary tensors even when first made under the engine's inference_mode: they are
+        # added to in place, which an inference tensor refuses outside that mode.
+        with torch.inference_mode(False):
+            self.xtx = torch.zeros(channels + 1, channels + 1, dtype=torch.float64)
+            self.xty = torch.zeros(channels + 1, 3, dtype=torch.float64)
         self.pixels = 0
         self.weight: torch.Tensor | None = None  # (channels + 1, 3), the last row the bias
 

@@ -29,7 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from quantization.generate import GenerationRequest, GenerationResult, image_seeds, resolve
+from quantization.generate import (
+    GenerationRequest,
+    GenerationResult,
+    grad_mode,
+    image_seeds,
+    resolve,
+)
 from quantization.previews import flux_preview, observe_decode
 from quantization.token_usage import count_usage
 
@@ -238,7 +244,7 @@ class StepBatch:
         device = self._device
         texts = [r.prompt for _, r in items]
         texts += [r.negative_prompt for _, r in items if r.negative_prompt is not None]
-        with torch.no_grad():
+        with grad_mode(self.loaded):
             encoded = self._encode(list(dict.fromkeys(texts)))
             encode_seconds = time.perf_counter() - added
             for job_id, req in items:
@@ -328,7 +334,7 @@ class StepBatch:
             return []
         jobs = list(self._jobs.values())
         start = time.perf_counter()
-        with torch.no_grad():
+        with grad_mode(self.loaded):
             noise_pred = self._velocity(jobs)
             finished: list[_Job] = []
             offset = 0
@@ -373,7 +379,7 @@ class StepBatch:
         import torch
 
         job = self._jobs[job_id]
-        with torch.no_grad():
+        with grad_mode(self.loaded):
             if job.velocity is None:
                 x0 = job.latents
             else:
@@ -536,7 +542,7 @@ class StepBatch:
     def _finish(self, finished: list[_Job]) -> list[tuple[str, GenerationResult]]:
         import torch
 
-        with torch.no_grad():
+        with grad_mode(self.loaded):
             # ONE VAE decode for every request that finished at this step: they share the
             # batch's step key (same size), and on the demo model 8 single-image decodes cost
             # 36 ms vs 23 ms for one of 8 (about 3% of a batch). A decoded row then depends on

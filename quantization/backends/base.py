@@ -198,6 +198,15 @@ class QuantBackend:
         """The quant type recorded in a saved `quantization_config`, when it says."""
         return None
 
+    # --- running ------------------------------------------------------------------------------
+
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        """Whether this backend's kernels run under `torch.inference_mode` (the engine then
+        uses it instead of `no_grad`: less autograd bookkeeping per op). Off unless checked for
+        the backend (tests/backends/test_grad_mode.py runs each CPU one both ways): a kernel
+        that sets a tensor's version counter fails there."""
+        return False
+
     # --- LoRA adapters ---------------------------------------------------------------------
 
     def lora_unsupported_reason(self, quant_type: str | None) -> str | None:

@@ -37,6 +37,9 @@ class GGUFBackend(QuantBackend):
         "BF16": 16.0,
     }
 
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        return True  # dequantizes per forward into fresh tensors
+
     def validate_artifacts(self, settings: QuantSettings) -> None:
         if settings.gguf_file is None:
             raise ValueError(

@@ -16,6 +16,9 @@ class NoneBackend(QuantBackend):
     quantizes = False
     bits: ClassVar[dict[str, float]] = {}
 
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        return True
+
     def validate_settings(self, settings: QuantSettings) -> None:
         # Any quant type and component list is moot, and other backends' options (such as
         # QDS_GGUF_FILE) may be set so that requests can ask for those variants while the

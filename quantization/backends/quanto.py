@@ -38,6 +38,11 @@ class QuantoBackend(QuantBackend):
             modules_to_not_convert=list(req.modules_to_not_convert) or None,
         )
 
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        # int4/int2 weights set version counters in their kernels, which inference tensors
+        # refuse ("Cannot set version_counter for inference tensor", optimum-quanto 0.2.7).
+        return quant_type not in ("int4", "int2")
+
     def lora_unsupported_reason(self, quant_type: str | None) -> str | None:
         # Measured for every quanto type by benchmarks/lora.py (docs/benchmarks/lora.md).
         return (

@@ -38,6 +38,9 @@ class SDNQBackend(QuantBackend):
     default_quant_type = "int8"
     bits: ClassVar[dict[str, float]] = dict(SDNQ_TYPES)
 
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        return True  # every type checked on CPU (eager kernels)
+
     def _eager_on_cpu(self, device: str | None) -> None:
         if device is not None and not device.startswith("cuda"):
             # sdnq reads this once, at import: set it before diffusers imports sdnq.

@@ -55,6 +55,10 @@ class TorchAoBackend(QuantBackend):
             return "torchao int4wo needs the mslk kernel package (pip install mslk>=1.0)"
         return reason
 
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        # The types that run on CPU, checked there; the CUDA-only ones unchecked.
+        return quant_type not in self.cuda_only_types
+
     def safe_serialization(self, quant_type: str | None) -> bool:
         # torchao tensor subclasses are not safetensors-serializable in diffusers 0.42.
         return False

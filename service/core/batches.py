@@ -19,7 +19,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from quantization import edit
-from quantization.generate import GenerationRequest, GenerationResult, batch_key, generate_batch
+from quantization.generate import (
+    GenerationRequest,
+    GenerationResult,
+    batch_key,
+    generate_batch,
+    grad_mode,
+)
 
 if TYPE_CHECKING:
     from quantization.loader import LoadedPipeline
@@ -125,7 +131,8 @@ class WholeCallBatch:
                 raise _Aborted
 
         try:
-            results = self._run([self._jobs[j] for j in ids], on_step)
+            with grad_mode(self.loaded):
+                results = self._run([self._jobs[j] for j in ids], on_step)
         except _Aborted:
             results = []
         done = [(j, r) for j, r in zip(ids, results, strict=False) if j not in self._removed]

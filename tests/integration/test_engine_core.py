@@ -75,6 +75,7 @@ class FakeLoaded:
     load_seconds: float = 0.0
     storage_bytes: int = 1000
     pipeline: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
     released: bool = False
 
     def release(self) -> None:

@@ -1,0 +1,94 @@
+"""`allows_inference_mode` is a measured fact per backend: each CPU variant runs one step-loop
+request under `torch.inference_mode`, and the engine's step batches use it where allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantization.backends import get_backend, registered
+
+# (backend, quant type) that run on this CPU; gguf needs a converted file (its engine tests
+# run it through grad_mode).
+CPU_VARIANTS = [
+    ("none", None),
+    ("quanto", "int8"),
+    ("quanto", "int4"),
+    ("torchao", "int8wo"),
+    ("sdnq", "int8"),
+]
+
+
+@pytest.mark.parametrize(("backend", "quant_type"), CPU_VARIANTS)
+def test_inference_mode_runs_exactly_where_the_backend_says_it_does(
+    backend: str, quant_type: str | None
+) -> None:
+    import torch
+
+    from quantization.generate import GenerationRequest, grad_mode, resolve
+    from quantization.loader import load_pipeline
+    from quantization.settings import QuantSettings
+    from quantization.stepping import StepBatch
+
+    pytest.importorskip(get_backend(backend).module or "torch")
+    loaded = load_pipeline(QuantSettings(quant_backend=backend, quant_type=quant_type))
+    req = resolve(
+        loaded.defaults,
+        GenerationRequest("a red circle", seed=3, width=32, height=32, num_inference_steps=2),
+    )
+
+    def run() -> None:
+        with torch.inference_mode():
+            batch = StepBatch(loaded)
+            batch.add("a", req)
+            while not batch.step():
+                pass
+
+    allowed = get_backend(backend).allows_inference_mode(quant_type)
+    if allowed:
+        run()
+    else:
+        with pytest.raises(RuntimeError, match="Cannot set version_counter for inference tensor"):
+            run()
+    # The engine's step batch picks the mode by itself, on any thread.
+    batch = StepBatch(loaded)
+    batch.add("a", req)
+    assert batch._jobs["a"].latents.is_inference() is allowed
+    with grad_mode(loaded):
+        assert torch.is_inference_mode_enabled() is allowed
+        assert not torch.is_grad_enabled()
+    assert batch.step() == [] and len(batch.step()) == 1
+
+
+def test_backends_not_checked_on_this_cpu_keep_no_grad() -> None:
+    """CUDA-only backends and types were never run under inference_mode here: they keep
+    no_grad until a GPU run checks them."""
+    off = {
+        (b.key, t)
+        for b in registered()
+        for t in (b.quant_types or (None,))
+        if not b().allows_inference_mode(t)
+    }
+    assert {("bitsandbytes_4bit", "nf4"), ("modelopt", "FP8"), ("torchao", "int4wo")} <= off
+    assert {("quanto", "int4"), ("quanto", "int2")} <= off
+    assert ("quanto", "int8") not in off and ("none", None) not in off
+
+
+def test_an_auto_plan_runs_in_inference_mode_only_if_every_choice_allows_it() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from quantization.generate import grad_mode
+
+    def loaded(*choices: tuple[str, str | None]) -> object:
+        components = {f"c{i}": {"backend": b, "quant_type": t} for i, (b, t) in enumerate(choices)}
+        return SimpleNamespace(
+            backend="auto", quant_type=None, extra={"plan": {"components": components}}
+        )
+
+    for choices, expected in (
+        ((("quanto", "int8"), ("none", None)), True),
+        ((("quanto", "int4"), ("torchao", "int8wo")), False),
+    ):
+        with grad_mode(loaded(*choices)):  # type: ignore[arg-type]
+            assert torch.is_inference_mode_enabled() is expected
