@@ -51,7 +51,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from service.settings import AUTO_MAX_BATCH_CPU, batch_limit
+from service.settings import AUTO_MAX_BATCH_CPU, batch_limit, lane_count
 
 GEN_PATH = "/v1/images/generations"
 TABLES = ("defaults", "pinned", "equal-batch")
@@ -163,6 +163,11 @@ def qdserve_env(settings: Any, threads: int | None) -> dict[str, str]:
     if threads:
         env["QDS_TORCH_THREADS"] = str(threads)
     return env
+
+
+def auto_batch(device: str, threads: int) -> int:
+    """qdserve's QDS_MAX_BATCH=auto on this device with this many torch threads (its lanes)."""
+    return batch_limit("auto", device, lane_count("auto", device, threads))
 
 
 def table_threads(table: str, pinned: int) -> int | None:
@@ -432,7 +437,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
     settings_path = work / "settings.json"
     write_json(settings_path, settings.model_dump(mode="json"))
     device = resolve_device(settings.device)
-    qdserve_batch = batch_limit("auto", device)
+    qdserve_batch = auto_batch(device, default_threads)
     # On a CPU the bench's own copy is loaded first, so a direct call runs in the same rounds
     # as the servers at concurrency 1. On a GPU it is loaded after the first table's servers
     # have stopped: a third copy of a real-size denoiser beside theirs would not fit an 80 GB
@@ -442,7 +447,9 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
     for table in opts.tables:
         threads = table_threads(table, opts.pinned_threads)
         direct_threads = default_threads if threads is None else threads
-        litserve_max = litserve_batch(table, qdserve_batch)
+        # The pinned table's one thread means one lane, so a smaller auto limit there.
+        table_batch = auto_batch(device, direct_threads)
+        litserve_max = litserve_batch(table, table_batch)
         servers = start_servers(
             settings, settings_path, threads, work / "logs", table, litserve_max
         )
@@ -458,7 +465,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
             name: {c: merge(rs) for c, rs in by_level.items()} for name, by_level in raw.items()
         }
         loaded = loaded or load_pipeline(settings)
-        direct = direct_calls(loaded, direct_threads, opts, qdserve_batch)
+        direct = direct_calls(loaded, direct_threads, opts, table_batch)
         if lone_rounds:
             direct["1"]["in_rounds"] = merge(lone_rounds)
         tables[table] = {
@@ -469,6 +476,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
             },
             "levels": levels,
             "litserve_max_batch": litserve_max,
+            "qdserve_auto_batch": table_batch,
             "direct": direct,
             "ratios": ratios(levels, direct),
             "servers": info,
@@ -642,7 +650,8 @@ def render(data: dict[str, Any]) -> str:
         f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
         "(`torch.set_num_threads` only in the pinned table).\n"
         "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP, at "
-        f"batch 1, {LITSERVE_MAX_BATCH} and qdserve's `QDS_MAX_BATCH` ({auto}), with the "
+        f"batch 1, {LITSERVE_MAX_BATCH} and qdserve's `QDS_MAX_BATCH` ({auto}; a table says "
+        "its own where it differs), with the "
         "table's thread count, after the servers have stopped: the ceiling of a server "
         "batching that far."
         + (
@@ -668,7 +677,9 @@ def render(data: dict[str, Any]) -> str:
             f"torch threads: qdserve {threads['qdserve']}, litserve {threads['litserve']}, "
             f"direct call {threads['direct']}. LitServe max_batch_size "
             f"{t.get('litserve_max_batch', peer['max_batch_size'])}; qdserve "
-            f"`QDS_MAX_BATCH` at its default ({auto}).",
+            f"`QDS_MAX_BATCH` at its default (auto: "
+            f"{t.get('qdserve_auto_batch', data.get('qdserve_auto_batch', AUTO_MAX_BATCH_CPU))}"
+            f" on {device['kind']}).",
             md_table(HEADER, table_rows(t)),
             *time_notes(t),
             "Ratios (qdserve / litserve: img/s > 1 and latency < 1 favour qdserve):",

@@ -506,7 +506,7 @@ def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
         "QDS_MAX_BATCH=4": spec("qdserve-batch-4", "4"),
     }
     if not quick:
-        name = f"default (QDS_MAX_BATCH=auto: {AUTO_MAX_BATCH_CPU} on CPU)"
+        name = f"default (QDS_MAX_BATCH=auto: {AUTO_MAX_BATCH_CPU} per lane on CPU)"
         specs[name] = spec("qdserve-batch-auto", "auto")
     with _servers(specs, log_dir) as srv:
         res = _interleave(srv, levels, rounds=2)

@@ -130,11 +130,12 @@ class ServiceState:
         # resolved for its device, so the engine and the queue estimate agree on one number.
         device = resolve_device(self.quant.device)
         threads = self.settings.torch_threads or torch_default_threads()
+        lanes = lane_count(self.settings.engine_lanes, device, threads)
         engine_settings = self.settings.model_copy(
             update={
                 "api_keys": [],
-                "max_batch": batch_limit(self.settings.max_batch, device),
-                "engine_lanes": lane_count(self.settings.engine_lanes, device, threads),
+                "max_batch": batch_limit(self.settings.max_batch, device, lanes),
+                "engine_lanes": lanes,
             }
         )
         self.engine = EngineClient(

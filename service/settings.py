@@ -106,8 +106,8 @@ class ServiceSettings(BaseSettings):
         default="auto",
         description="Most images denoised together: requests join a running batch at the next "
         "step (no batching window); 1 turns batching off; with lanes each batch takes its share. "
-        "auto: 8 on CPU (docs/benchmarks/batch-size.md: within 8% of the best measured on the "
-        "demo model, at a shorter wait per request), 4 on a GPU (large images already fill a "
+        "auto: 8 per engine lane on CPU (16 with the default 2 lanes; "
+        "docs/benchmarks/batch-size.md), 4 on a GPU (large images already fill a "
         "GPU at batch 1, and a bigger batch needs more memory; not swept there).",
     )
     engine_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
@@ -221,9 +221,10 @@ class ServiceSettings(BaseSettings):
         return value
 
 
-# The `auto` batch limits: CPU from docs/benchmarks/batch-size.md (img/s peaked at 8 in its
-# first run; the run with lanes has 12-16 up to 8% faster per image, each request waiting
-# longer); the accelerator value is the earlier default (the H200 peer run used it, no sweep).
+# The `auto` batch limits: on a CPU 8 images per lane (docs/benchmarks/batch-size.md: one
+# batch peaked at 8-12; two lanes of 8 were the fastest row with lanes; at concurrency 16 two
+# lanes of 8 beat two of 4 with 8 queued for quanto int8, docs/benchmarks/peer-quanto-int8.md);
+# the accelerator value is the earlier default (the H200 peer run used it, no sweep).
 AUTO_MAX_BATCH_CPU = 8
 AUTO_MAX_BATCH_ACCELERATOR = 4
 
@@ -238,8 +239,9 @@ def lane_count(lanes: int | Literal["auto"], device: str, torch_threads: int) ->
     return AUTO_LANES_CPU if device == "cpu" and torch_threads >= AUTO_LANES_CPU else 1
 
 
-def batch_limit(max_batch: int | Literal["auto"], device: str) -> int:
-    """QDS_MAX_BATCH resolved for the engine's device (`cpu`, `cuda`, `cuda:N`)."""
+def batch_limit(max_batch: int | Literal["auto"], device: str, lanes: int = 1) -> int:
+    """QDS_MAX_BATCH resolved for the engine's device (`cpu`, `cuda`, `cuda:N`) and its
+    resolved lane count: auto is 8 per lane on a CPU."""
     if max_batch != "auto":
         return int(max_batch)
-    return AUTO_MAX_BATCH_CPU if device == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
+    return AUTO_MAX_BATCH_CPU * lanes if device == "cpu" else AUTO_MAX_BATCH_ACCELERATOR

@@ -54,6 +54,8 @@ log = logging.getLogger("qdserve.scheduler")
 
 # Batches of different kinds stepping in turn; more kinds wait in the queue.
 MAX_RUNNING_BATCHES = 4
+# With lanes, the images a kind's batch takes before the next lane opens (`Scheduler._pick`).
+LANE_FILL = 4
 
 BatchFactory = Callable[..., Batch]
 KindOf = Callable[["LoadedPipeline", "GenerationRequest"], tuple[Any, ...]]
@@ -239,18 +241,35 @@ class Scheduler:
                 self._fail(job, "internal", f"{type(exc).__name__}: {exc}")
                 continue
             same = [r for r in self.running if r.key == job.key and r.kind == kind]
-            target = next((r for r in same if r.batch.can_join(job.request)), None)
+            can_open = len(same) < self._lanes_for(job) and len(self.running) < self.max_running
+            target = self._pick(same, job, can_open)
             if target is None:
-                # With lanes, a kind's batches each fill to their share before another opens:
-                # opening lanes early (two batches of ~2 at concurrency 4) lost to LitServe's
-                # batch of 4 on both threads in a bench peer run (2-core CPU; issue 11's note).
-                if same and len(same) >= self._lanes_for(job) and job.images <= self.max_batch:
+                if same and not can_open and job.images <= self.max_batch:
                     continue  # its kind runs but is full: join when a sample leaves
                 if len(self.running) >= self.max_running:
                     continue
                 target = Running(job.key, kind, self._new_batch(job))
                 self.running.append(target)
             self._join(target, job, now)
+
+    def _pick(self, same: list[Running], job: Job, can_open: bool) -> Running | None:
+        """The running batch of its kind a job joins (None: open a new one, or wait).
+
+        Without lanes, the kind's batch while it has room. With lanes, a batch still under
+        `LANE_FILL` images first; then a new lane while one is free; then the emptiest batch
+        with room. Opening lanes before a batch holds 4 (two batches of ~2 at concurrency 4)
+        lost to LitServe's batch of 4 on both threads in a bench peer run (2-core CPU; issue
+        11's note); past 4, two half-full lanes beat one full one (bench batch-size).
+        """
+        room = [r for r in same if r.batch.can_join(job.request)]
+        if self._lanes_for(job) == 1:
+            return room[0] if room else None
+        under = [r for r in room if len(r.batch) < LANE_FILL]
+        if under:
+            return under[0]
+        if can_open:
+            return None
+        return min(room, key=lambda r: len(r.batch), default=None)
 
     def _new_batch(self, job: Job) -> Batch:
         key = job.key

@@ -135,3 +135,39 @@ def test_a_failing_lane_fails_only_its_batch(lanes_engine) -> None:
     assert h.finished("b").result.width == 16
     h.submit("after", prompt="a red circle")
     assert isinstance(h.finished("after"), m.Finished)
+
+
+def test_with_lanes_a_batch_takes_4_then_a_lane_opens_then_the_emptiest_batch_fills() -> None:
+    """The admission order at the CPU default (16 images, 2 lanes of up to 8): concurrency 4
+    runs one batch of 4 on both threads, 8 two of 4, 16 two of 8."""
+    from types import SimpleNamespace
+
+    from service.core.scheduler import LANE_FILL, Running, Scheduler
+
+    class Stub:
+        def __init__(self, images: int, cap: int = 8) -> None:
+            self.images, self.cap = images, cap
+
+        def __len__(self) -> int:
+            return self.images
+
+        def can_join(self, _req: object) -> bool:
+            return self.images < self.cap
+
+    scheduler = Scheduler(max_batch=16, emit=lambda _e: None, lanes=2)
+    job = SimpleNamespace(request=None)
+
+    def pick(sizes: list[int], can_open: bool, lanes: int = 2) -> int | None:
+        scheduler._lanes_for = lambda _job: lanes  # type: ignore[method-assign]
+        runs = [Running("k", ("kind",), Stub(n)) for n in sizes]  # type: ignore[arg-type]
+        chosen = scheduler._pick(runs, job, can_open)  # type: ignore[arg-type]
+        return None if chosen is None else len(chosen.batch)
+
+    assert LANE_FILL == 4
+    assert pick([3], can_open=True) == 3  # under 4: join it
+    assert pick([4], can_open=True) is None  # 4 taken: open the second lane
+    assert pick([4, 2], can_open=False) == 2  # the second lane fills to 4 too
+    assert pick([6, 5], can_open=False) == 5  # then the emptiest batch with room
+    assert pick([8, 8], can_open=False) is None  # both full: wait for a sample to leave
+    assert pick([4], can_open=False) == 4  # no lane free: the batch grows past 4
+    assert pick([7], can_open=True, lanes=1) == 7 and pick([8], True, lanes=1) is None

@@ -129,8 +129,10 @@ def test_cli_serve_refuses_bad_env_before_binding() -> None:
 
 def test_max_batch_auto_resolves_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServiceSettings().max_batch == "auto"
-    assert batch_limit("auto", "cpu") == 8  # measured best on CPU (docs/benchmarks/batch-size.md)
-    assert batch_limit("auto", "cuda") == batch_limit("auto", "cuda:1") == 4
+    # 8 per engine lane on CPU (docs/benchmarks/batch-size.md), 4 on a GPU (one lane there).
+    assert batch_limit("auto", "cpu") == 8 and batch_limit("auto", "cpu", 2) == 16
+    assert batch_limit("auto", "cuda") == batch_limit("auto", "cuda:1", 1) == 4
+    assert batch_limit(5, "cpu", 2) == 5
     monkeypatch.setenv("QDS_MAX_BATCH", "3")
     assert batch_limit(ServiceSettings().max_batch, "cpu") == 3
     monkeypatch.setenv("QDS_MAX_BATCH", "0")
