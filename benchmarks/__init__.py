@@ -4,7 +4,7 @@ Not part of the installed package: run from a qdserve checkout (`--out` picks an
 
 Subcommands: matrix, overhead, load, peer, batch-size, batching, compile, gpu-report,
 streaming, quality, lora, all. `all` clears docs/benchmarks/ (keeping the recorded GPU runs,
-`gpu-h200-run*/`) and regenerates everything.
+`gpu-h*-run*/`, `peer-nvidia-*`) and regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from benchmarks.common import DEFAULT_OUT
 
 # Measured on a lent GPU, not reproducible on the CPU machines: `bench all` keeps them.
-KEEP_PREFIX = ("gpu-h200-run", "peer-nvidia-")
+KEEP_PREFIX = ("gpu-h200-run", "gpu-h100-run", "peer-nvidia-")
 
 
 def _matrix(argv: list[str], out: Path, quick: bool) -> Any:

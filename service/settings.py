@@ -113,8 +113,9 @@ class ServiceSettings(BaseSettings):
     engine_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default="auto",
         description="Step batches of one model denoised at the same time, each on its own "
-        "thread with an even share of the torch threads; each fills to its share of "
-        "QDS_MAX_BATCH before the next opens, and a batch running alone keeps every thread. "
+        "thread with an even share of the torch threads; a batch takes 4 images before the next "
+        "lane opens, then the emptiest fills up to its share of QDS_MAX_BATCH; a batch running "
+        "alone keeps every thread. "
         "auto: 2 on a CPU with 2 or more torch threads (docs/benchmarks/batch-size.md: two "
         "half batches at once against one batch on every thread), 1 on a GPU (one CUDA "
         "stream; not measured there).",

@@ -21,6 +21,9 @@ class BitsAndBytes4Bit(QuantBackend):
     order = 10
     bits: ClassVar[dict[str, float]] = {"nf4": 4.0, "fp4": 4.0}
 
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        return True  # measured on an H100 (docs/benchmarks/gpu-h100-run5/bnb_inference_mode.log)
+
     def matches_quant_method(self, quant_method: str, component_config: dict[str, Any]) -> bool:
         # diffusers and transformers both save `quant_method: "bitsandbytes"` for 4 and 8 bit.
         return quant_method == "bitsandbytes" and bool(component_config.get("load_in_4bit"))
@@ -56,6 +59,9 @@ class BitsAndBytes8Bit(QuantBackend):
     alternatives = _NO_GPU
     order = 11
     bits: ClassVar[dict[str, float]] = {"int8": 8.0}
+
+    def allows_inference_mode(self, quant_type: str | None) -> bool:
+        return True  # measured on an H100 (docs/benchmarks/gpu-h100-run5/bnb_inference_mode.log)
 
     def matches_quant_method(self, quant_method: str, component_config: dict[str, Any]) -> bool:
         return quant_method == "bitsandbytes" and bool(component_config.get("load_in_8bit"))

@@ -32,11 +32,14 @@ Choices, and what they follow:
 - Step-level continuous batching (TGI's router and vLLM's scheduler at token level): a request
   joins a running batch of its kind at the next step and leaves after its own last step, so
   no batching window is needed (a lone request starts at once). `QDS_MAX_BATCH=auto` is 8
-  on CPU, where the demo model's images per second peak (docs/benchmarks/batch-size.md), and
-  4 on a GPU (unmeasured). Requests that finish at the same step share one VAE decode.
+  per lane on CPU (docs/benchmarks/batch-size.md) and 4 on a GPU (unmeasured). Requests that
+  finish at the same step share one VAE decode.
   On a CPU the limit is shared by `QDS_ENGINE_LANES` batches (auto 2) that step at the same
   time on threads of their own, one torch thread each (`lanes`): at the demo model's sizes two
-  batches of 4 serve more than one of 8 on both threads.
+  batches of 4 serve more than one of 8 on both threads. A batch takes 4 images before the
+  next lane opens (a batch of 4 on both threads beat two of 2 at concurrency 4).
+  Batches run under `torch.inference_mode` where the backend's kernels allow it
+  (`QuantBackend.allows_inference_mode`; a lone request ~5% faster on the demo model).
   Pipelines that cannot step (`quantization.stepping.supports_stepping` false) run whole
   `generate_batch` calls, batched from whatever is queued when the previous call ends.
 - Transport: one `multiprocessing` pipe, pickled dataclasses (`messages`), one list of events
