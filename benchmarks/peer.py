@@ -74,6 +74,7 @@ class PeerOptions:
     pinned_threads: int = 1
     tables: tuple[str, ...] = TABLES
     direct_calls: int = 10
+    pairs: int = 30
     model: str | None = None
     size: int | None = None
     steps: int | None = None
@@ -125,6 +126,12 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
     )
     p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
     p.add_argument(
+        "--pairs",
+        type=int,
+        default=5 if quick else 30,
+        help="direct call + qdserve request pairs at concurrency 1 (CPU; 0: none)",
+    )
+    p.add_argument(
         "--model",
         help="pipeline folder both servers load (default: the embedded model); on a GPU, "
         "`python -m benchmarks.gpu_pipeline` builds a Flux-dev-size one",
@@ -144,6 +151,7 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         pinned_threads=args.pinned_threads,
         tables=tables,
         direct_calls=args.direct_calls,
+        pairs=args.pairs,
         model=args.model,
         size=args.size,
         steps=args.steps,
@@ -275,6 +283,44 @@ def interleave(
         for server in servers.values():
             server.resume()
     return results
+
+
+def paired(
+    server: Server, lone: Callable[[int], Any], opts: PeerOptions, pairs: int
+) -> dict[str, Any]:
+    """A lone request against a direct call taken right beside it: `pairs` times, one direct
+    batch-1 call and the same request (same seed) to `server` over HTTP, in alternating order,
+    the other server paused. Pairing cancels the drift that whole rounds on a shared machine
+    still see; the ratio of the medians is the overhead a user sees over calling the
+    pipeline."""
+    import httpx
+
+    body = same_requests(opts, 0, 1)
+    direct: list[float] = []
+    http: list[float] = []
+    server.resume()
+    try:
+        with httpx.Client(timeout=300.0) as client:
+            url = server.base_url + GEN_PATH
+            for i in range(-1, pairs):  # the first pair warms both paths, untimed
+                # Which goes first alternates, so neither always follows the other.
+                for which in ("direct", "http")[:: 1 if i % 2 else -1]:
+                    t0 = time.perf_counter()
+                    if which == "direct":
+                        lone(int(body(i)["seed"]))
+                    else:
+                        client.post(url, json=body(i)).raise_for_status()
+                    if i >= 0:
+                        (direct if which == "direct" else http).append(time.perf_counter() - t0)
+    finally:
+        server.pause()
+    d, h = summarize(direct)["median"], summarize(http)["median"]
+    return {
+        "pairs": pairs,
+        "direct_seconds": latency_summary(direct),
+        "qdserve_seconds": latency_summary(http),
+        "p50_qdserve_over_direct": h / d,
+    }
 
 
 def timed_calls(
@@ -456,6 +502,11 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         lone = lone_direct_call(loaded, direct_threads, opts) if loaded is not None else None
         try:
             raw = interleave(servers, opts, lone)
+            pairs = (
+                paired(servers["qdserve"], lone, opts, opts.pairs)
+                if lone is not None and opts.pairs and 1 in opts.concurrency
+                else None
+            )
             info = {name: server_info(s) for name, s in servers.items()}
         finally:
             for server in servers.values():
@@ -477,6 +528,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
             "levels": levels,
             "litserve_max_batch": litserve_max,
             "qdserve_auto_batch": table_batch,
+            "paired_c1": pairs,
             "direct": direct,
             "ratios": ratios(levels, direct),
             "servers": info,
@@ -611,6 +663,16 @@ def time_notes(t: dict[str, Any]) -> list[str]:
             )
             + "; the rest of its latency is HTTP, base64 and JSON."
         )
+    pairs = t.get("paired_c1")
+    if pairs:
+        notes.append(
+            f"Paired at concurrency 1 ({pairs['pairs']} pairs: a direct batch-1 call and "
+            "the same request to qdserve over HTTP, in alternating order, LitServe paused): "
+            "p50 direct "
+            f"{_ms(pairs['direct_seconds']['p50'])} ms, qdserve "
+            f"{_ms(pairs['qdserve_seconds']['p50'])} ms, **qdserve / direct "
+            f"{fmt(pairs['p50_qdserve_over_direct'], 3)}**."
+        )
     return notes
 
 
@@ -649,7 +711,9 @@ def render(data: dict[str, Any]) -> str:
         f"example (max_batch_size {peer['max_batch_size']}, batch_timeout "
         f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
         "(`torch.set_num_threads` only in the pinned table).\n"
-        "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP, at "
+        "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP: a plain "
+        "diffusers call (text encoders on every call, `no_grad`; qdserve's engine keeps a "
+        "prompt-embedding cache and runs under `inference_mode`), at "
         f"batch 1, {LITSERVE_MAX_BATCH} and qdserve's `QDS_MAX_BATCH` ({auto}; a table says "
         "its own where it differs), with the "
         "table's thread count, after the servers have stopped: the ceiling of a server "

@@ -467,3 +467,17 @@ def test_the_direct_call_is_a_third_contender_of_the_concurrency_1_rounds_only()
     later = {"seconds_per_call": {"p50": 9.0}}
     assert lone_p50({**later, "in_rounds": merged}) == merged["latency_seconds"]["p50"]
     assert lone_p50(later) == 9.0  # a GPU run or an older report
+
+
+def test_the_paired_lone_request_note_states_both_medians_and_the_ratio() -> None:
+    from benchmarks.peer import time_notes
+
+    pairs = {
+        "pairs": 30,
+        "direct_seconds": {"p50": 0.1441},
+        "qdserve_seconds": {"p50": 0.1470},
+        "p50_qdserve_over_direct": 1.0201,
+    }
+    (note,) = time_notes({"direct": {}, "levels": {"qdserve": {}}, "paired_c1": pairs})
+    assert note.startswith("Paired at concurrency 1 (30 pairs: a direct batch-1 call and ")
+    assert "p50 direct 144 ms, qdserve 147 ms, **qdserve / direct 1.020**." in note
