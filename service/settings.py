@@ -223,9 +223,8 @@ class ServiceSettings(BaseSettings):
 
 
 # The `auto` batch limits: on a CPU 8 images per lane (docs/benchmarks/batch-size.md: one
-# batch peaked at 8-12; two lanes of 8 were the fastest row with lanes; at concurrency 16 two
-# lanes of 8 beat two of 4 with 8 queued for quanto int8, docs/benchmarks/peer-quanto-int8.md);
-# the accelerator value is the earlier default (the H200 peer run used it, no sweep).
+# batch peaked at 8-12, and two lanes of 8 were the fastest row with lanes); the accelerator
+# value is the earlier default (the H100 and H200 peer runs used it, no sweep).
 AUTO_MAX_BATCH_CPU = 8
 AUTO_MAX_BATCH_ACCELERATOR = 4
 
