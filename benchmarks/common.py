@@ -486,6 +486,67 @@ async def _load(
     return LoadResult(concurrency, issued, len(latencies), errors, wall, latencies, usage)
 
 
+def poisson_arrivals(rate: float, seconds: float, seed: int) -> list[float]:
+    """Arrival times (seconds from the start) of a Poisson process at `rate` per second."""
+    import random
+
+    rng = random.Random(seed)
+    arrivals: list[float] = []
+    t = rng.expovariate(rate)
+    while t < seconds:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    return arrivals
+
+
+async def _open_load(
+    url: str,
+    body_for: Callable[[int], dict[str, Any]],
+    rate: float,
+    seconds: float,
+    seed: int,
+) -> LoadResult:
+    """Open-loop client: requests arrive as a Poisson process of `rate` per second for
+    `seconds` (the arrival times drawn from `seed`, so every server gets the same schedule),
+    each sent at its time whether or not earlier ones have been answered; then the answers
+    still out are awaited. Wall time runs to the last answer."""
+    import httpx
+
+    arrivals = poisson_arrivals(rate, seconds, seed)
+    latencies: list[float] = []
+    usage: list[dict[str, Any]] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=300.0, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(i: int, at: float) -> None:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, json=body_for(i))
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+                data = r.json()
+                if isinstance(data.get("timings"), dict):
+                    usage.append(data["timings"])
+            else:
+                errors[f"http_{r.status_code}"] = errors.get(f"http_{r.status_code}", 0) + 1
+
+        await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
+        wall = time.perf_counter() - start
+    return LoadResult(0, len(arrivals), len(latencies), errors, wall, latencies, usage)
+
+
+def run_open_load(
+    url: str, body_for: Callable[[int], dict[str, Any]], rate: float, seconds: float, seed: int
+) -> LoadResult:
+    return asyncio.run(_open_load(url, body_for, rate, seconds, seed))
+
+
 def pooled(results: Sequence[LoadResult]) -> dict[str, Any]:
     """Interleaved rounds pooled: requests, ok and errors summed, wall times summed, latency
     percentiles over every request (the fields `bench peer` and `bench load` share)."""

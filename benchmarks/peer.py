@@ -48,6 +48,7 @@ from benchmarks.common import (
     ratio,
     run_load,
     run_meta,
+    run_open_load,
     summarize,
     write_json,
 )
@@ -75,6 +76,7 @@ class PeerOptions:
     tables: tuple[str, ...] = TABLES
     direct_calls: int = 10
     pairs: int = 30
+    rates: tuple[float, ...] = (8.0,)
     model: str | None = None
     size: int | None = None
     steps: int | None = None
@@ -126,6 +128,12 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
     )
     p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
     p.add_argument(
+        "--rates",
+        default="" if quick else "8",
+        help="comma list of open-loop levels in the defaults table: Poisson arrivals at that "
+        "many requests per second (empty: none)",
+    )
+    p.add_argument(
         "--pairs",
         type=int,
         default=5 if quick else 30,
@@ -152,6 +160,7 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         tables=tables,
         direct_calls=args.direct_calls,
         pairs=args.pairs,
+        rates=tuple(float(r) for r in args.rates.split(",") if r),
         model=args.model,
         size=args.size,
         steps=args.steps,
@@ -250,18 +259,30 @@ def same_requests(
     return lambda i: image_body(base + i, opts.side, opts.steps)
 
 
+def open_level(rate: float) -> str:
+    """The level key of Poisson arrivals at `rate` requests per second."""
+    return f"poisson {rate:g}/s"
+
+
 def interleave(
-    servers: dict[str, Server], opts: PeerOptions, lone: Callable[[int], Any] | None = None
+    servers: dict[str, Server],
+    opts: PeerOptions,
+    lone: Callable[[int], Any] | None = None,
+    rates: Sequence[float] = (),
 ) -> dict[str, dict[str, list[LoadResult]]]:
     """For each level and round, each contender in turn (the order rotating), the others
     paused. `lone` (one direct batch-1 pipeline call for a seed) is a third contender at
     concurrency 1, timed in the same rounds: a lone request's latency against a direct call
-    taken at the same moment, not minutes later on a machine that drifts."""
+    taken at the same moment, not minutes later on a machine that drifts. `rates` add
+    open-loop levels: Poisson arrivals at that many requests per second, the same arrival
+    times for both servers in a round."""
     results: dict[str, dict[str, list[LoadResult]]] = {n: {} for n in servers}
     if lone is not None:
         results[DIRECT] = {}
+    levels: list[tuple[str, int, float | None]] = [(str(c), c, None) for c in opts.concurrency]
+    levels += [(open_level(r), 1000 + i, r) for i, r in enumerate(rates)]
     try:
-        for conc in opts.concurrency:
+        for key, conc, rate in levels:
             names = list(servers) + ([DIRECT] if lone is not None and conc == 1 else [])
             for rnd in range(opts.rounds if names else 0):
                 shift = rnd % len(names)
@@ -275,10 +296,14 @@ def interleave(
                     else:
                         servers[name].resume()
                         url = servers[name].base_url + GEN_PATH
-                        run_load(url, body, conc, conc)  # untimed warm-up at this concurrency
-                        res = run_load(url, body, conc, UNBOUNDED, max_seconds=opts.seconds)
+                        warm = conc if rate is None else 4
+                        run_load(url, body, warm, warm)  # untimed warm-up
+                        if rate is None:
+                            res = run_load(url, body, conc, UNBOUNDED, max_seconds=opts.seconds)
+                        else:
+                            res = run_open_load(url, body, rate, opts.seconds, seed=rnd)
                         servers[name].pause()
-                    results[name].setdefault(str(conc), []).append(res)
+                    results[name].setdefault(key, []).append(res)
     finally:
         for server in servers.values():
             server.resume()
@@ -501,7 +526,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         )
         lone = lone_direct_call(loaded, direct_threads, opts) if loaded is not None else None
         try:
-            raw = interleave(servers, opts, lone)
+            raw = interleave(servers, opts, lone, opts.rates if table == "defaults" else ())
             pairs = (
                 paired(servers["qdserve"], lone, opts, opts.pairs)
                 if lone is not None and opts.pairs and 1 in opts.concurrency
@@ -732,7 +757,15 @@ def render(data: dict[str, Any]) -> str:
         "per level "
         f"{opts['rounds']} interleaved round(s) of {opts['seconds']:g} s per server after an "
         "untimed warm-up, the server not being measured paused (SIGSTOP). img/s: images "
-        "answered over the summed wall time; p50/p99 over every request of the level.",
+        "answered over the summed wall time; p50/p99 over every request of the level."
+        + (
+            f" Open-loop level(s) in the defaults table ({', '.join(map(open_level, rates))}):"
+            " requests arrive as a Poisson process at that rate for the round's seconds, "
+            "each sent at its time whatever is still unanswered, the same arrival times for "
+            "both servers; their img/s is capped by the rate, so latency is their result."
+            if (rates := opts.get("rates"))
+            else ""
+        ),
     ]
     for name, t in data["tables"].items():
         threads = t["torch_threads"]
@@ -779,6 +812,7 @@ def headline(data: dict[str, Any]) -> str:
         ratios_ = ", ".join(
             f"c{c} {fmt(r['images_per_second_qdserve_over_litserve'], 2)}"
             for c, r in t["ratios"].items()
+            if c.isdigit()  # open-loop levels run at a set rate: latency is their result
         )
         parts.append(f"{name}: img/s qdserve/litserve {ratios_}")
     return f"{data['variant']}: " + "; ".join(parts)

@@ -481,3 +481,20 @@ def test_the_paired_lone_request_note_states_both_medians_and_the_ratio() -> Non
     (note,) = time_notes({"direct": {}, "levels": {"qdserve": {}}, "paired_c1": pairs})
     assert note.startswith("Paired at concurrency 1 (30 pairs: a direct batch-1 call and ")
     assert "p50 direct 144 ms, qdserve 147 ms, **qdserve / direct 1.020**." in note
+
+
+def test_open_loop_levels_send_both_servers_the_same_poisson_arrivals() -> None:
+    from benchmarks.common import poisson_arrivals
+    from benchmarks.peer import headline, open_level, parse_options
+
+    a = poisson_arrivals(8.0, 100.0, seed=1)
+    assert a == poisson_arrivals(8.0, 100.0, seed=1) != poisson_arrivals(8.0, 100.0, seed=2)
+    assert all(0 < x < 100 for x in a) and a == sorted(a)
+    assert 700 < len(a) < 900  # ~8 per second
+    assert parse_options([]).rates == (8.0,) and parse_options(["--rates", ""]).rates == ()
+    assert parse_options(["--rates", "4,12.5"]).rates == (4.0, 12.5)
+    assert open_level(12.5) == "poisson 12.5/s"
+    ratios = {"1": {"images_per_second_qdserve_over_litserve": 1.2}}
+    ratios[open_level(8)] = {"images_per_second_qdserve_over_litserve": 1.0}
+    data = {"variant": "none", "tables": {"defaults": {"ratios": ratios}}}
+    assert headline(data) == "none: defaults: img/s qdserve/litserve c1 1.20"
