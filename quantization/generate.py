@@ -118,13 +118,9 @@ class PipelineCall:
         return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
 
 
-def grad_mode(loaded: LoadedPipeline) -> AbstractContextManager[Any]:
-    """`torch.inference_mode` where the loaded backend's kernels accept it (its
-    `allows_inference_mode`), else `no_grad`. The engine runs its batches in it: a lone
-    request's step loop on the demo model is ~5% faster; batches of 4-8 gain nothing
-    measurable. Thread-local, like both modes: each lane thread enters it itself."""
-    import torch
-
+def allows_inference_mode(loaded: LoadedPipeline) -> bool:
+    """Whether every backend the pipeline was quantized with runs under
+    `torch.inference_mode` (`QuantBackend.allows_inference_mode`)."""
     from quantization.backends import get_backend
 
     # QDS_QUANT_BACKEND=auto mixes backends: every component's choice must allow it.
@@ -132,9 +128,18 @@ def grad_mode(loaded: LoadedPipeline) -> AbstractContextManager[Any]:
     choices = [(c["backend"], c["quant_type"]) for c in plan.values()] or [
         (loaded.backend, loaded.quant_type)
     ]
-    if all(get_backend(b).allows_inference_mode(t) for b, t in choices):
-        return torch.inference_mode()
-    return torch.no_grad()
+    return all(get_backend(b).allows_inference_mode(t) for b, t in choices)
+
+
+def grad_mode(loaded: LoadedPipeline | bool) -> AbstractContextManager[Any]:
+    """`torch.inference_mode` where the loaded backend's kernels accept it (or where `loaded`
+    is True: a caller that decided once), else `no_grad`. The engine runs its batches in it:
+    a lone request's step loop on the demo model is ~5% faster; batches of 4-8 gain nothing
+    measurable. Thread-local, like both modes: each lane thread enters it itself."""
+    import torch
+
+    allowed = loaded if isinstance(loaded, bool) else allows_inference_mode(loaded)
+    return torch.inference_mode() if allowed else torch.no_grad()
 
 
 def call_pipeline(

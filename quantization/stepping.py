@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from quantization.generate import (
     GenerationRequest,
     GenerationResult,
+    allows_inference_mode,
     grad_mode,
     image_seeds,
     resolve,
@@ -190,6 +191,8 @@ class StepBatch:
         self.max_images = max_images
         self.variant = variant or variant_id(loaded)
         self.steps_run = 0  # transformer steps run by this batch (CFG's second forward not counted)
+        # Decided once: every step enters the mode (on whichever lane thread runs it).
+        self._inference_mode = allows_inference_mode(loaded)
         facts = _facts(self.pipe, loaded.defaults.max_sequence_length)
         self._device = facts.device
         self._vae_device = facts.vae_device
@@ -244,7 +247,7 @@ class StepBatch:
         device = self._device
         texts = [r.prompt for _, r in items]
         texts += [r.negative_prompt for _, r in items if r.negative_prompt is not None]
-        with grad_mode(self.loaded):
+        with grad_mode(self._inference_mode):
             encoded = self._encode(list(dict.fromkeys(texts)))
             encode_seconds = time.perf_counter() - added
             for job_id, req in items:
@@ -334,7 +337,7 @@ class StepBatch:
             return []
         jobs = list(self._jobs.values())
         start = time.perf_counter()
-        with grad_mode(self.loaded):
+        with grad_mode(self._inference_mode):
             noise_pred = self._velocity(jobs)
             finished: list[_Job] = []
             offset = 0
@@ -379,7 +382,7 @@ class StepBatch:
         import torch
 
         job = self._jobs[job_id]
-        with grad_mode(self.loaded):
+        with grad_mode(self._inference_mode):
             if job.velocity is None:
                 x0 = job.latents
             else:
@@ -542,7 +545,7 @@ class StepBatch:
     def _finish(self, finished: list[_Job]) -> list[tuple[str, GenerationResult]]:
         import torch
 
-        with grad_mode(self.loaded):
+        with grad_mode(self._inference_mode):
             # ONE VAE decode for every request that finished at this step: they share the
             # batch's step key (same size), and on the demo model 8 single-image decodes cost
             # 36 ms vs 23 ms for one of 8 (about 3% of a batch). A decoded row then depends on
