@@ -438,6 +438,39 @@ class LoadResult:
         }
 
 
+@dataclass
+class _Tally:
+    """What a load client records: latencies and server timings of the answered requests,
+    errors by kind (the closed- and open-loop clients share it)."""
+
+    latencies: list[float] = field(default_factory=list)
+    usage: list[dict[str, Any]] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    async def post(self, client: Any, url: str, body: dict[str, Any]) -> None:
+        import httpx
+
+        t0 = time.perf_counter()
+        try:
+            r = await client.post(url, json=body)
+        except httpx.HTTPError as exc:
+            self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
+            return
+        dt = time.perf_counter() - t0
+        if r.status_code == 200:
+            self.latencies.append(dt)
+            data = r.json()
+            if isinstance(data.get("timings"), dict):
+                self.usage.append(data["timings"])
+        else:
+            key = f"http_{r.status_code}"
+            self.errors[key] = self.errors.get(key, 0) + 1
+
+    def result(self, concurrency: int, requests: int, wall: float) -> LoadResult:
+        ok = len(self.latencies)
+        return LoadResult(concurrency, requests, ok, self.errors, wall, self.latencies, self.usage)
+
+
 async def _load(
     url: str,
     body_for: Callable[[int], dict[str, Any]],
@@ -453,9 +486,7 @@ async def _load(
     import httpx
 
     issued = 0
-    latencies: list[float] = []
-    usage: list[dict[str, Any]] = []
-    errors: dict[str, int] = {}
+    tally = _Tally()
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=300.0, limits=limits) as client:
@@ -465,25 +496,10 @@ async def _load(
             while issued < total and time.perf_counter() - start < max_seconds:
                 i = issued
                 issued += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, json=body_for(i))
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    continue
-                dt = time.perf_counter() - t0
-                if r.status_code == 200:
-                    latencies.append(dt)
-                    data = r.json()
-                    if isinstance(data.get("timings"), dict):
-                        usage.append(data["timings"])
-                else:
-                    key = f"http_{r.status_code}"
-                    errors[key] = errors.get(key, 0) + 1
+                await tally.post(client, url, body_for(i))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    return LoadResult(concurrency, issued, len(latencies), errors, wall, latencies, usage)
+    return tally.result(concurrency, issued, time.perf_counter() - start)
 
 
 def poisson_arrivals(rate: float, seconds: float, seed: int) -> list[float]:
@@ -513,32 +529,17 @@ async def _open_load(
     import httpx
 
     arrivals = poisson_arrivals(rate, seconds, seed)
-    latencies: list[float] = []
-    usage: list[dict[str, Any]] = []
-    errors: dict[str, int] = {}
+    tally = _Tally()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=300.0, limits=limits) as client:
         start = time.perf_counter()
 
         async def one(i: int, at: float) -> None:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            t0 = time.perf_counter()
-            try:
-                r = await client.post(url, json=body_for(i))
-            except httpx.HTTPError as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                return
-            if r.status_code == 200:
-                latencies.append(time.perf_counter() - t0)
-                data = r.json()
-                if isinstance(data.get("timings"), dict):
-                    usage.append(data["timings"])
-            else:
-                errors[f"http_{r.status_code}"] = errors.get(f"http_{r.status_code}", 0) + 1
+            await tally.post(client, url, body_for(i))
 
         await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
-        wall = time.perf_counter() - start
-    return LoadResult(0, len(arrivals), len(latencies), errors, wall, latencies, usage)
+        return tally.result(0, len(arrivals), time.perf_counter() - start)
 
 
 def run_open_load(
