@@ -105,7 +105,8 @@ class ServiceSettings(BaseSettings):
     max_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default="auto",
         description="Most images denoised together: requests join a running batch at the next "
-        "step (no batching window); 1 turns batching off; with lanes each batch takes its share. "
+        "step (no batching window); 1 turns batching off; with lanes every batch (whole-call "
+        "ones too) takes its share. "
         "auto: 8 per engine lane on CPU (16 with the default 2 lanes; "
         "docs/benchmarks/batch-size.md), 4 on a GPU (large images already fill a "
         "GPU at batch 1, and a bigger batch needs more memory; not swept there).",

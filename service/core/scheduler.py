@@ -288,16 +288,17 @@ class Scheduler:
                         done, total = run.batch.progress(j.job_id)
                         self.emit(m.Progress(j.job_id, done, total))
 
+        # With lanes every batch takes its share of the limit, whole-call ones included: the
+        # CPU's auto limit is 8 per lane, and a whole-call batch (edits, SD3, SDXL) has one.
+        share = max(1, self.max_batch // self.lanes)
         if isinstance(job.request, EditRequest):
             # Edits run whole-call in a batch kind of their own, whatever the factory.
             return EditBatch(
                 job.loaded,
-                max_images=max(self.max_batch, job.images),
+                max_images=max(share, job.images),
                 on_step=on_step,
                 between_steps=self._between_steps,
             )
-        # With lanes, each of a kind's batches takes its share of the limit.
-        share = max(1, self.max_batch // self._lanes_for(job))
         return self.make_batch(
             job.loaded,
             max_images=max(share, job.images),

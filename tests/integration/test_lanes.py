@@ -171,3 +171,23 @@ def test_with_lanes_a_batch_takes_4_then_a_lane_opens_then_the_emptiest_batch_fi
     assert pick([8, 8], can_open=False) is None  # both full: wait for a sample to leave
     assert pick([4], can_open=False) == 4  # no lane free: the batch grows past 4
     assert pick([7], can_open=True, lanes=1) == 7 and pick([8], True, lanes=1) is None
+
+
+def test_with_lanes_every_new_batch_takes_its_share_of_the_limit() -> None:
+    """The CPU's auto limit is 8 per lane (16 with 2): a whole-call batch (SD3, SDXL, edits)
+    gets 8 too, as it did before the limit counted lanes; a bigger request still fits alone."""
+    from types import SimpleNamespace
+
+    from service.core.scheduler import Scheduler
+
+    made: list[int] = []
+
+    def factory(_loaded: object, *, max_images: int, **_kw: object) -> object:
+        made.append(max_images)
+        return object()
+
+    scheduler = Scheduler(max_batch=16, emit=lambda _e: None, lanes=2, make_batch=factory)
+    for images in (1, 12):
+        job = SimpleNamespace(key=None, loaded=None, request=SimpleNamespace(), images=images)
+        scheduler._new_batch(job)  # type: ignore[arg-type]
+    assert made == [8, 12]
