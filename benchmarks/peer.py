@@ -618,38 +618,27 @@ def _ms(seconds: float | None) -> str:
     return fmt(None if seconds is None else seconds * 1e3, 0)
 
 
+def level_row(name: str, level: str, r: dict[str, Any], batch: str | None = None) -> list[str]:
+    """One table row of a merged level (`merge`); `batch` when its mean batch is known."""
+    lat = r["latency_seconds"] or {}
+    return [
+        name,
+        level,
+        str(r["ok"]),
+        str(sum(r["errors"].values())),
+        fmt(r["images_per_second"], 2),
+        _ms(lat.get("p50")),
+        _ms(lat.get("p99")),
+        batch or fmt(r.get("mean_batch_images"), 2),
+    ]
+
+
 def table_rows(t: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for name in SERVERS:
-        for conc, r in t["levels"][name].items():
-            lat = r["latency_seconds"] or {}
-            rows.append(
-                [
-                    name,
-                    conc,
-                    str(r["ok"]),
-                    str(sum(r["errors"].values())),
-                    fmt(r["images_per_second"], 2),
-                    _ms(lat.get("p50")),
-                    _ms(lat.get("p99")),
-                    fmt(r.get("mean_batch_images"), 2),
-                ]
-            )
+    rows = [level_row(name, conc, r) for name in SERVERS for conc, r in t["levels"][name].items()]
     lone = t["direct"].get("1", {}).get("in_rounds")
     if lone:
-        lat = lone["latency_seconds"] or {}
-        rows.append(
-            [
-                "direct pipeline call, batch 1, in the concurrency-1 rounds",
-                "1",
-                str(lone["ok"]),
-                "0",
-                fmt(lone["images_per_second"], 2),
-                _ms(lat.get("p50")),
-                _ms(lat.get("p99")),
-                "1",
-            ]
-        )
+        name = "direct pipeline call, batch 1, in the concurrency-1 rounds"
+        rows.append(level_row(name, "1", lone, batch="1"))
     for batch, d in t["direct"].items():
         s = d["seconds_per_call"]
         rows.append(

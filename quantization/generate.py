@@ -131,15 +131,14 @@ def allows_inference_mode(loaded: LoadedPipeline) -> bool:
     return all(get_backend(b).allows_inference_mode(t) for b, t in choices)
 
 
-def grad_mode(loaded: LoadedPipeline | bool) -> AbstractContextManager[Any]:
-    """`torch.inference_mode` where the loaded backend's kernels accept it (or where `loaded`
-    is True: a caller that decided once), else `no_grad`. The engine runs its batches in it:
-    a lone request's step loop on the demo model is ~5% faster; batches of 4-8 gain nothing
-    measurable. Thread-local, like both modes: each lane thread enters it itself."""
+def grad_mode(inference: bool) -> AbstractContextManager[Any]:
+    """`torch.inference_mode` when `inference` (a batch's `allows_inference_mode`, decided
+    once), else `no_grad`. The engine runs its batches in it: a lone request's step loop on
+    the demo model is ~5% faster; batches of 4-8 gain nothing measurable. Thread-local, like
+    both modes: each lane thread enters it itself."""
     import torch
 
-    allowed = loaded if isinstance(loaded, bool) else allows_inference_mode(loaded)
-    return torch.inference_mode() if allowed else torch.no_grad()
+    return torch.inference_mode() if inference else torch.no_grad()
 
 
 def call_pipeline(

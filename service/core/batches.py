@@ -22,6 +22,7 @@ from quantization import edit
 from quantization.generate import (
     GenerationRequest,
     GenerationResult,
+    allows_inference_mode,
     batch_key,
     generate_batch,
     grad_mode,
@@ -80,6 +81,7 @@ class WholeCallBatch:
         self._key: tuple[Any, ...] | None = None
         self._started = False
         self._steps_done = 0
+        self._inference_mode = allows_inference_mode(loaded)
 
     @property
     def key(self) -> tuple[Any, ...] | None:
@@ -131,7 +133,7 @@ class WholeCallBatch:
                 raise _Aborted
 
         try:
-            with grad_mode(self.loaded):
+            with grad_mode(self._inference_mode):
                 results = self._run([self._jobs[j] for j in ids], on_step)
         except _Aborted:
             results = []

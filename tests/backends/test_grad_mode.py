@@ -24,7 +24,7 @@ def test_inference_mode_runs_exactly_where_the_backend_says_it_does(
 ) -> None:
     import torch
 
-    from quantization.generate import GenerationRequest, grad_mode, resolve
+    from quantization.generate import GenerationRequest, allows_inference_mode, grad_mode, resolve
     from quantization.loader import load_pipeline
     from quantization.settings import QuantSettings
     from quantization.stepping import StepBatch
@@ -53,7 +53,7 @@ def test_inference_mode_runs_exactly_where_the_backend_says_it_does(
     batch = StepBatch(loaded)
     batch.add("a", req)
     assert batch._jobs["a"].latents.is_inference() is allowed
-    with grad_mode(loaded):
+    with grad_mode(allows_inference_mode(loaded)):
         assert torch.is_inference_mode_enabled() is allowed
         assert not torch.is_grad_enabled()
     assert batch.step() == [] and len(batch.step()) == 1
@@ -90,7 +90,7 @@ def test_an_auto_plan_runs_in_inference_mode_only_if_every_choice_allows_it() ->
 
     import torch
 
-    from quantization.generate import grad_mode
+    from quantization.generate import allows_inference_mode, grad_mode
 
     def loaded(*choices: tuple[str, str | None]) -> object:
         components = {f"c{i}": {"backend": b, "quant_type": t} for i, (b, t) in enumerate(choices)}
@@ -102,5 +102,5 @@ def test_an_auto_plan_runs_in_inference_mode_only_if_every_choice_allows_it() ->
         ((("quanto", "int8"), ("none", None)), True),
         ((("quanto", "int4"), ("torchao", "int8wo")), False),
     ):
-        with grad_mode(loaded(*choices)):  # type: ignore[arg-type]
+        with grad_mode(allows_inference_mode(loaded(*choices))):  # type: ignore[arg-type]
             assert torch.is_inference_mode_enabled() is expected
