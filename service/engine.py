@@ -25,12 +25,8 @@ from quantization.loader import load_pipeline
 from quantization.settings import QuantSettings
 from service import exceptions as errors
 from service.core.client import EngineClient, JobFailed, PendingJob
-from service.core.engine_core import (
-    EngineConfig,
-    EngineHooks,
-    compile_denoiser,
-    default_warmup,
-)
+from service.core.compiling import compile_denoiser, default_warmup
+from service.core.engine_core import EngineConfig, EngineHooks
 from service.core.messages import Finished
 from service.imaging import encode_all
 from service.metrics import Metrics
@@ -113,7 +109,7 @@ class ServiceState:
     warnings: list[str] = field(default_factory=list)
     # Hooks, replaceable before start-up (tests, benchmarks). They run in the engine: with
     # QDS_ENGINE=process they travel by pickle, so only module-level functions work there.
-    warmup: Callable[[LoadedPipeline, list[tuple[int, int]]], None] = default_warmup
+    warmup: Callable[..., None] = default_warmup
     compile: Callable[[LoadedPipeline], None] = compile_denoiser
     load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
     before_batch: Callable[[list[Job]], None] | None = None

@@ -138,7 +138,12 @@ class ServiceSettings(BaseSettings):
     prompt_cache_bytes: int = Field(
         default=64 * 2**20, ge=0, description="Bytes of prompt embeddings cached; 0 turns it off."
     )
-    compile: bool = Field(default=False, description="torch.compile the denoiser's blocks.")
+    compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description="torch.compile the denoiser's repeated blocks (warmed up before ready). "
+        "auto: on for Flux step batching on a CPU with a C++ compiler (inductor needs one; "
+        "the container has none), off on GPUs and whole-call pipelines; true / false force it.",
+    )
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."
     )

@@ -86,6 +86,9 @@ def running_server(
     # and set hooks that cannot be pickled; tests/integration/test_engine_core.py covers
     # engine="process".
     service.setdefault("engine", "inline")
+    # QDS_COMPILE=auto compiles on this CPU (seconds of warm-up per server start); the tests
+    # that are about compiling ask for it, the rest run the eager blocks.
+    service.setdefault("compile", False)
     settings = ServiceSettings(**service)
     app = create_app(QuantSettings(cache_dir=cache_dir, **(quant or {})), settings)
     if setup is not None:

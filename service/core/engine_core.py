@@ -28,12 +28,12 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from quantization import lora
-from quantization.generate import GenerationRequest, generate
-from quantization.loader import ModelLoadError, load_pipeline
+from quantization.loader import load_pipeline
 from quantization.prompt_cache import PromptCache
 from service.cache import ModelCache
 from service.core import messages as m
 from service.core.batches import compat_key, new_batch, uses_stepping
+from service.core.compiling import compile_decision, compile_denoiser, default_warmup, uncompile
 from service.core.scheduler import BatchFactory, Job, KindOf, Scheduler
 from service.core.telemetry import MetricsRecorder
 from service.gpu_metrics import local_readings
@@ -49,33 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qdserve.engine_core")
 
-WARMUP_STEPS = 2
 # Resident memory and GPU readings are sent at most this often while busy, after each load
 # or eviction, and when the engine goes idle.
 TELEMETRY_PERIOD_S = 1.0
 DEFAULT_PROMPT_CACHE_BYTES = 64 * 2**20
-
-
-def default_warmup(loaded: LoadedPipeline, sizes: list[tuple[int, int]]) -> None:
-    """One short generation per size, so compilation happens before the first user request."""
-    for width, height in sizes:
-        start = time.perf_counter()
-        generate(
-            loaded,
-            GenerationRequest(
-                "warm-up", num_inference_steps=WARMUP_STEPS, seed=0, width=width, height=height
-            ),
-        )
-        log.info("warm-up %dx%d took %.1fs", width, height, time.perf_counter() - start)
-
-
-def compile_denoiser(loaded: LoadedPipeline) -> None:
-    """Regional compilation: compile one repeated block once, reuse it for all of them."""
-    pipe = loaded.pipeline
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if denoiser is None or not hasattr(denoiser, "compile_repeated_blocks"):
-        raise ModelLoadError("QDS_COMPILE=1 but this pipeline's denoiser has no repeated blocks")
-    denoiser.compile_repeated_blocks()
 
 
 @dataclass
@@ -84,7 +61,7 @@ class EngineHooks:
     they travel by pickle, so they must be module-level functions there."""
 
     load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
-    warmup: Callable[[LoadedPipeline, list[tuple[int, int]]], None] = default_warmup
+    warmup: Callable[..., None] = default_warmup
     compile: Callable[[LoadedPipeline], None] = compile_denoiser
     before_batch: Callable[[list[Job]], None] | None = None
     make_batch: BatchFactory = new_batch
@@ -380,21 +357,51 @@ class EngineCore:
                 lora.parse_loras(self.settings.loras),
                 required=key_for(settings) == self.default_key,
             )
-            if self.settings.compile:
-                self.hooks.compile(loaded)
-            if self.settings.compile or self.settings.warmup_sizes:
+            compiled, why = compile_decision(self.settings.compile, loaded)
+            log.info("compile %s: %s", key_for(settings).variant_id, why)
+            if compiled or self.settings.warmup_sizes:
                 if key_for(settings) == self.default_key and not self._startup_done:
                     sizes = ", ".join(self.settings.warmup_sizes or ["the default size"])
                     self._status(f"warming up {sizes}")
-                self.hooks.warmup(loaded, self._warmup_sizes(loaded))
-                if self.settings.compile:
-                    # The slot enabled is a second graph of each block: compile it now, not
-                    # on the first request that names an adapter.
-                    lora.warm_up(loaded, self._warmup_sizes(loaded))
+                if compiled and self.settings.compile == "auto":
+                    compiled = self._compile_or_eager(loaded)
+                elif compiled:
+                    self._compile_and_warm(loaded)
+                if not compiled:
+                    self.hooks.warmup(loaded, self._warmup_sizes(loaded), self._lanes)
         except BaseException:
             loaded.release()
             raise
         return loaded
+
+    @property
+    def _lanes(self) -> int:
+        return self.scheduler.lanes
+
+    def _compile_and_warm(self, loaded: LoadedPipeline) -> None:
+        """Compile, then warm up every graph requests will use (`service.core.compiling`)."""
+        self.hooks.compile(loaded)
+        sizes = self._warmup_sizes(loaded)
+        self.hooks.warmup(loaded, sizes, self._lanes)
+        adapters = lora.adapters_of(loaded)
+        if adapters is not None and adapters.adapters:
+            # The slot enabled is a second graph of each block: compile it now, not on the
+            # first request that names an adapter.
+            first = next(iter(adapters.adapters))
+            self.hooks.warmup(loaded, sizes, self._lanes, ((first, 1.0),))
+
+    def _compile_or_eager(self, loaded: LoadedPipeline) -> bool:
+        """QDS_COMPILE=auto: a compile or warm-up that fails leaves the pipeline eager (with a
+        warning on /readyz and in the log), never the service down."""
+        try:
+            self._compile_and_warm(loaded)
+        except Exception as exc:
+            uncompile(loaded)
+            warning = f"QDS_COMPILE=auto: compiling failed, serving eager ({exc!r})"[:300]
+            log.warning(warning)
+            self._warnings.append(warning)
+            return False
+        return True
 
     def _warmup_sizes(self, loaded: LoadedPipeline) -> list[tuple[int, int]]:
         sizes = [tuple(int(v) for v in s.split("x")) for s in self.settings.warmup_sizes]

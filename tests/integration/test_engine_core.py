@@ -194,7 +194,12 @@ class Harness:
         settings.setdefault("max_batch", 4)
         self.quant = QuantSettings(cache_dir=cache_dir)
         self.conn, child = multiprocessing.Pipe()
-        config = EngineConfig(self.quant, ServiceSettings(engine="inline", **settings), {}, hooks)
+        config = EngineConfig(
+            self.quant,
+            ServiceSettings(engine="inline", **{"compile": False, **settings}),
+            {},
+            hooks,
+        )
         self.core = EngineCore(config, child)
         self.thread = threading.Thread(target=self.core.run, daemon=True)
         self.thread.start()

@@ -1,0 +1,148 @@
+"""QDS_COMPILE: regional torch.compile of the denoiser, when it is on, and the warm-up that
+compiles every graph the engine will run before readiness turns 200.
+
+Why `auto` turns it on for step batching on a CPU: measured side by side (docs/benchmarks,
+`bench peer` and `bench compile`), compiled blocks serve more images per second there with
+the same images up to float rounding. Why only there: inductor needs a C++ compiler on a
+CPU (the container image has none, so it stays eager), GPU compile start-up for a
+Flux-size denoiser was not measured here, and whole-call pipelines (SD3, SDXL) would compile
+at their first request.
+
+Dynamo keys a compiled graph on the grad mode, the intra-op thread count and (until it
+has seen two) the batch size: the warm-up runs the step loop itself, under the grad mode
+its batches use, at one and two images, on the engine's thread count and, with lanes, on a
+lane's. A request never meets a first compile of the default model at its warm-up sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from quantization import lora
+from quantization.generate import GenerationRequest, generate
+from quantization.loader import ModelLoadError
+from service.core.batches import uses_stepping
+
+if TYPE_CHECKING:
+    from quantization.loader import LoadedPipeline
+
+log = logging.getLogger("qdserve.compile")
+
+WARMUP_STEPS = 2
+# Graphs per block: grad mode x thread count (main, lane) x batch (static 1, dynamic) x
+# sizes, LoRA slot on/off. Dynamo's default limit (8) was reached with lanes and two sizes;
+# past it dynamo silently runs the block eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on a CPU, or None when there is none."""
+    try:
+        from torch._inductor import cpp_builder
+
+        return cpp_builder.get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler (and may change it)
+        return None
+
+
+def compile_decision(setting: bool | str, loaded: LoadedPipeline) -> tuple[bool, str]:
+    """(compile?, why) for QDS_COMPILE = true / false / auto on this loaded pipeline."""
+    if setting is True:
+        return True, "QDS_COMPILE=true"
+    if setting is False:
+        return False, "QDS_COMPILE=false"
+    if not str(loaded.device).startswith("cpu"):
+        return False, f"auto: off on {loaded.device} (compile start-up not measured there)"
+    if not uses_stepping(loaded):
+        return False, "auto: off for whole-call pipelines (only Flux step batching measured)"
+    if cpp_compiler() is None:
+        return False, "auto: off, no C++ compiler for inductor on this machine"
+    return True, "auto: on (CPU, Flux step batching, C++ compiler found)"
+
+
+def compile_denoiser(loaded: LoadedPipeline) -> None:
+    """Regional compilation: compile one repeated block once, reuse it for all of them."""
+    import torch
+
+    pipe = loaded.pipeline
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if denoiser is None or not hasattr(denoiser, "compile_repeated_blocks"):
+        raise ModelLoadError("QDS_COMPILE=1 but this pipeline's denoiser has no repeated blocks")
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    denoiser.compile_repeated_blocks()
+
+
+def uncompile(loaded: LoadedPipeline) -> None:
+    """Back to eager blocks (auto mode, after a compile or warm-up that failed)."""
+    import torch
+
+    for module in loaded.pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            for sub in module.modules():
+                # What nn.Module.compile() (compile_repeated_blocks) sets.
+                if getattr(sub, "_compiled_call_impl", None) is not None:
+                    sub._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def default_warmup(
+    loaded: LoadedPipeline,
+    sizes: list[tuple[int, int]],
+    lanes: int = 1,
+    adapters: tuple[tuple[str, float], ...] = (),
+) -> None:
+    """Short generations per size through the path requests take: the step loop (batches of 1
+    and 2 images; on a lane thread too when `lanes` > 1) or a whole pipeline call."""
+    if not uses_stepping(loaded):
+        for width, height in sizes:
+            generate(loaded, _request(width, height, 1, adapters))
+        return
+    from service.core.lanes import Lanes
+
+    def loop() -> None:
+        for width, height in sizes:
+            start = time.perf_counter()
+            for images in (1, 2):
+                _run_steps(loaded, _request(width, height, images, adapters))
+            log.info("warm-up %dx%d took %.1fs", width, height, time.perf_counter() - start)
+
+    lora.activate(loaded, adapters)
+    try:
+        loop()
+        if lanes > 1:
+            [(_, oom, error)] = Lanes.get(lanes).run([loop], _as_text)
+            if oom or error:
+                raise RuntimeError(f"warm-up on a lane failed: {oom or error}")
+    finally:
+        lora.activate(loaded, ())
+
+
+def _request(
+    width: int, height: int, images: int, adapters: tuple[tuple[str, float], ...]
+) -> GenerationRequest:
+    return GenerationRequest(
+        "warm-up",
+        num_inference_steps=WARMUP_STEPS,
+        seed=0,
+        width=width,
+        height=height,
+        num_images=images,
+        lora=adapters,
+    )
+
+
+def _run_steps(loaded: LoadedPipeline, request: GenerationRequest) -> None:
+    from quantization.generate import resolve
+    from quantization.stepping import StepBatch
+
+    batch = StepBatch(loaded, max_images=request.num_images)
+    batch.add("warm-up", resolve(loaded.defaults, request))
+    while len(batch):
+        batch.step()
+
+
+def _as_text(exc: Exception) -> tuple[str | None, str | None]:
+    return None, f"{type(exc).__name__}: {exc}"

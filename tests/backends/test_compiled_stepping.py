@@ -1,0 +1,115 @@
+"""QDS_COMPILE (default auto: on for Flux step batching on a CPU with a C++ compiler):
+the compiled step loop keeps the same-seed guarantee, its warm-up compiles every graph a
+request meets (no compile after it, at any batch size, on the main thread or a lane), and
+auto turns itself off where it was not measured or cannot run.
+
+Measured here (torch 2.13 CPU, embedded random model, 32x32, 4 steps): compiled StepBatch
+alone and joined mid-batch vs the eager pipeline call, max abs pixel difference asserted
+within tests/backends/test_stepping.py's TOL (2/255).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from quantization.generate import GenerationRequest, generate, resolve
+from quantization.loader import LoadedPipeline, load_pipeline
+from quantization.settings import QuantSettings
+from quantization.stepping import StepBatch
+from service.core import compiling
+from service.core.lanes import Lanes
+
+TOL = 2
+
+
+def _px(images: list[Any]) -> np.ndarray:
+    return np.stack([np.asarray(im).astype(np.int16) for im in images])
+
+
+def _req(loaded: LoadedPipeline, seed: int) -> GenerationRequest:
+    return resolve(
+        loaded.defaults,
+        GenerationRequest("a red circle on the left", seed=seed, num_inference_steps=4),
+    )
+
+
+def _drain(batch: StepBatch, join: tuple[str, GenerationRequest] | None = None) -> dict:
+    out: dict[str, Any] = {}
+    steps = 0
+    while len(batch):
+        if join is not None and steps == 1:
+            batch.add(*join)
+        out.update(dict(batch.step()))
+        steps += 1
+    return out
+
+
+def test_compiled_steps_keep_the_same_seed_image_and_never_compile_after_warm_up(
+    embedded_path: Path,
+) -> None:
+    from torch._dynamo.utils import counters
+
+    loaded = load_pipeline(QuantSettings(model=str(embedded_path)))
+    reqs = [_req(loaded, seed) for seed in (3, 4, 5, 6)]
+    eager = {r.seed: _px(generate(loaded, r).images) for r in reqs}
+
+    compiling.compile_denoiser(loaded)
+    size = loaded.defaults.size
+    compiling.default_warmup(loaded, [(size, size)], lanes=2)
+    frames = counters["frames"]["total"]
+    assert frames > 0  # the warm-up compiled
+
+    alone = StepBatch(loaded, max_images=8)
+    alone.add("a", reqs[0])
+    assert int(np.abs(_px(_drain(alone)["a"].images) - eager[3]).max()) <= TOL
+
+    # Three at once, a fourth joining after one step (its own schedule, a batch of 3 then 4).
+    batch = StepBatch(loaded, max_images=8)
+    batch.add_many([(str(r.seed), r) for r in reqs[1:3]])
+    batch.add("5x", replace(reqs[0], seed=5, num_images=1))
+    results = _drain(batch, join=("6", reqs[3]))
+    for seed in (4, 5, 6):
+        key = "5x" if seed == 5 else str(seed)
+        assert int(np.abs(_px(results[key].images) - eager[seed]).max()) <= TOL, seed
+
+    # Batch sizes the warm-up did not run, on the main thread and on two lanes at once.
+    for images in (3, 5):
+        b = StepBatch(loaded, max_images=8)
+        b.add("x", replace(reqs[0], num_images=images))
+        _drain(b)
+    pair = [StepBatch(loaded, max_images=8) for _ in range(2)]
+    for i, b in enumerate(pair):
+        b.add(str(i), replace(reqs[i], num_images=3 + i))
+    while len(pair[0]) or len(pair[1]):
+        Lanes.get(2).run([b.step for b in pair], compiling._as_text)
+    assert counters["frames"]["total"] == frames, "a request met a compile the warm-up skipped"
+    compiling.uncompile(loaded)
+
+
+def test_auto_turns_itself_off_where_not_measured_or_not_possible(
+    embedded_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = load_pipeline(QuantSettings(model=str(embedded_path)))
+    assert compiling.compile_decision(True, loaded)[0] is True
+    assert compiling.compile_decision(False, loaded)[0] is False
+    on, why = compiling.compile_decision("auto", loaded)
+    assert on is (compiling.cpp_compiler() is not None), why
+
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: None)
+    on, why = compiling.compile_decision("auto", loaded)
+    assert not on and "no C++ compiler" in why
+    monkeypatch.undo()
+
+    gpu = SimpleNamespace(device="cuda:0", pipeline=loaded.pipeline)
+    on, why = compiling.compile_decision("auto", gpu)  # type: ignore[arg-type]
+    assert not on and "cuda:0" in why
+
+    monkeypatch.setattr(compiling, "uses_stepping", lambda _loaded: False)
+    on, why = compiling.compile_decision("auto", loaded)
+    assert not on and "whole-call" in why
