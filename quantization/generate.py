@@ -118,17 +118,21 @@ class PipelineCall:
         return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
 
 
+def backend_choices(loaded: LoadedPipeline) -> list[tuple[str, str | None]]:
+    """(backend, quant type) of every quantized component: QDS_QUANT_BACKEND=auto mixes
+    backends, so a per-backend property of the pipeline must hold for each choice."""
+    plan = loaded.extra.get("plan", {}).get("components", {})
+    return [(c["backend"], c["quant_type"]) for c in plan.values()] or [
+        (loaded.backend, loaded.quant_type)
+    ]
+
+
 def allows_inference_mode(loaded: LoadedPipeline) -> bool:
     """Whether every backend the pipeline was quantized with runs under
     `torch.inference_mode` (`QuantBackend.allows_inference_mode`)."""
     from quantization.backends import get_backend
 
-    # QDS_QUANT_BACKEND=auto mixes backends: every component's choice must allow it.
-    plan = loaded.extra.get("plan", {}).get("components", {})
-    choices = [(c["backend"], c["quant_type"]) for c in plan.values()] or [
-        (loaded.backend, loaded.quant_type)
-    ]
-    return all(get_backend(b).allows_inference_mode(t) for b, t in choices)
+    return all(get_backend(b).allows_inference_mode(t) for b, t in backend_choices(loaded))
 
 
 def grad_mode(inference: bool) -> AbstractContextManager[Any]:

@@ -207,6 +207,12 @@ class QuantBackend:
         that sets a tensor's version counter fails there."""
         return False
 
+    def compiles_by_default(self, quant_type: str | None) -> bool:
+        """Whether QDS_COMPILE=auto compiles this quant type's denoiser on a CPU: only where a
+        compiled step loop was measured to be faster (`bench compile`, `bench peer`) AND to
+        give the eager images within the stated 2/255 (the README's compile section)."""
+        return False
+
     # --- LoRA adapters ---------------------------------------------------------------------
 
     def lora_unsupported_reason(self, quant_type: str | None) -> str | None:

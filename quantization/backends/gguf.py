@@ -40,6 +40,10 @@ class GGUFBackend(QuantBackend):
     def allows_inference_mode(self, quant_type: str | None) -> bool:
         return True  # dequantizes per forward into fresh tensors
 
+    def compiles_by_default(self, quant_type: str | None) -> bool:
+        # Q8_0: faster (bench compile, 1.21x), 1/255 vs eager; other types not timed.
+        return quant_type == "Q8_0"
+
     def validate_artifacts(self, settings: QuantSettings) -> None:
         if settings.gguf_file is None:
             raise ValueError(

@@ -19,6 +19,9 @@ class NoneBackend(QuantBackend):
     def allows_inference_mode(self, quant_type: str | None) -> bool:
         return True
 
+    def compiles_by_default(self, quant_type: str | None) -> bool:
+        return True  # bench peer: compiled vs eager server, same images (0/255)
+
     def validate_settings(self, settings: QuantSettings) -> None:
         # Any quant type and component list is moot, and other backends' options (such as
         # QDS_GGUF_FILE) may be set so that requests can ask for those variants while the

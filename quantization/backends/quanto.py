@@ -43,6 +43,10 @@ class QuantoBackend(QuantBackend):
         # refuse ("Cannot set version_counter for inference tensor", optimum-quanto 0.2.7).
         return quant_type not in ("int4", "int2")
 
+    def compiles_by_default(self, quant_type: str | None) -> bool:
+        # int8: faster (bench compile) and 0/255 vs eager; others not timed compiled.
+        return quant_type == "int8"
+
     def lora_unsupported_reason(self, quant_type: str | None) -> str | None:
         # Measured for every quanto type by benchmarks/lora.py (docs/benchmarks/lora.md).
         return (

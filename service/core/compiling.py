@@ -21,7 +21,8 @@ import time
 from typing import TYPE_CHECKING
 
 from quantization import lora
-from quantization.generate import GenerationRequest, generate
+from quantization.backends import get_backend
+from quantization.generate import GenerationRequest, backend_choices, generate
 from quantization.loader import ModelLoadError
 from service.core.batches import uses_stepping
 
@@ -57,9 +58,13 @@ def compile_decision(setting: bool | str, loaded: LoadedPipeline) -> tuple[bool,
         return False, f"auto: off on {loaded.device} (compile start-up not measured there)"
     if not uses_stepping(loaded):
         return False, "auto: off for whole-call pipelines (only Flux step batching measured)"
+    choices = backend_choices(loaded)
+    if not all(get_backend(b).compiles_by_default(t) for b, t in choices):
+        names = ", ".join(f"{b}:{t}" if t else b for b, t in choices)
+        return False, f"auto: off for {names} (not measured faster within 2/255 compiled)"
     if cpp_compiler() is None:
         return False, "auto: off, no C++ compiler for inductor on this machine"
-    return True, "auto: on (CPU, Flux step batching, C++ compiler found)"
+    return True, "auto: on (CPU, Flux step batching, a measured backend, C++ compiler found)"
 
 
 def compile_denoiser(loaded: LoadedPipeline) -> None:

@@ -106,6 +106,40 @@ def test_auto_turns_itself_off_where_not_measured_or_not_possible(
     assert not on and "no C++ compiler" in why
     monkeypatch.undo()
 
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: "g++")
+    for backend, qtype, on in [
+        ("none", None, True),
+        ("quanto", "int8", True),
+        ("quanto", "int4", False),
+        ("torchao", "int8wo", True),
+        ("torchao", "int8dq", False),  # 3/255 from eager when compiled
+        ("gguf", "Q8_0", True),
+        ("sdnq", "int8", False),
+    ]:
+        variant = SimpleNamespace(
+            device="cpu", pipeline=loaded.pipeline, extra={}, backend=backend, quant_type=qtype
+        )
+        decided, why = compiling.compile_decision("auto", variant)  # type: ignore[arg-type]
+        assert decided is on, (backend, qtype, why)
+        if not on:
+            assert f"{backend}:{qtype}" in why and "2/255" in why
+    # A planned mix (QDS_QUANT_BACKEND=auto) compiles only if every choice does.
+    mixed = SimpleNamespace(
+        device="cpu",
+        pipeline=loaded.pipeline,
+        backend="auto",
+        quant_type=None,
+        extra={
+            "plan": {
+                "components": {
+                    "transformer": {"backend": "torchao", "quant_type": "int8wo"},
+                    "text_encoder_2": {"backend": "torchao", "quant_type": "int8dq"},
+                }
+            }
+        },
+    )
+    assert not compiling.compile_decision("auto", mixed)[0]  # type: ignore[arg-type]
+
     gpu = SimpleNamespace(device="cuda:0", pipeline=loaded.pipeline)
     on, why = compiling.compile_decision("auto", gpu)  # type: ignore[arg-type]
     assert not on and "cuda:0" in why
