@@ -2,9 +2,9 @@
 
 Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
 
-Subcommands: matrix, overhead, load, peer, batch-size, batching, compile, gpu-report,
-streaming, quality, lora, all. `all` clears docs/benchmarks/ (keeping the recorded GPU runs,
-`gpu-h*-run*/`, `peer-nvidia-*`) and regenerates everything.
+Subcommands: matrix, overhead, load, peer, batch-size, batching, compile, compile-serving,
+gpu-report, streaming, quality, lora, all. `all` clears docs/benchmarks/ (keeping the recorded
+GPU runs, `gpu-h*-run*/`, `peer-nvidia-*`) and regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
 
@@ -94,6 +94,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "batch-size": _batch_size,
     "batching": _serving("batching"),
     "compile": _compile,
+    "compile-serving": _serving("compile-serving"),
     "gpu-report": _gpu_report,
     "streaming": _streaming,
     "quality": _quality,

@@ -15,7 +15,8 @@ SECTIONS = [
     ("peer", "Side by side with LitServe: defaults (headline) and pinned threads, interleaved"),
     ("batch-size", "Images per second against batch size, in process (QDS_MAX_BATCH=auto)"),
     ("batching", "Step-level batching gain (QDS_MAX_BATCH 1 vs 4 vs auto)"),
-    ("compile", "QDS_COMPILE (regional torch.compile) per backend"),
+    ("compile", "QDS_COMPILE: the step loop eager vs compiled per backend, in process"),
+    ("compile-serving", "QDS_COMPILE as served: eager vs compiled qdserve side by side"),
     ("gpu", "GPU (NVIDIA H200) denoiser numbers next to the published H100 anchors"),
     ("streaming", "Streaming: overhead at partial_images=2, preview cost, disconnect to free"),
     ("lora", "LoRA on quantized bases: which backends take the demo LoRA; switching cost"),
@@ -88,6 +89,13 @@ def write_index(out: Path, timings: dict[str, float] | None) -> None:
         head = headline("peer", data) if data else ""
         lines.append(
             f"| Side by side with LitServe, {md.stem[5:]} | [{md.name}]({md.name}) | {head} "
+            f"| {measured(data)} |"
+        )
+    for md in sorted(out.glob("compile-serving-*.md")):  # other variants (QDS_QUANT_BACKEND)
+        data = _load(out, md.stem)
+        head = data.get("headline", "") if data else ""
+        lines.append(
+            f"| QDS_COMPILE as served, {md.stem[16:]} | [{md.name}]({md.name}) | {head} "
             f"| {measured(data)} |"
         )
     lines += dominant(out)

@@ -556,6 +556,72 @@ def render_batching(data: dict[str, Any]) -> str:
     )
 
 
+def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
+    """QDS_COMPILE=false vs auto (on here: CPU with a C++ compiler) as servers, side by side:
+    bench compile times the step loop alone in a quiet process, this times what users get."""
+    levels = [(1, 8), (4, 16)] if quick else [(1, 120), (4, 300), (16, 600)]
+
+    def spec(name: str, value: str) -> Callable[[Path], Server]:
+        return lambda d: qdserve_server(name, d, QDS_COMPILE=value, QDS_TORCH_THREADS="0")
+
+    specs = {
+        "eager (QDS_COMPILE=false)": spec("qdserve-eager", "false"),
+        "compiled (QDS_COMPILE=auto, the default)": spec("qdserve-compiled", "auto"),
+    }
+    with _servers(specs, log_dir) as srv:
+        res = _interleave(srv, levels, rounds=2 if quick else 3)
+        info = {name: _server_info(s) for name, s in srv.items()}
+    eager, compiled = list(res)
+    # The servers inherit the bench's QDS_* variables: QDS_QUANT_BACKEND picks the variant.
+    variant = os.environ.get("QDS_QUANT_BACKEND", "none")
+    if os.environ.get("QDS_QUANT_TYPE"):
+        variant += f" {os.environ['QDS_QUANT_TYPE']}"
+    return {
+        "variant": variant,
+        "levels": res,
+        "throughput_gain_vs_off": {
+            compiled: {
+                conc: ratio(r["throughput_rps"], res[eager][conc]["throughput_rps"])
+                for conc, r in res[compiled].items()
+            }
+        },
+        "servers": info,
+        "method": f"two qdserve servers ({variant}) differing only in QDS_COMPILE, torch at its "
+        "default "
+        "thread count, both up for the whole run (the one not measured paused), interleaved "
+        "rounds per concurrency in alternating order, identical requests (the embedded "
+        "model's defaults, 32x32). Start-up seconds include the compile warm-up; inductor's "
+        "on-disk cache was already filled by earlier runs on this machine (an empty cache: "
+        "compile.md's first-start column).",
+    }
+
+
+def render_compile_serving(data: dict[str, Any]) -> str:
+    rows: list[list[str]] = []
+    for name, levels in data["levels"].items():
+        rows += _level_rows(levels, name)
+    grows = [
+        [name, c, fmt(g, 2)]
+        for name, gs in data["throughput_gain_vs_off"].items()
+        for c, g in gs.items()
+    ]
+    starts = [
+        f"{name}: {fmt(info.get('start_to_ready_seconds'), 1)} s to ready"
+        for name, info in data["servers"].items()
+    ]
+    parts = [
+        f"# QDS_COMPILE as served: eager vs compiled qdserve ({data.get('variant', 'none')}), "
+        "side by side",
+        meta_line(data["meta"]),
+        data["method"],
+        md_table(LEVEL_HEADER, rows),
+        "Throughput, compiled / eager:",
+        md_table(["config", "concurrency", "throughput / eager"], grows),
+        "Start-up: " + "; ".join(starts) + ".",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
 # -- entry -----------------------------------------------------------------------------
 PARTS: dict[
     str, tuple[Callable[[Path, bool, Path], dict[str, Any]], Callable[[dict[str, Any]], str]]
@@ -563,6 +629,7 @@ PARTS: dict[
     "overhead": (overhead, render_overhead),
     "load": (load, render_load),
     "batching": (batching, render_batching),
+    "compile-serving": (compile_serving, render_compile_serving),
 }
 
 
@@ -591,7 +658,7 @@ def headline(name: str, data: dict[str, Any]) -> str:
             f"p99 {r['latency_seconds']['p99'] * 1e3:.0f} ms"
             for c, r in data["levels"].items()
         )
-    if name == "batching":
+    if name in ("batching", "compile-serving"):
         return "; ".join(
             f"{n}: " + ", ".join(f"c{c} x{fmt(g, 2)}" for c, g in gs.items())
             for n, gs in data["throughput_gain_vs_off"].items()
@@ -605,7 +672,8 @@ def main(name: str, out: Path, quick: bool) -> dict[str, Any]:
     measure, render = PARTS[name]
     with tempfile.TemporaryDirectory(prefix=f"qds-{name}-") as tmp:
         # The batching servers run at torch's default thread count, the others pinned.
-        threads = f"torch default ({os.cpu_count()})" if name == "batching" else None
+        default_threads = name in ("batching", "compile-serving")
+        threads = f"torch default ({os.cpu_count()})" if default_threads else None
         meta = run_meta(f"qdserve bench {name}" + (" --quick" if quick else ""), threads)
         data = {"meta": meta, **measure(out, quick, Path(tmp))}
     data["headline"] = headline(name, data)

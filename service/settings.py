@@ -142,7 +142,8 @@ class ServiceSettings(BaseSettings):
         default="auto",
         description="torch.compile the denoiser's repeated blocks (warmed up before ready). "
         "auto: on for Flux step batching on a CPU with a C++ compiler (inductor needs one; "
-        "the container has none), off on GPUs and whole-call pipelines; true / false force it.",
+        "the container has none) and a backend measured faster compiled as served "
+        "(`compiles_by_default`); off on GPUs and whole-call pipelines; true / false force it.",
     )
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."

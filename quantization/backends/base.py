@@ -209,8 +209,8 @@ class QuantBackend:
 
     def compiles_by_default(self, quant_type: str | None) -> bool:
         """Whether QDS_COMPILE=auto compiles this quant type's denoiser on a CPU: only where a
-        compiled step loop was measured to be faster (`bench compile`, `bench peer`) AND to
-        give the eager images within the stated 2/255 (the README's compile section)."""
+        compiled server was measured faster as served (`bench compile-serving`) AND the
+        compiled step loop gives the eager images within the stated 2/255 (`bench compile`)."""
         return False
 
     # --- LoRA adapters ---------------------------------------------------------------------

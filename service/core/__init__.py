@@ -38,7 +38,15 @@ Choices, and what they follow:
   time on threads of their own, one torch thread each (`lanes`): at the demo model's sizes two
   batches of 4 serve more than one of 8 on both threads. A batch takes 4 images before the
   next lane opens (a batch of 4 on both threads beat two of 2 at concurrency 4).
-  Batches run under `torch.inference_mode` where the backend's kernels allow it
+- Compiled denoiser blocks by default where measured to pay (`service.core.compiling`,
+  `QDS_COMPILE=auto`: CPU with a C++ compiler, backends whose `compiles_by_default` holds):
+  qdserve served 1.0-1.3x more images per second compiled than eager, side by side
+  (docs/benchmarks/compile-serving*.md), though the step loop timed alone in a quiet process
+  was not faster (compile.md): where the served gain comes from is not established. The
+  warm-up runs the step loop itself (1 and 2 images, the main thread and a lane, the
+  batches' grad mode), so dynamo's guards (grad mode, thread count, batch size) are met
+  before /readyz turns 200.
+- Batches run under `torch.inference_mode` where the backend's kernels allow it
   (`QuantBackend.allows_inference_mode`; a lone request ~5% faster on the demo model).
   Pipelines that cannot step (`quantization.stepping.supports_stepping` false) run whole
   `generate_batch` calls, batched from whatever is queued when the previous call ends.

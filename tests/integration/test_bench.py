@@ -10,6 +10,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -498,3 +499,33 @@ def test_open_loop_levels_send_both_servers_the_same_poisson_arrivals() -> None:
     ratios[open_level(8)] = {"images_per_second_qdserve_over_litserve": 1.0}
     data = {"variant": "none", "tables": {"defaults": {"ratios": ratios}}}
     assert headline(data) == "none: defaults: img/s qdserve/litserve c1 1.20"
+
+
+def test_compile_serving_report_says_which_is_which_and_the_ratio() -> None:
+    from benchmarks.serving import headline, render_compile_serving
+
+    def level(rps: float) -> dict[str, Any]:
+        lat = {"p50": 0.1, "p95": 0.2, "p99": 0.3}
+        return {
+            "requests": 10,
+            "ok": 10,
+            "errors": {},
+            "throughput_rps": rps,
+            "latency_seconds": lat,
+            "usage": None,
+        }
+
+    eager, compiled = "eager (QDS_COMPILE=false)", "compiled (QDS_COMPILE=auto, the default)"
+    data = {
+        "meta": run_meta("qdserve bench compile-serving"),
+        "variant": "quanto int8",
+        "levels": {eager: {"4": level(10.0)}, compiled: {"4": level(12.5)}},
+        "throughput_gain_vs_off": {compiled: {"4": 1.25}},
+        "servers": {eager: {"start_to_ready_seconds": 8.8}, compiled: {}},
+        "method": "two qdserve servers (quanto int8) differing only in QDS_COMPILE",
+    }
+    text = render_compile_serving(data)
+    assert "eager vs compiled qdserve (quanto int8)" in text
+    assert f"| {compiled} | 4 | 1.25 |" in text
+    assert "eager (QDS_COMPILE=false): 8.8 s to ready" in text
+    assert headline("compile-serving", data) == f"{compiled}: c4 x1.25"
