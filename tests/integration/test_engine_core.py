@@ -478,7 +478,8 @@ def test_ready_after_default_and_preloads_with_a_warning_per_failed_preload(
     }
     conn, child = multiprocessing.Pipe()
     hooks = EngineHooks(load=load, make_batch=FakeBatch, kind_of=kind_of)
-    config = EngineConfig(quant, ServiceSettings(engine="inline", cache_max_entries=3), preload)
+    settings = ServiceSettings(engine="inline", cache_max_entries=3, compile=False)
+    config = EngineConfig(quant, settings, preload)
     config.hooks = hooks
     core = EngineCore(config, child)
     thread = threading.Thread(target=core.run, daemon=True)
