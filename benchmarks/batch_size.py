@@ -86,19 +86,13 @@ def runners(loaded: Any) -> dict[str, Callable[[int, int], None]]:
             if len(live) == 1:
                 live[0].step()
                 continue
-            for _, _, error in Lanes.get(2).run([r.step for r in live], _as_text):
-                if error:
-                    raise RuntimeError(error)
+            Lanes.get(2).run_or_raise([r.step for r in live])
 
     out = {"generate_batch": whole}
     if supports_stepping(loaded):
         out["StepBatch"] = stepped
         out["StepBatch x2 lanes"] = laned
     return out
-
-
-def _as_text(exc: BaseException) -> tuple[None, str]:
-    return None, f"{type(exc).__name__}: {exc}"
 
 
 def measure(variant: str, sizes: list[int], rounds: int, work: Path) -> dict[str, Any]:

@@ -107,9 +107,7 @@ def run_case(settings: Any, runs: int, warmup_only: bool) -> dict[str, Any]:
         for i, b in enumerate(pair):
             b.add(str(i), replace(request(i), num_images=3 + i))
         while len(pair[0]) or len(pair[1]):
-            for _, oom, error in Lanes.get(2).run([b.step for b in pair], _as_text):
-                if oom or error:
-                    raise RuntimeError(oom or error)
+            Lanes.get(2).run_or_raise([b.step for b in pair])
     except Exception as exc:
         out["error"] = f"{stage}: {type(exc).__name__}: {str(exc)[:1500]}"
         return out
@@ -121,10 +119,6 @@ def run_case(settings: Any, runs: int, warmup_only: bool) -> dict[str, Any]:
         for n in out["eager_seconds"]
     }
     return out
-
-
-def _as_text(exc: Exception) -> tuple[str | None, str | None]:
-    return None, f"{type(exc).__name__}: {exc}"
 
 
 def _child_run(argv: list[str], cache: Path) -> subprocess.CompletedProcess[str] | None:

@@ -532,15 +532,22 @@ def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     }
 
 
-def render_batching(data: dict[str, Any]) -> str:
+def _config_tables(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    """The level rows of every server config, and each config's throughput ratio rows (the
+    A/B benches of one setting: batching, compile-serving)."""
     rows: list[list[str]] = []
     for name, levels in data["levels"].items():
         rows += _level_rows(levels, name)
-    grows = [
+    gains = [
         [name, c, fmt(g, 2)]
         for name, gs in data["throughput_gain_vs_off"].items()
         for c, g in gs.items()
     ]
+    return rows, gains
+
+
+def render_batching(data: dict[str, Any]) -> str:
+    rows, grows = _config_tables(data)
     return (
         "\n\n".join(
             [
@@ -597,14 +604,7 @@ def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
 
 
 def render_compile_serving(data: dict[str, Any]) -> str:
-    rows: list[list[str]] = []
-    for name, levels in data["levels"].items():
-        rows += _level_rows(levels, name)
-    grows = [
-        [name, c, fmt(g, 2)]
-        for name, gs in data["throughput_gain_vs_off"].items()
-        for c, g in gs.items()
-    ]
+    rows, grows = _config_tables(data)
     starts = [
         f"{name}: {fmt(info.get('start_to_ready_seconds'), 1)} s to ready"
         for name, info in data["servers"].items()

@@ -1,9 +1,10 @@
 """QDS_COMPILE: regional torch.compile of the denoiser, when it is on, and the warm-up that
 compiles every graph the engine will run before readiness turns 200.
 
-Why `auto` turns it on for step batching on a CPU: measured side by side (docs/benchmarks,
-`bench peer` and `bench compile`), compiled blocks serve more images per second there with
-the same images up to float rounding. Why only there: inductor needs a C++ compiler on a
+Why `auto` turns it on for step batching on a CPU: measured side by side as served
+(`bench compile-serving`), compiled blocks serve more images per second there for the
+backends whose `compiles_by_default` says so, with the eager images up to float rounding
+(`bench compile`). Why only there: inductor needs a C++ compiler on a
 CPU (the container image has none, so it stays eager), GPU compile start-up for a
 Flux-size denoiser was not measured here, and whole-call pipelines (SD3, SDXL) would compile
 at their first request.
@@ -11,7 +12,7 @@ at their first request.
 Dynamo keys a compiled graph on the grad mode, the intra-op thread count and (until it
 has seen two) the batch size: the warm-up runs the step loop itself, under the grad mode
 its batches use, at one and two images, on the engine's thread count and, with lanes, on a
-lane's. A request never meets a first compile of the default model at its warm-up sizes.
+lane's, so requests at the warm-up sizes meet no compile in the sequences tested.
 """
 
 from __future__ import annotations
@@ -118,9 +119,7 @@ def default_warmup(
     try:
         loop()
         if lanes > 1:
-            [(_, oom, error)] = Lanes.get(lanes).run([loop], _as_text)
-            if oom or error:
-                raise RuntimeError(f"warm-up on a lane failed: {oom or error}")
+            Lanes.get(lanes).run_or_raise([loop])
     finally:
         lora.activate(loaded, ())
 
@@ -147,7 +146,3 @@ def _run_steps(loaded: LoadedPipeline, request: GenerationRequest) -> None:
     batch.add("warm-up", resolve(loaded.defaults, request))
     while len(batch):
         batch.step()
-
-
-def _as_text(exc: Exception) -> tuple[str | None, str | None]:
-    return None, f"{type(exc).__name__}: {exc}"

@@ -368,27 +368,23 @@ class EngineCore:
                 elif compiled:
                     self._compile_and_warm(loaded)
                 if not compiled:
-                    self.hooks.warmup(loaded, self._warmup_sizes(loaded), self._lanes)
+                    self.hooks.warmup(loaded, self._warmup_sizes(loaded))
         except BaseException:
             loaded.release()
             raise
         return loaded
 
-    @property
-    def _lanes(self) -> int:
-        return self.scheduler.lanes
-
     def _compile_and_warm(self, loaded: LoadedPipeline) -> None:
         """Compile, then warm up every graph requests will use (`service.core.compiling`)."""
         self.hooks.compile(loaded)
         sizes = self._warmup_sizes(loaded)
-        self.hooks.warmup(loaded, sizes, self._lanes)
+        self.hooks.warmup(loaded, sizes, self.scheduler.lanes)
         adapters = lora.adapters_of(loaded)
         if adapters is not None and adapters.adapters:
             # The slot enabled is a second graph of each block: compile it now, not on the
             # first request that names an adapter.
             first = next(iter(adapters.adapters))
-            self.hooks.warmup(loaded, sizes, self._lanes, ((first, 1.0),))
+            self.hooks.warmup(loaded, sizes, self.scheduler.lanes, ((first, 1.0),))
 
     def _compile_or_eager(self, loaded: LoadedPipeline) -> bool:
         """QDS_COMPILE=auto: a compile or warm-up that fails leaves the pipeline eager (with a

@@ -23,6 +23,20 @@ from typing import Any, ClassVar
 LaneResult = tuple[list[Any], str | None, str | None]
 
 
+def classify(exc: BaseException) -> tuple[str | None, str | None]:
+    """(oom message, None) for an out-of-memory error, (None, error text) otherwise.
+
+    Only strings leave: keeping `exc` would keep its traceback, and so the failed call's
+    tensors, alive past the handler.
+    """
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        text = str(exc)
+        return (text.splitlines()[0] if text else "out of memory"), None
+    return None, f"{type(exc).__name__}: {exc}"
+
+
 class Lanes:
     """`count` threads, each pinned to `threads` torch intra-op threads."""
 
@@ -62,8 +76,8 @@ class Lanes:
 
     def run(
         self,
-        steps: Sequence[Callable[[], list[Any]]],
-        classify: Callable[[Exception], tuple[str | None, str | None]],
+        steps: Sequence[Callable[[], Any]],
+        classify: Callable[[Exception], tuple[str | None, str | None]] = classify,
     ) -> list[LaneResult]:
         """Run each step on a lane; errors come back as text (`classify`), never raised, so
         no failed call's frames (and tensors) outlive the lane."""
@@ -76,3 +90,9 @@ class Lanes:
                 return [], oom, error
 
         return list(self._pool.map(one, steps))
+
+    def run_or_raise(self, steps: Sequence[Callable[[], Any]]) -> None:
+        """`run`, then a RuntimeError with the first failure's text (warm-ups, benchmarks)."""
+        for _, oom, error in self.run(steps):
+            if oom or error:
+                raise RuntimeError(oom or error)

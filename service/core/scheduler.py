@@ -41,7 +41,7 @@ from service.core.batches import (
     new_batch,
     uses_stepping,
 )
-from service.core.lanes import Lanes
+from service.core.lanes import Lanes, classify
 
 if TYPE_CHECKING:
     from quantization.generate import GenerationRequest
@@ -323,7 +323,7 @@ class Scheduler:
         try:
             run.batch.add(job.job_id, job.request)  # encodes the prompt: may fail
         except Exception as exc:
-            oom, error = _classify(exc)
+            oom, error = classify(exc)
         if oom is not None or error is not None:
             # Memory is released here, after the handler (see the module docstring).
             if oom is not None:
@@ -366,7 +366,7 @@ class Scheduler:
                     if self.before_batch is not None:
                         self.before_batch(jobs[id(r)])
                 except Exception as exc:
-                    outcomes[id(r)] = ([], *_classify(exc))
+                    outcomes[id(r)] = ([], *classify(exc))
             stepping = [r for r in runs if id(r) not in outcomes]
             if stepping and jobs[id(run)]:  # the batch's adapters (none: the base,
                 # bit-exact), shared by its partners (`_lane_partners`); a no-op if unchanged
@@ -374,11 +374,11 @@ class Scheduler:
             if len(stepping) == 1:
                 outcomes[id(stepping[0])] = (stepping[0].batch.step(), None, None)
             elif stepping:
-                results = Lanes.get(self.lanes).run([r.batch.step for r in stepping], _classify)
+                results = Lanes.get(self.lanes).run([r.batch.step for r in stepping], classify)
                 outcomes.update(zip(map(id, stepping), results, strict=True))
         except Exception as exc:
             for r in runs:
-                outcomes.setdefault(id(r), ([], *_classify(exc)))
+                outcomes.setdefault(id(r), ([], *classify(exc)))
         finally:
             self.active -= len(runs)
             self._stepping = False
@@ -474,17 +474,3 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.gpu_oom.inc()
         log.error("out of memory running %d image(s) on %s: %s", images, key.variant_id, message)
-
-
-def _classify(exc: BaseException) -> tuple[str | None, str | None]:
-    """(oom message, None) for an out-of-memory error, (None, error text) otherwise.
-
-    Only strings leave: keeping `exc` would keep its traceback, and so the failed call's
-    tensors, alive past the handler.
-    """
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        text = str(exc)
-        return (text.splitlines()[0] if text else "out of memory"), None
-    return None, f"{type(exc).__name__}: {exc}"

@@ -87,7 +87,7 @@ def test_compiled_steps_keep_the_same_seed_image_and_never_compile_after_warm_up
     for i, b in enumerate(pair):
         b.add(str(i), replace(reqs[i], num_images=3 + i))
     while len(pair[0]) or len(pair[1]):
-        Lanes.get(2).run([b.step for b in pair], compiling._as_text)
+        Lanes.get(2).run_or_raise([b.step for b in pair])
     assert counters["frames"]["total"] == frames, "a request met a compile the warm-up skipped"
     compiling.uncompile(loaded)
 
