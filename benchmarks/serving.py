@@ -511,18 +511,9 @@ def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     with _servers(specs, log_dir) as srv:
         res = _interleave(srv, levels, rounds=2)
         info = {name: _server_info(s) for name, s in srv.items()}
-    off = next(iter(res))
-    gains = {
-        name: {
-            conc: ratio(r["throughput_rps"], res[off][conc]["throughput_rps"])
-            for conc, r in levels_.items()
-        }
-        for name, levels_ in res.items()
-        if name != off
-    }
     return {
         "levels": res,
-        "throughput_gain_vs_off": gains,
+        "throughput_gain_vs_off": _gains_vs_first(res),
         "servers": info,
         "method": "qdserve servers differing only in QDS_MAX_BATCH (step-level batching: "
         "requests join a running batch at the next step), torch at its default thread count, "
@@ -532,9 +523,22 @@ def batching(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     }
 
 
-def _config_tables(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
-    """The level rows of every server config, and each config's throughput ratio rows (the
-    A/B benches of one setting: batching, compile-serving)."""
+# The A/B benches of one setting (batching, compile-serving): servers differing in it, the
+# first config the baseline.
+def _gains_vs_first(res: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Each other config's throughput over the first config's, per concurrency."""
+    base, *others = res
+    return {
+        name: {
+            conc: ratio(r["throughput_rps"], res[base][conc]["throughput_rps"])
+            for conc, r in res[name].items()
+        }
+        for name in others
+    }
+
+
+def _render_ab(data: dict[str, Any], title: str, gain_label: str, ratio_header: str) -> list[str]:
+    """Title, run, method, every config's levels and the gain table of an A/B bench."""
     rows: list[list[str]] = []
     for name, levels in data["levels"].items():
         rows += _level_rows(levels, name)
@@ -543,24 +547,24 @@ def _config_tables(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str
         for name, gs in data["throughput_gain_vs_off"].items()
         for c, g in gs.items()
     ]
-    return rows, gains
+    return [
+        title,
+        meta_line(data["meta"]),
+        data["method"],
+        md_table(LEVEL_HEADER, rows),
+        gain_label,
+        md_table(["config", "concurrency", ratio_header], gains),
+    ]
 
 
 def render_batching(data: dict[str, Any]) -> str:
-    rows, grows = _config_tables(data)
-    return (
-        "\n\n".join(
-            [
-                "# Step-level batching (QDS_MAX_BATCH)",
-                meta_line(data["meta"]),
-                data["method"],
-                md_table(LEVEL_HEADER, rows),
-                "Throughput gain vs batching off:",
-                md_table(["config", "concurrency", "throughput / off"], grows),
-            ]
-        )
-        + "\n"
+    parts = _render_ab(
+        data,
+        "# Step-level batching (QDS_MAX_BATCH)",
+        "Throughput gain vs batching off:",
+        "throughput / off",
     )
+    return "\n\n".join(parts) + "\n"
 
 
 def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
@@ -578,7 +582,6 @@ def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     with _servers(specs, log_dir) as srv:
         res = _interleave(srv, levels, rounds=2 if quick else 3)
         info = {name: _server_info(s) for name, s in srv.items()}
-    eager, compiled = list(res)
     # The servers inherit the bench's QDS_* variables: QDS_QUANT_BACKEND picks the variant.
     variant = os.environ.get("QDS_QUANT_BACKEND", "none")
     if os.environ.get("QDS_QUANT_TYPE"):
@@ -586,17 +589,11 @@ def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     return {
         "variant": variant,
         "levels": res,
-        "throughput_gain_vs_off": {
-            compiled: {
-                conc: ratio(r["throughput_rps"], res[eager][conc]["throughput_rps"])
-                for conc, r in res[compiled].items()
-            }
-        },
+        "throughput_gain_vs_off": _gains_vs_first(res),
         "servers": info,
         "method": f"two qdserve servers ({variant}) differing only in QDS_COMPILE, torch at its "
-        "default "
-        "thread count, both up for the whole run (the one not measured paused), interleaved "
-        "rounds per concurrency in alternating order, identical requests (the embedded "
+        "default thread count, both up for the whole run (the one not measured paused), "
+        "interleaved rounds per concurrency in alternating order, identical requests (the embedded "
         "model's defaults, 32x32). Start-up seconds include the compile warm-up; inductor's "
         "on-disk cache was already filled by earlier runs on this machine (an empty cache: "
         "compile.md's first-start column).",
@@ -604,21 +601,16 @@ def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
 
 
 def render_compile_serving(data: dict[str, Any]) -> str:
-    rows, grows = _config_tables(data)
     starts = [
         f"{name}: {fmt(info.get('start_to_ready_seconds'), 1)} s to ready"
         for name, info in data["servers"].items()
     ]
-    parts = [
+    title = (
         f"# QDS_COMPILE as served: eager vs compiled qdserve ({data.get('variant', 'none')}), "
-        "side by side",
-        meta_line(data["meta"]),
-        data["method"],
-        md_table(LEVEL_HEADER, rows),
-        "Throughput, compiled / eager:",
-        md_table(["config", "concurrency", "throughput / eager"], grows),
-        "Start-up: " + "; ".join(starts) + ".",
-    ]
+        "side by side"
+    )
+    parts = _render_ab(data, title, "Throughput, compiled / eager:", "throughput / eager")
+    parts.append("Start-up: " + "; ".join(starts) + ".")
     return "\n\n".join(parts) + "\n"
 
 
