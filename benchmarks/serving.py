@@ -567,17 +567,26 @@ def render_batching(data: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+EAGER = "eager (QDS_COMPILE=false)"
+BLOCKS = "compiled blocks (QDS_COMPILE_SCOPE=blocks)"
+DEFAULT_COMPILED = "compiled (QDS_COMPILE=auto, the default: the whole denoiser on a CPU)"
+
+
 def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
-    """QDS_COMPILE=false vs auto (on here: CPU with a C++ compiler) as servers, side by side:
-    bench compile times the step loop alone in a quiet process, this times what users get."""
+    """QDS_COMPILE=false vs compiled blocks vs the default (on here: CPU with a C++ compiler,
+    the whole denoiser) as servers, side by side: bench compile times the step loop alone in
+    a quiet process, this times what users get."""
     levels = [(1, 8), (4, 16)] if quick else [(1, 120), (4, 300), (16, 600)]
 
-    def spec(name: str, value: str) -> Callable[[Path], Server]:
-        return lambda d: qdserve_server(name, d, QDS_COMPILE=value, QDS_TORCH_THREADS="0")
+    def spec(name: str, value: str, scope: str) -> Callable[[Path], Server]:
+        return lambda d: qdserve_server(
+            name, d, QDS_COMPILE=value, QDS_COMPILE_SCOPE=scope, QDS_TORCH_THREADS="0"
+        )
 
     specs = {
-        "eager (QDS_COMPILE=false)": spec("qdserve-eager", "false"),
-        "compiled (QDS_COMPILE=auto, the default)": spec("qdserve-compiled", "auto"),
+        EAGER: spec("qdserve-eager", "false", "auto"),
+        BLOCKS: spec("qdserve-blocks", "auto", "blocks"),
+        DEFAULT_COMPILED: spec("qdserve-compiled", "auto", "auto"),
     }
     with _servers(specs, log_dir) as srv:
         res = _interleave(srv, levels, rounds=2 if quick else 3)
@@ -591,12 +600,12 @@ def compile_serving(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
         "levels": res,
         "throughput_gain_vs_off": _gains_vs_first(res),
         "servers": info,
-        "method": f"two qdserve servers ({variant}) differing only in QDS_COMPILE, torch at its "
-        "default thread count, both up for the whole run (the one not measured paused), "
-        "interleaved rounds per concurrency in alternating order, identical requests (the embedded "
-        "model's defaults, 32x32). Start-up seconds include the compile warm-up; inductor's "
-        "on-disk cache was already filled by earlier runs on this machine (an empty cache: "
-        "compile.md's first-start column).",
+        "method": f"three qdserve servers ({variant}) differing only in QDS_COMPILE and "
+        "QDS_COMPILE_SCOPE, torch at its default thread count, all up for the whole run (those "
+        "not measured paused), interleaved rounds per concurrency in alternating order, "
+        "identical requests (the embedded model's defaults, 32x32). Start-up seconds include "
+        "the compile warm-up; inductor's on-disk cache was already filled by earlier runs on "
+        "this machine (an empty cache: compile.md's first-start column).",
     }
 
 
@@ -609,7 +618,7 @@ def render_compile_serving(data: dict[str, Any]) -> str:
         f"# QDS_COMPILE as served: eager vs compiled qdserve ({data.get('variant', 'none')}), "
         "side by side"
     )
-    parts = _render_ab(data, title, "Throughput, compiled / eager:", "throughput / eager")
+    parts = _render_ab(data, title, "Throughput over eager:", "throughput / eager")
     parts.append("Start-up: " + "; ".join(starts) + ".")
     return "\n\n".join(parts) + "\n"
 

@@ -110,7 +110,7 @@ class ServiceState:
     # Hooks, replaceable before start-up (tests, benchmarks). They run in the engine: with
     # QDS_ENGINE=process they travel by pickle, so only module-level functions work there.
     warmup: Callable[..., None] = default_warmup
-    compile: Callable[[LoadedPipeline], None] = compile_denoiser
+    compile: Callable[[LoadedPipeline, str], None] = compile_denoiser
     load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
     before_batch: Callable[[list[Job]], None] | None = None
     make_batch: Callable[..., Any] | None = None

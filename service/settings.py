@@ -140,10 +140,18 @@ class ServiceSettings(BaseSettings):
     )
     compile: Literal["auto"] | bool = Field(
         default="auto",
-        description="torch.compile the denoiser's repeated blocks (warmed up before ready). "
+        description="torch.compile the denoiser (QDS_COMPILE_SCOPE; warmed up before ready). "
         "auto: on for Flux step batching on a CPU with a C++ compiler (inductor needs one; "
         "the container has none) and a backend measured faster compiled as served "
         "(`compiles_by_default`); off on GPUs and whole-call pipelines; true / false force it.",
+    )
+    compile_scope: Literal["auto", "model", "blocks"] = Field(
+        default="auto",
+        description="What QDS_COMPILE compiles. model: the whole denoiser, one graph (on this "
+        "2-core CPU faster as served than blocks: docs/benchmarks/compile-serving.md; a longer "
+        "first compile); blocks: its repeated blocks, compiled once and reused (diffusers' "
+        "regional compilation: a shorter first compile). auto: model on a CPU, blocks "
+        "elsewhere (a whole Flux-size compile on a GPU was not measured).",
     )
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."

@@ -1,5 +1,6 @@
-"""QDS_COMPILE: regional torch.compile of the denoiser, when it is on, and the warm-up that
-compiles every graph the engine will run before readiness turns 200.
+"""QDS_COMPILE: torch.compile of the denoiser, when it is on and how much of it
+(QDS_COMPILE_SCOPE), and the warm-up that compiles every graph the engine will run before
+readiness turns 200.
 
 Why `auto` turns it on for step batching on a CPU: measured side by side as served
 (`bench compile-serving`), compiled blocks serve more images per second there for the
@@ -8,6 +9,13 @@ backends whose `compiles_by_default` says so, with the eager images up to float 
 CPU (the container image has none, so it stays eager), GPU compile start-up for a
 Flux-size denoiser was not measured here, and whole-call pipelines (SD3, SDXL) would compile
 at their first request.
+
+Why `model` scope on a CPU: the whole denoiser as one graph also fuses what runs between the
+blocks (embeddings, rotary positions, the output norm: about 10% of a step outside the compiled
+blocks in a profile under load), and served more images per second than compiled blocks
+(compile-serving.md) at the price of a longer first compile. `blocks` (diffusers' regional
+compilation) stays the choice elsewhere: its first compile is much shorter, and a whole
+Flux-size compile on a GPU was not measured.
 
 Dynamo keys a compiled graph on the grad mode, the intra-op thread count and (until it
 has seen two) the batch size: the warm-up runs the step loop itself, under the grad mode
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from quantization import lora
 from quantization.backends import get_backend
@@ -33,10 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("qdserve.compile")
 
 WARMUP_STEPS = 2
-# Graphs per block: grad mode x thread count (main, lane) x batch (static 1, dynamic) x
+# Graphs per compiled module: grad mode x thread count (main, lane) x batch (static 1, dynamic) x
 # sizes, LoRA slot on/off. Dynamo's default limit (8) was reached with lanes and two sizes;
 # past it dynamo silently runs the block eagerly.
 RECOMPILE_LIMIT = 64
+
+Scope = Literal["model", "blocks"]
 
 
 def cpp_compiler() -> str | None:
@@ -68,16 +78,31 @@ def compile_decision(setting: bool | str, loaded: LoadedPipeline) -> tuple[bool,
     return True, "auto: on (CPU, Flux step batching, a measured backend, C++ compiler found)"
 
 
-def compile_denoiser(loaded: LoadedPipeline) -> None:
-    """Regional compilation: compile one repeated block once, reuse it for all of them."""
+def compile_scope(setting: str, loaded: LoadedPipeline) -> Scope:
+    """QDS_COMPILE_SCOPE resolved: auto is the whole model on a CPU, the blocks elsewhere."""
+    if setting in ("model", "blocks"):
+        return setting  # type: ignore[return-value]
+    return "model" if str(loaded.device).startswith("cpu") else "blocks"
+
+
+def compile_denoiser(loaded: LoadedPipeline, scope: str = "auto") -> None:
+    """Compile the denoiser: as one graph (`model`), or one repeated block compiled once and
+    reused for all of them (`blocks`, regional compilation)."""
     import torch
 
     pipe = loaded.pipeline
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if denoiser is None or not hasattr(denoiser, "compile_repeated_blocks"):
-        raise ModelLoadError("QDS_COMPILE=1 but this pipeline's denoiser has no repeated blocks")
+    if denoiser is None:
+        raise ModelLoadError("QDS_COMPILE is on but this pipeline has no denoiser to compile")
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    if compile_scope(scope, loaded) == "model":
+        denoiser.compile()
+        return
+    if not hasattr(denoiser, "compile_repeated_blocks"):
+        raise ModelLoadError(
+            "QDS_COMPILE_SCOPE=blocks but this pipeline's denoiser has no repeated blocks"
+        )
     denoiser.compile_repeated_blocks()
 
 

@@ -33,7 +33,13 @@ from quantization.prompt_cache import PromptCache
 from service.cache import ModelCache
 from service.core import messages as m
 from service.core.batches import compat_key, new_batch, uses_stepping
-from service.core.compiling import compile_decision, compile_denoiser, default_warmup, uncompile
+from service.core.compiling import (
+    compile_decision,
+    compile_denoiser,
+    compile_scope,
+    default_warmup,
+    uncompile,
+)
 from service.core.scheduler import BatchFactory, Job, KindOf, Scheduler
 from service.core.telemetry import MetricsRecorder
 from service.gpu_metrics import local_readings
@@ -62,7 +68,7 @@ class EngineHooks:
 
     load: Callable[[QuantSettings], LoadedPipeline] = load_pipeline
     warmup: Callable[..., None] = default_warmup
-    compile: Callable[[LoadedPipeline], None] = compile_denoiser
+    compile: Callable[[LoadedPipeline, str], None] = compile_denoiser
     before_batch: Callable[[list[Job]], None] | None = None
     make_batch: BatchFactory = new_batch
     kind_of: KindOf = compat_key
@@ -358,6 +364,8 @@ class EngineCore:
                 required=key_for(settings) == self.default_key,
             )
             compiled, why = compile_decision(self.settings.compile, loaded)
+            if compiled:
+                why += f"; scope {compile_scope(self._compile_scope, loaded)}"
             log.info("compile %s: %s", key_for(settings).variant_id, why)
             if compiled or self.settings.warmup_sizes:
                 if key_for(settings) == self.default_key and not self._startup_done:
@@ -376,7 +384,7 @@ class EngineCore:
 
     def _compile_and_warm(self, loaded: LoadedPipeline) -> None:
         """Compile, then warm up every graph requests will use (`service.core.compiling`)."""
-        self.hooks.compile(loaded)
+        self.hooks.compile(loaded, self._compile_scope)
         sizes = self._warmup_sizes(loaded)
         self.hooks.warmup(loaded, sizes, self.scheduler.lanes)
         adapters = lora.adapters_of(loaded)
@@ -385,6 +393,10 @@ class EngineCore:
             # first request that names an adapter.
             first = next(iter(adapters.adapters))
             self.hooks.warmup(loaded, sizes, self.scheduler.lanes, ((first, 1.0),))
+
+    @property
+    def _compile_scope(self) -> str:
+        return str(getattr(self.settings, "compile_scope", "auto"))
 
     def _compile_or_eager(self, loaded: LoadedPipeline) -> bool:
         """QDS_COMPILE=auto: a compile or warm-up that fails leaves the pipeline eager (with a

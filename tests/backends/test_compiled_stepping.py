@@ -1,7 +1,8 @@
 """QDS_COMPILE (default auto: on for Flux step batching on a CPU with a C++ compiler):
-the compiled step loop keeps the same-seed guarantee, its warm-up compiles every graph a
-request meets (no compile after it, at any batch size, on the main thread or a lane), and
-auto turns itself off where it was not measured or cannot run.
+the compiled step loop (whole model or repeated blocks, QDS_COMPILE_SCOPE) keeps the
+same-seed guarantee, its warm-up compiles every graph a request meets (no compile after it,
+at any batch size, on the main thread or a lane), and auto turns itself off where it was
+not measured or cannot run.
 
 Measured here (torch 2.13 CPU, embedded random model, 32x32, 4 steps): compiled StepBatch
 alone and joined mid-batch vs the eager pipeline call, max abs pixel difference asserted
@@ -50,8 +51,9 @@ def _drain(batch: StepBatch, join: tuple[str, GenerationRequest] | None = None) 
     return out
 
 
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_compiled_steps_keep_the_same_seed_image_and_never_compile_after_warm_up(
-    embedded_path: Path,
+    embedded_path: Path, scope: str
 ) -> None:
     from torch._dynamo.utils import counters
 
@@ -59,7 +61,7 @@ def test_compiled_steps_keep_the_same_seed_image_and_never_compile_after_warm_up
     reqs = [_req(loaded, seed) for seed in (3, 4, 5, 6)]
     eager = {r.seed: _px(generate(loaded, r).images) for r in reqs}
 
-    compiling.compile_denoiser(loaded)
+    compiling.compile_denoiser(loaded, scope)
     size = loaded.defaults.size
     compiling.default_warmup(loaded, [(size, size)], lanes=2)
     frames = counters["frames"]["total"]
@@ -143,6 +145,11 @@ def test_auto_turns_itself_off_where_not_measured_or_not_possible(
     gpu = SimpleNamespace(device="cuda:0", pipeline=loaded.pipeline)
     on, why = compiling.compile_decision("auto", gpu)  # type: ignore[arg-type]
     assert not on and "cuda:0" in why
+    # QDS_COMPILE_SCOPE: auto is the whole model on a CPU, the repeated blocks elsewhere.
+    assert compiling.compile_scope("auto", loaded) == "model"
+    assert compiling.compile_scope("auto", gpu) == "blocks"  # type: ignore[arg-type]
+    assert compiling.compile_scope("blocks", loaded) == "blocks"
+    assert compiling.compile_scope("model", gpu) == "model"  # type: ignore[arg-type]
 
     monkeypatch.setattr(compiling, "uses_stepping", lambda _loaded: False)
     on, why = compiling.compile_decision("auto", loaded)

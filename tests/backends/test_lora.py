@@ -244,8 +244,8 @@ def test_adapters_with_text_encoder_layers_are_refused(
 
 
 @pytest.mark.slow
-def test_switching_adapters_does_not_recompile_compiled_blocks() -> None:
-    """QDS_COMPILE's regional compilation with the slot: after one warm-up per slot state
+def test_switching_adapters_does_not_recompile_the_compiled_denoiser() -> None:
+    """QDS_COMPILE (CPU scope: the whole denoiser) with the slot: after one warm-up per slot state
     (off, on), switching sets and scales compiles nothing new (dynamo's frame counter)."""
     from torch._dynamo.utils import counters
 

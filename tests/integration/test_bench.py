@@ -515,7 +515,9 @@ def test_compile_serving_report_says_which_is_which_and_the_ratio() -> None:
             "usage": None,
         }
 
-    eager, compiled = "eager (QDS_COMPILE=false)", "compiled (QDS_COMPILE=auto, the default)"
+    from benchmarks.serving import DEFAULT_COMPILED as compiled
+    from benchmarks.serving import EAGER as eager
+
     data = {
         "meta": run_meta("qdserve bench compile-serving"),
         "variant": "quanto int8",
@@ -528,4 +530,5 @@ def test_compile_serving_report_says_which_is_which_and_the_ratio() -> None:
     assert "eager vs compiled qdserve (quanto int8)" in text
     assert f"| {compiled} | 4 | 1.25 |" in text
     assert "eager (QDS_COMPILE=false): 8.8 s to ready" in text
+    assert "Throughput over eager:" in text
     assert headline("compile-serving", data) == f"{compiled}: c4 x1.25"

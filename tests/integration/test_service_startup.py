@@ -61,7 +61,7 @@ def test_compile_warmup_gates_readiness(cache_dir: Path) -> None:
     warmed: list[list[tuple[int, int]]] = []
 
     def setup(qds) -> None:
-        qds.compile = lambda loaded: compiled.append(loaded.pipeline)
+        qds.compile = lambda loaded, scope: compiled.append((loaded.pipeline, scope))
 
         def warmup(loaded, sizes, lanes=1, adapters=()) -> None:
             warmed.append(sizes)
@@ -71,7 +71,12 @@ def test_compile_warmup_gates_readiness(cache_dir: Path) -> None:
 
     with (
         running_server(
-            cache_dir, wait_ready=False, setup=setup, compile=True, warmup_sizes=["32x32", "16x16"]
+            cache_dir,
+            wait_ready=False,
+            setup=setup,
+            compile=True,
+            compile_scope="blocks",
+            warmup_sizes=["32x32", "16x16"],
         ) as server,
         server.client() as c,
     ):
@@ -84,7 +89,8 @@ def test_compile_warmup_gates_readiness(cache_dir: Path) -> None:
             assert time.monotonic() < deadline, r.text
             time.sleep(0.02)
         assert r.status_code == 503
-        assert len(compiled) == 1 and warmed == [[(32, 32), (16, 16)]]
+        assert [scope for _, scope in compiled] == ["blocks"]  # QDS_COMPILE_SCOPE reaches it
+        assert warmed == [[(32, 32), (16, 16)]]
         release.set()
         _wait_status(c, "/readyz", 200)
         assert c.post(IMG, json={"prompt": "x"}).status_code == 200
@@ -101,7 +107,7 @@ def test_auto_compile_that_fails_serves_eager_with_a_warning(
     monkeypatch.setattr(engine_core, "compile_decision", lambda setting, loaded: (True, "test"))
 
     def setup(qds) -> None:
-        def broken(loaded) -> None:
+        def broken(loaded, scope) -> None:
             raise RuntimeError("injected: inductor cannot build")
 
         qds.compile = broken
@@ -173,8 +179,11 @@ def test_real_compile_warmup(cache_dir: Path) -> None:
         server.client(timeout=600) as c,
     ):
         transformer = server.qds.core_cache.entries()[0].loaded.pipeline.transformer
-        # nn.Module.compile() (what compile_repeated_blocks uses) sets _compiled_call_impl.
-        assert any(getattr(m, "_compiled_call_impl", None) for m in transformer.modules())
+        # nn.Module.compile() sets _compiled_call_impl: on the whole transformer (the CPU's
+        # auto scope), not on its blocks.
+        assert transformer._compiled_call_impl is not None
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        assert not any(getattr(b, "_compiled_call_impl", None) for b in blocks)
         frames = counters["frames"]["total"]
         r = c.post(IMG, json={"prompt": "x", "size": "32x32"})
         assert r.status_code == 200
