@@ -3,7 +3,7 @@
 readiness turns 200.
 
 Why `auto` turns it on for step batching on a CPU: measured side by side as served
-(`bench compile-serving`), compiled blocks serve more images per second there for the
+(`bench compile-serving`), the compiled denoiser serves more images per second there for the
 backends whose `compiles_by_default` says so, with the eager images up to float rounding
 (`bench compile`). Why only there: inductor needs a C++ compiler on a
 CPU (the container image has none, so it stays eager), GPU compile start-up for a

@@ -357,7 +357,7 @@ class EngineCore:
         """The cache's loader (on its load thread): load, then compile and warm up."""
         loaded = self.hooks.load(settings)
         try:
-            # QDS_LORAS: before compiling, so the hot-swap slot is part of the compiled blocks.
+            # QDS_LORAS: before compiling, so the hot-swap slot is part of the compiled graph.
             lora.attach(
                 loaded,
                 lora.parse_loras(self.settings.loras),
