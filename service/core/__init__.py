@@ -38,11 +38,10 @@ Choices, and what they follow:
   time on threads of their own, one torch thread each (`lanes`): at the demo model's sizes two
   batches of 4 serve more than one of 8 on both threads. A batch takes 4 images before the
   next lane opens (a batch of 4 on both threads beat two of 2 at concurrency 4).
-- Compiled denoiser blocks by default where measured to pay (`service.core.compiling`,
-  `QDS_COMPILE=auto`: CPU with a C++ compiler, backends whose `compiles_by_default` holds):
-  qdserve served 1.0-1.3x more images per second compiled than eager, side by side
-  (docs/benchmarks/compile-serving*.md), though the step loop timed alone in a quiet process
-  was not faster (compile.md): where the served gain comes from is not established. The
+- A compiled denoiser by default where measured to pay (`service.core.compiling`,
+  `QDS_COMPILE=auto`: CPU with a C++ compiler, backends whose `compiles_by_default` holds),
+  the whole denoiser as one graph on a CPU (`QDS_COMPILE_SCOPE=auto`; compiled blocks served
+  fewer images per second there, side by side in docs/benchmarks/compile-serving*.md). The
   warm-up runs the step loop itself (1 and 2 images, the main thread and a lane, the
   batches' grad mode), so dynamo's guards (grad mode, thread count, batch size) are met
   before /readyz turns 200.
