@@ -8,7 +8,7 @@ by the one resolve step in `service.resolve`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,36 @@ FIELD_HINTS: dict[str, str] = {
     "size": '"WxH" (e.g. "512x512") or "auto"',
     "response_format": "only b64_json is supported (url would need an image store)",
 }
+
+
+# Field types the four request models share, defined once (a model may still replace the
+# description with `= Field(description=...)`; pydantic merges the two).
+Prompt = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=_MAX_TEXT,
+        description="Text prompt (QDS_MAX_PROMPT_CHARS characters at most).",
+    ),
+]
+ModelId = Annotated[
+    str | None, Field(max_length=1024, description="A model id from GET /v1/models.")
+]
+ImageCount = Annotated[
+    int, Field(ge=1, le=MAX_IMAGES, description="Images to generate (1..QDS_MAX_IMAGES).")
+]
+B64Only = Annotated[
+    Literal["b64_json"] | None,
+    Field(description="Only b64_json is supported (no url responses)."),
+]
+# OpenAI fields qdserve ignores stay free-form strings: OpenAI keeps adding values to them
+# (quality gained xhigh and max), and refusing a field we ignore would only break clients.
+Ignored = Annotated[str | None, Field(description="Accepted and ignored (OpenAI field).")]
+EndUser = Annotated[
+    str | None, Field(max_length=256, description="End-user id; logged, never a label.")
+]
+Side = Annotated[int | None, Field(ge=1, le=MAX_SIDE)]
+_EDIT_PROMPT = "What the edited image should show (QDS_MAX_PROMPT_CHARS characters at most)."
 
 
 class LoraRef(BaseModel):
@@ -132,12 +162,7 @@ class _Common(BaseModel):
 
 
 class ImageGenerationRequest(_Common):
-    """`POST /v1/images/generations`: OpenAI's fields plus the extensions above.
-
-    Fields OpenAI defines and qdserve ignores stay free-form strings: OpenAI keeps adding
-    values to them (quality gained xhigh and max), and refusing a field we ignore would only
-    break clients.
-    """
+    """`POST /v1/images/generations`: OpenAI's fields plus the extensions above."""
 
     model_config = ConfigDict(
         extra="ignore",
@@ -155,35 +180,23 @@ class ImageGenerationRequest(_Common):
         },
     )
 
-    prompt: str = Field(
-        min_length=1,
-        max_length=_MAX_TEXT,
-        description="Text prompt (QDS_MAX_PROMPT_CHARS characters at most).",
+    prompt: Prompt
+    model: ModelId = Field(
+        default=None, description="A model id from GET /v1/models; the default if omitted."
     )
-    model: str | None = Field(
-        default=None,
-        max_length=1024,
-        description="A model id from GET /v1/models; the default if omitted.",
-    )
-    n: int = Field(
-        default=1, ge=1, le=MAX_IMAGES, description="Images to generate (1..QDS_MAX_IMAGES)."
-    )
+    n: ImageCount = 1
     size: str | None = Field(
         default=None,
         pattern=SIZE_PATTERN,
         description='"WxH" (e.g. "512x512") or "auto" for the model default; at most '
         "QDS_MAX_PIXELS pixels, each side a multiple of the model's size multiple.",
     )
-    response_format: Literal["b64_json"] | None = Field(
-        default="b64_json", description="Only b64_json is supported (no url responses)."
-    )
-    quality: str | None = Field(default=None, description="Accepted and ignored (OpenAI field).")
-    style: str | None = Field(default=None, description="Accepted and ignored (OpenAI field).")
-    background: str | None = Field(default=None, description="Accepted and ignored.")
-    moderation: str | None = Field(default=None, description="Accepted and ignored.")
-    user: str | None = Field(
-        default=None, max_length=256, description="End-user id; logged, never a label."
-    )
+    response_format: B64Only = "b64_json"
+    quality: Ignored = None
+    style: Ignored = None
+    background: Ignored = None
+    moderation: Ignored = None
+    user: EndUser = None
 
 
 class GenerateRequest(_Common):
@@ -204,20 +217,10 @@ class GenerateRequest(_Common):
         },
     )
 
-    prompt: str = Field(
-        min_length=1,
-        max_length=_MAX_TEXT,
-        description="Text prompt (QDS_MAX_PROMPT_CHARS characters at most).",
-    )
-    model: str | None = Field(
-        default=None, max_length=1024, description="A model id from GET /v1/models."
-    )
-    width: int | None = Field(
-        default=None, ge=1, le=MAX_SIDE, description="Pixels; the model's default if omitted."
-    )
-    height: int | None = Field(
-        default=None, ge=1, le=MAX_SIDE, description="Pixels; the model's default if omitted."
-    )
+    prompt: Prompt
+    model: ModelId = None
+    width: Side = Field(default=None, description="Pixels; the model's default if omitted.")
+    height: Side = Field(default=None, description="Pixels; the model's default if omitted.")
 
 
 # -- image edits (multipart/form-data: these are the text fields; files are parsed apart) ---
@@ -238,17 +241,9 @@ class ImageEditRequest(_EditFields, _Common):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(
-        min_length=1,
-        max_length=_MAX_TEXT,
-        description="What the edited image should show (QDS_MAX_PROMPT_CHARS characters at most).",
-    )
-    model: str | None = Field(
-        default=None, max_length=1024, description="A model id from GET /v1/models."
-    )
-    n: int = Field(
-        default=1, ge=1, le=MAX_IMAGES, description="Images to generate (1..QDS_MAX_IMAGES)."
-    )
+    prompt: Prompt = Field(description=_EDIT_PROMPT)
+    model: ModelId = None
+    n: ImageCount = 1
     size: str | None = Field(
         default=None,
         pattern=SIZE_PATTERN,
@@ -256,15 +251,11 @@ class ImageEditRequest(_EditFields, _Common):
         "input image's size, scaled down to fit QDS_MAX_PIXELS and rounded down to the "
         "model's size multiple.",
     )
-    response_format: Literal["b64_json"] | None = Field(
-        default="b64_json", description="Only b64_json is supported (no url responses)."
-    )
-    quality: str | None = Field(default=None, description="Accepted and ignored (OpenAI field).")
-    background: str | None = Field(default=None, description="Accepted and ignored.")
-    input_fidelity: str | None = Field(default=None, description="Accepted and ignored.")
-    user: str | None = Field(
-        default=None, max_length=256, description="End-user id; logged, never a label."
-    )
+    response_format: B64Only = "b64_json"
+    quality: Ignored = None
+    background: Ignored = None
+    input_fidelity: Ignored = None
+    user: EndUser = None
 
 
 class EditBytesRequest(_EditFields, _Common):
@@ -272,20 +263,10 @@ class EditBytesRequest(_EditFields, _Common):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(
-        min_length=1,
-        max_length=_MAX_TEXT,
-        description="What the edited image should show (QDS_MAX_PROMPT_CHARS characters at most).",
-    )
-    model: str | None = Field(
-        default=None, max_length=1024, description="A model id from GET /v1/models."
-    )
-    width: int | None = Field(
-        default=None, ge=1, le=MAX_SIDE, description="Pixels; the input's (see size) if omitted."
-    )
-    height: int | None = Field(
-        default=None, ge=1, le=MAX_SIDE, description="Pixels; the input's (see size) if omitted."
-    )
+    prompt: Prompt = Field(description=_EDIT_PROMPT)
+    model: ModelId = None
+    width: Side = Field(default=None, description="Pixels; the input's (see size) if omitted.")
+    height: Side = Field(default=None, description="Pixels; the input's (see size) if omitted.")
 
 
 class ImageData(BaseModel):

@@ -41,7 +41,7 @@ class GGUFBackend(QuantBackend):
         return True  # dequantizes per forward into fresh tensors
 
     def compiles_by_default(self, quant_type: str | None) -> bool:
-        # Q8_0: 1.10x / 1.18x / 1.17x served (compile-serving-gguf-q8_0.md), 1/255
+        # Q8_0: 1.12x / 1.47x / 1.22x served (compile-serving-gguf-q8_0.md), 1/255
         # (compile.md); other types not measured compiled.
         return quant_type == "Q8_0"
 

@@ -44,7 +44,7 @@ class QuantoBackend(QuantBackend):
         return quant_type not in ("int4", "int2")
 
     def compiles_by_default(self, quant_type: str | None) -> bool:
-        # int8: 1.32x / 1.23x / 1.05x served (compile-serving-quanto-int8.md), 0/255
+        # int8: 1.29x / 1.50x / 1.11x served (compile-serving-quanto-int8.md), 0/255
         # (compile.md); other types not measured compiled.
         return quant_type == "int8"
 

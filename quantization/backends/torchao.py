@@ -60,8 +60,8 @@ class TorchAoBackend(QuantBackend):
         return quant_type != "int4wo"
 
     def compiles_by_default(self, quant_type: str | None) -> bool:
-        # int8wo: 1.10x / 1.25x / 1.09x served (compile-serving-torchao-int8wo.md), 0/255.
-        # int8dq is 13/255 off its eager images compiled (compile.md): outside 2/255.
+        # int8wo: 1.09x / 1.52x / 1.16x served (compile-serving-torchao-int8wo.md), 0/255.
+        # int8dq is 31/255 off its eager images compiled (compile.md): outside 2/255.
         return quant_type == "int8wo"
 
     def safe_serialization(self, quant_type: str | None) -> bool:

@@ -114,7 +114,7 @@ def test_auto_turns_itself_off_where_not_measured_or_not_possible(
         ("quanto", "int8", True),
         ("quanto", "int4", False),
         ("torchao", "int8wo", True),
-        ("torchao", "int8dq", False),  # 13/255 from eager when compiled (compile.md)
+        ("torchao", "int8dq", False),  # 31/255 from eager when compiled (compile.md)
         ("gguf", "Q8_0", True),
         ("sdnq", "int8", False),
     ]:
