@@ -365,7 +365,7 @@ class EngineCore:
             )
             compiled, why = compile_decision(self.settings.compile, loaded)
             if compiled:
-                why += f"; scope {compile_scope(self._compile_scope, loaded)}"
+                why += f"; scope {compile_scope(self.settings.compile_scope, loaded)}"
             log.info("compile %s: %s", key_for(settings).variant_id, why)
             if compiled or self.settings.warmup_sizes:
                 if key_for(settings) == self.default_key and not self._startup_done:
@@ -384,7 +384,7 @@ class EngineCore:
 
     def _compile_and_warm(self, loaded: LoadedPipeline) -> None:
         """Compile, then warm up every graph requests will use (`service.core.compiling`)."""
-        self.hooks.compile(loaded, self._compile_scope)
+        self.hooks.compile(loaded, self.settings.compile_scope)
         sizes = self._warmup_sizes(loaded)
         self.hooks.warmup(loaded, sizes, self.scheduler.lanes)
         adapters = lora.adapters_of(loaded)
@@ -393,10 +393,6 @@ class EngineCore:
             # first request that names an adapter.
             first = next(iter(adapters.adapters))
             self.hooks.warmup(loaded, sizes, self.scheduler.lanes, ((first, 1.0),))
-
-    @property
-    def _compile_scope(self) -> str:
-        return str(getattr(self.settings, "compile_scope", "auto"))
 
     def _compile_or_eager(self, loaded: LoadedPipeline) -> bool:
         """QDS_COMPILE=auto: a compile or warm-up that fails leaves the pipeline eager (with a
