@@ -13,10 +13,11 @@ at their first request.
 Why `model` scope on a CPU: the whole denoiser as one graph also fuses what runs between the
 blocks (embeddings, rotary positions, the output norm: about 10% of a step outside the compiled
 blocks in a profile under load), and served more images per second than compiled blocks
-(compile-serving.md) at the price of a longer first compile (72 s vs 60 s warm-up on an
-empty inductor cache here). `blocks` (diffusers' regional compilation) stays the choice
-elsewhere: diffusers documents its first compile as much shorter for large denoisers, and a
-whole Flux-size compile on a GPU was not measured.
+(compile-serving.md) at the price of a longer first compile (warm-up on an empty inductor
+cache: 72 s in compile.md vs 60 s for blocks in its previous run, git f89b475). `blocks`
+(diffusers' regional compilation) stays the choice elsewhere: diffusers documents its first
+compile as much shorter for large denoisers, and a whole Flux-size compile on a GPU was not
+measured.
 
 Dynamo keys a compiled graph on the grad mode, the intra-op thread count and (until it
 has seen two) the batch size: the warm-up runs the step loop itself, under the grad mode
@@ -108,13 +109,13 @@ def compile_denoiser(loaded: LoadedPipeline, scope: str = "auto") -> None:
 
 
 def uncompile(loaded: LoadedPipeline) -> None:
-    """Back to eager blocks (auto mode, after a compile or warm-up that failed)."""
+    """Back to eager (auto mode, after a compile or warm-up that failed), either scope."""
     import torch
 
     for module in loaded.pipeline.components.values():
         if isinstance(module, torch.nn.Module):
             for sub in module.modules():
-                # What nn.Module.compile() (compile_repeated_blocks) sets.
+                # What nn.Module.compile() sets, on the denoiser (model) or on each block.
                 if getattr(sub, "_compiled_call_impl", None) is not None:
                     sub._compiled_call_impl = None
     torch._dynamo.reset()

@@ -389,8 +389,8 @@ class EngineCore:
         self.hooks.warmup(loaded, sizes, self.scheduler.lanes)
         adapters = lora.adapters_of(loaded)
         if adapters is not None and adapters.adapters:
-            # The slot enabled is a second graph of each block: compile it now, not on the
-            # first request that names an adapter.
+            # The slot enabled is a second graph of the compiled module: compile it now, not
+            # on the first request that names an adapter.
             first = next(iter(adapters.adapters))
             self.hooks.warmup(loaded, sizes, self.scheduler.lanes, ((first, 1.0),))
 
