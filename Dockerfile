@@ -76,7 +76,7 @@ COPY pyproject.toml constraints.txt /tmp/stub/
 # hadolint ignore=DL3013
 RUN pip install --upgrade pip \
     && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
-    && mkdir /tmp/stub/quantization /tmp/stub/service \
+    && mkdir /tmp/stub/quantization /tmp/stub/pipelines /tmp/stub/engine /tmp/stub/service \
     && touch /tmp/stub/README.md \
     && pip install -c /tmp/stub/constraints.txt "/tmp/stub${EXTRAS:+[$EXTRAS]}" \
     && pip uninstall -y -q qdserve \
@@ -91,6 +91,8 @@ FROM python AS app
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY quantization ./quantization
+COPY pipelines ./pipelines
+COPY engine ./engine
 COPY service ./service
 RUN pip install --no-deps --root /app . \
     && test -x /app/opt/venv/bin/qdserve

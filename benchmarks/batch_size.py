@@ -5,11 +5,11 @@ default thread count, both ways the service can batch it, interleaved round by r
 on shared CPUs hits every size alike:
 
 - `generate_batch`: one whole pipeline call for the batch (what LitServe's peer server runs);
-- `StepBatch`: the engine's step loop (`quantization.stepping`), prompt embeddings cached as
+- `StepBatch`: the engine's step loop (`pipelines.stepping`), prompt embeddings cached as
   the engine caches them;
 - `StepBatch x2 lanes`: the engine with `QDS_ENGINE_LANES=2` (its CPU default): the batch as two
   step batches stepped at the same time, each on a lane thread with half the torch threads
-  (`service.core.lanes`); a batch of 1 runs alone, as in the engine.
+  (`engine.lanes`); a batch of 1 runs alone, as in the engine.
 
 A batch pays off while it amortizes per-operation overhead; past the size where the matmuls
 fill the cores, images per second stop rising (and latency keeps growing).
@@ -50,9 +50,9 @@ def parse(argv: Sequence[str], quick: bool) -> argparse.Namespace:
 
 
 def runners(loaded: Any) -> dict[str, Callable[[int, int], None]]:
-    from quantization.generate import GenerationRequest, generate_batch, resolve
-    from quantization.prompt_cache import PromptCache
-    from quantization.stepping import StepBatch, supports_stepping
+    from pipelines.generate import GenerationRequest, generate_batch, resolve
+    from pipelines.prompt_cache import PromptCache
+    from pipelines.stepping import StepBatch, supports_stepping
 
     def requests(batch: int, seed: int) -> list[GenerationRequest]:
         return [
@@ -71,7 +71,7 @@ def runners(loaded: Any) -> dict[str, Callable[[int, int], None]]:
             run.step()
 
     def laned(batch: int, seed: int) -> None:
-        from service.core.lanes import Lanes
+        from engine.lanes import Lanes
 
         reqs = requests(batch, seed)
         half = (batch + 1) // 2
@@ -98,7 +98,7 @@ def runners(loaded: Any) -> dict[str, Callable[[int, int], None]]:
 def measure(variant: str, sizes: list[int], rounds: int, work: Path) -> dict[str, Any]:
     import torch
 
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
 
     loaded = load_pipeline(prepared_settings(parse_variant(variant), work))
     ways = runners(loaded)

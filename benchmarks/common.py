@@ -108,12 +108,12 @@ def parse_variant(text: str) -> Variant:
 def prepared_settings(variant: Variant, work_dir: Path, **values: Any) -> Any:
     """QuantSettings for a variant with the backend's offline step done (`prepare`: GGUF
     converts the denoiser into `work_dir`; others need nothing)."""
-    from quantization.backends import get_backend
+    from pipelines.loader import prepare
     from quantization.settings import QuantSettings
 
     backend, qtype = variant
     settings = QuantSettings.unprepared(quant_backend=backend, quant_type=qtype, **values)
-    return get_backend(backend).prepare(settings, work_dir)
+    return prepare(settings, work_dir)
 
 
 # -- image distance --------------------------------------------------------------------

@@ -2,11 +2,11 @@
 process per backend with a fresh inductor cache (the first start's cost), then a second
 process on that cache (a restart's cost).
 
-Uses the service's own code path: `service.core.compiling.compile_denoiser` (at
+Uses the service's own code path: `engine.compiling.compile_denoiser` (at
 QDS_COMPILE_SCOPE's default: the whole denoiser on a CPU; `bench compile-serving` serves
 blocks beside it) and
 `default_warmup` (what start-up runs before /readyz turns 200: the step loop at 1 and 2
-images, on the main thread and a lane), then `quantization.stepping.StepBatch` as the engine
+images, on the main thread and a lane), then `pipelines.stepping.StepBatch` as the engine
 drives it. Images are compared with the eager pipeline call (`generate()`), as 8-bit pixels:
 the same-seed tolerance the README states is 2/255. A backend whose compile or warm-up fails
 is recorded with the error text. `QuantBackend.compiles_by_default` (QDS_COMPILE=auto) reads
@@ -57,11 +57,11 @@ def _pixels(images: list[Any]) -> Any:
 def run_case(settings: Any, runs: int, warmup_only: bool) -> dict[str, Any]:
     from torch._dynamo.utils import counters
 
-    from quantization.generate import GenerationRequest, generate, resolve
-    from quantization.loader import load_pipeline
-    from quantization.stepping import StepBatch
-    from service.core.compiling import compile_denoiser, compile_scope, default_warmup
-    from service.core.lanes import Lanes
+    from engine.compiling import compile_denoiser, compile_scope, default_warmup
+    from engine.lanes import Lanes
+    from pipelines.generate import GenerationRequest, generate, resolve
+    from pipelines.loader import load_pipeline
+    from pipelines.stepping import StepBatch
 
     loaded = load_pipeline(settings)
     size = loaded.defaults.size

@@ -120,7 +120,7 @@ def _load_gguf(cls: Any, folder: Path, qtype: str, dtype: Any, device: str, conf
     import torch
     from safetensors.torch import load_file
 
-    from quantization.gguf_convert import write_gguf
+    from quantization.backends.gguf.convert import write_gguf
 
     gguf_path = folder.parent / f"{folder.name}-{qtype}.gguf"
     if not gguf_path.exists():

@@ -68,7 +68,7 @@ def build(folder: Path, device: str, denoiser: dict[str, Any]) -> dict[str, Any]
         FluxTransformer2DModel,
     )
 
-    from quantization.embedded import (
+    from pipelines.embedded import (
         build_clip_tokenizer,
         build_t5_tokenizer,
         clip_text_encoder,

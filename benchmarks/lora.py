@@ -1,7 +1,7 @@
 """LoRA on quantized bases, measured: every backend / quant type x the demo LoRA on CPU.
 
 Each cell runs in its own Python process on the embedded demo model, through the service's
-own loader (`quantization.loader.load_pipeline`, after the backend's `prepare`):
+own loader (`pipelines.loader.load_pipeline`, after the backend's `prepare`):
 
 1. base images (no adapter) for the probe prompts;
 2. `pipe.load_lora_weights(<demo adapter>)`: does it apply, or what does it raise;
@@ -40,7 +40,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ADAPTER = REPO / "quantization" / "demo_weights" / "lora" / "orange.safetensors"
+ADAPTER = REPO / "pipelines" / "demo_weights" / "lora" / "orange.safetensors"
 ADAPTER_NAME = "orange"
 SEEDS = [0, 1]
 STEPS = 12
@@ -76,7 +76,7 @@ def _images(pipe: Any, prompts: list[str], seeds: list[int]) -> Any:
 def _adherence(images: Any, prompts: list[str], seeds: list[int]) -> float:
     import numpy as np
 
-    from examples.demo.checker import adheres
+    from pipelines.demo_checker import adheres
 
     jobs = [p for _ in seeds for p in prompts]
     pil = (np.clip(images, 0, 1) * 255).round().astype("uint8")
@@ -95,7 +95,7 @@ def run_cell(settings: Any, adapter: Path) -> dict[str, Any]:
     torch.set_num_threads(TORCH_THREADS)
     from examples.demo.quality import PROMPTS
     from examples.demo.train_lora import LORA_PROMPTS
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
 
     result: dict[str, Any] = {
         "backend": settings.quant_backend,
@@ -154,12 +154,12 @@ def run_cell(settings: Any, adapter: Path) -> dict[str, Any]:
 
 
 def _slot_cell(loaded: Any, adapter: Path, base: Any) -> dict[str, Any]:
-    """The same checks through what the server runs: `quantization.lora` (declared adapter,
+    """The same checks through what the server runs: `pipelines.lora` (declared adapter,
     hot-swap slot, activate / deactivate per batch)."""
     import numpy as np
 
     from examples.demo.train_lora import LORA_PROMPTS
-    from quantization.lora import LoraSpec, activate, load_adapters
+    from pipelines.lora import LoraSpec, activate, load_adapters
 
     out: dict[str, Any] = {}
     t = time.perf_counter()
@@ -321,7 +321,7 @@ def render(data: dict[str, Any]) -> str:
             "the color orange). Each cell in its own process: load through qdserve's loader, "
             f"generate the {m['prompts']} orange prompts x seeds {m['seeds']} ({STEPS} steps), "
             "`load_lora_weights`, generate again, `disable_lora()`, `enable_lora()`, "
-            "`unload_lora_weights()`. Adherence: the demo checker (`examples/demo/checker.py`) "
+            "`unload_lora_weights()`. Adherence: the demo checker (`pipelines/demo_checker.py`) "
             "sees an orange shape of the prompted kind and place; known colors: the 21 quality "
             "prompts (six trained colors), seed 0, with the adapter on. Bit-exact: the float "
             "output arrays equal the base run's (`numpy.array_equal`).",
@@ -354,16 +354,17 @@ def _selection(name: str) -> tuple[tuple[str, float], ...]:
 
 
 def measure_switching(rounds: int, compile_blocks: bool) -> dict[str, Any]:
-    """Consecutive requests through `quantization.generate.generate` (what the engine runs
+    """Consecutive requests through `pipelines.generate.generate` (what the engine runs
     per batch: activate the batch's adapters, then denoise) on the embedded demo model."""
     import statistics
 
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
-    from quantization.generate import GenerationRequest, generate
-    from quantization.loader import load_pipeline
-    from quantization.lora import LoraSpec, adapters_of, attach, warm_up
+    from pipelines.generate import GenerationRequest, generate
+    from pipelines.generate import warm_up_lora as warm_up
+    from pipelines.loader import load_pipeline
+    from pipelines.lora import LoraSpec, adapters_of, attach
     from quantization.settings import QuantSettings
 
     loaded = load_pipeline(QuantSettings(quant_backend="none", device="cpu"))
@@ -377,7 +378,7 @@ def measure_switching(rounds: int, compile_blocks: bool) -> dict[str, Any]:
     if compile_blocks:
         from torch._dynamo.utils import counters as dynamo_counters
 
-        from service.core.engine_core import compile_denoiser
+        from engine.core import compile_denoiser
 
         compile_denoiser(loaded)
         counters = dynamo_counters

@@ -50,9 +50,9 @@ def run_case(settings: Any, runs: int, warmup: int, out: Path) -> dict[str, Any]
     torch.set_num_threads(TORCH_THREADS)
     import diffusers  # noqa: F401  (imported before the timed load, like a running service)
 
+    from pipelines.generate import GenerationRequest, generate
+    from pipelines.loader import load_pipeline
     from quantization.backends import get_backend
-    from quantization.generate import GenerationRequest, generate
-    from quantization.loader import load_pipeline
 
     backend, qtype = settings.quant_backend, settings.quant_type
     sampler = PeakRSS()

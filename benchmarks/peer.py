@@ -1,7 +1,7 @@
 """`qdserve bench peer`: qdserve and a plain LitServe server side by side, as users run them.
 
 The peer is `benchmarks/peer_server.py`: a LitServe `LitAPI` around the same
-`quantization.loader.load_pipeline` / `generate_batch`, with LitServe's batching as its docs'
+`pipelines.loader.load_pipeline` / `generate_batch`, with LitServe's batching as its docs'
 typical example sets it (max batch 4, 25 ms). Both servers load the same pipeline folder with
 the same quantization settings (`--variant`, default unquantized) and get the same requests:
 OpenAI images JSON (b64 PNG) at the same seeds, at concurrency 1, 4 and 16.
@@ -411,7 +411,7 @@ def server_info(server: Server) -> dict[str, Any]:
 # -- the ceiling ---------------------------------------------------------------------------
 def direct_request(opts: PeerOptions, seed: int) -> Any:
     """The request both servers get for `seed`, as a direct call takes it."""
-    from quantization.generate import GenerationRequest
+    from pipelines.generate import GenerationRequest
 
     return GenerationRequest(
         PROMPT, seed=seed, width=opts.side, height=opts.side, num_inference_steps=opts.steps
@@ -436,7 +436,7 @@ def direct_calls(
     """A direct in-process pipeline call at batch 1, 4 (LitServe's example) and qdserve's
     batch limit on this device with `threads` torch threads (servers stopped meanwhile): the
     most a server batching that far could serve on this machine."""
-    from quantization.generate import generate_batch
+    from pipelines.generate import generate_batch
 
     out: dict[str, Any] = {}
     with torch_threads(threads):
@@ -468,7 +468,7 @@ def direct_calls(
 def lone_direct_call(loaded: Any, threads: int, opts: PeerOptions) -> Callable[[int], Any]:
     """One direct batch-1 call for a seed, at `threads` torch threads: the third contender of
     the concurrency-1 rounds (`interleave`)."""
-    from quantization.generate import generate_batch
+    from pipelines.generate import generate_batch
 
     def call(seed: int) -> Any:
         with torch_threads(threads):
@@ -496,8 +496,8 @@ def answer_encoding_seconds(image: Any, repeats: int = 5) -> float:
 def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
     import torch
 
+    from pipelines.loader import load_pipeline, resolve_model
     from quantization.environment import detect_device, resolve_device
-    from quantization.loader import load_pipeline, resolve_model
 
     default_threads = torch.get_num_threads()  # before anything pins it: torch's default
     extra = {"model": opts.model} if opts.model else {}

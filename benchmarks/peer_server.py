@@ -1,7 +1,7 @@
 """Benchmark peer: the same quantized pipeline served by LitServe, with its batching on.
 
 Not part of qdserve. It is what a user might write instead: LitServe (`pip install
-litserve`) around the same `quantization.loader.load_pipeline` / `generate_batch`, answering
+litserve`) around the same `pipelines.loader.load_pipeline` / `generate_batch`, answering
 the same OpenAI-style JSON at the same path with base64 PNGs (Pillow's default PNG level), so
 `qdserve bench peer` can send identical requests to both servers. LitServe at its defaults
 except the batching of its docs' typical example (`max_batch_size` / `batch_timeout` from the
@@ -41,7 +41,7 @@ class DiffusersAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         import torch
 
-        from quantization.loader import load_pipeline
+        from pipelines.loader import load_pipeline
         from quantization.settings import QuantSettings
 
         if self.torch_threads:
@@ -51,7 +51,7 @@ class DiffusersAPI(ls.LitAPI):
     # LitServe reads this signature to build its route: a request without an annotation is
     # the raw Starlette request's JSON body.
     def decode_request(self, request):  # type: ignore[no-untyped-def]
-        from quantization.generate import GenerationRequest
+        from pipelines.generate import GenerationRequest
 
         size = request.get("size") or f"{self.loaded.defaults.size}x{self.loaded.defaults.size}"
         width, height = (int(v) for v in size.split("x"))
@@ -69,7 +69,7 @@ class DiffusersAPI(ls.LitAPI):
         return list(inputs)
 
     def predict(self, x: Any) -> list[Any]:
-        from quantization.generate import batch_key, generate_batch
+        from pipelines.generate import batch_key, generate_batch
 
         requests = x if isinstance(x, list) else [x]
         # LitServe batches whatever arrives; split by compatible shape like qdserve does.

@@ -272,8 +272,8 @@ def overhead(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
-    from quantization.generate import GenerationRequest, generate
-    from quantization.loader import load_pipeline
+    from pipelines.generate import GenerationRequest, generate
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
     from service.imaging import encode
 
@@ -343,7 +343,7 @@ def overhead(out: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
         "encode_costs": encode_costs(sample, quick),
         "server": info,
         "method": (
-            "direct = quantization.generate.generate() on a pipeline loaded in the benchmark "
+            "direct = pipelines.generate.generate() on a pipeline loaded in the benchmark "
             "process; http = POST /v1/images/generations (b64 PNG) to `qdserve serve` on "
             "loopback, client time including JSON and base64 decode. Interleaved pairs, order "
             "alternating. Breakdown: forward hooks / wrappers on the components of the direct "

@@ -171,11 +171,11 @@ def end_to_end(rounds: int, log_dir: Path) -> dict[str, Any]:
 def preview_cost(reps: int) -> dict[str, Any]:
     import torch
 
-    from quantization import previews
-    from quantization.generate import GenerationRequest, resolve
-    from quantization.loader import load_pipeline
+    from pipelines import previews
+    from pipelines.generate import GenerationRequest, resolve
+    from pipelines.loader import load_pipeline
+    from pipelines.stepping import StepBatch
     from quantization.settings import QuantSettings
-    from quantization.stepping import StepBatch
 
     torch.set_num_threads(TORCH_THREADS)
     loaded = load_pipeline(QuantSettings())
@@ -238,9 +238,9 @@ def disconnect(trials: int, cache_dir: Path) -> dict[str, Any]:
     import httpx
     import uvicorn
 
+    from engine import messages as m
     from quantization.settings import QuantSettings
     from service.app import create_app
-    from service.core import messages as m
     from service.server import uvicorn_config
     from service.settings import ServiceSettings
 
@@ -423,7 +423,7 @@ def render(data: dict[str, Any]) -> str:
                 f"stream_p2 request: {e['partials_seen']}.",
                 "## One preview against one denoising step (engine side, this process)",
                 "`StepBatch.latents_preview` on the predicted clean latents x0 = x - sigma * v "
-                "(no denoiser forward), rendered by quantization.previews: the linear latent -> "
+                "(no denoiser forward), rendered by pipelines.previews: the linear latent -> "
                 "RGB map fitted to the pipeline's VAE (`map`), or a real VAE decode (`decode`), "
                 "what a preview costs while that fit is still learning (the first few requests of "
                 "a freshly loaded pipeline; the end-to-end server above learnt it in its warm-up). "

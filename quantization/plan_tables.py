@@ -233,3 +233,12 @@ def anchor_pipeline_activation() -> tuple[int, str]:
         f"{row.peak_gb} - {row.after_load_gb} = {row.activation_gb} (read as GiB)"
     )
     return int(row.activation_gb * GIB), source
+
+
+# The quality floors the planner plans for and the quality guard (pipelines.quality_guard)
+# checks a loaded model against.
+# Policy drawn from docs/quality.md: quanto int2 measured 24.4 dB, every 4-bit or wider
+# backend >= 39.5 dB (33.7 dB on random weights, docs/benchmarks/matrix.md).
+DEFAULT_PSNR_FLOOR = 30.0
+# docs/quality.md: unquantized 97.6%, int2 78.6%, everything else >= 92.9% (gguf Q4_1).
+DEFAULT_ADHERENCE_FLOOR = 0.75

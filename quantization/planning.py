@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 from quantization import plan_tables as tables
 from quantization.environment import DeviceInfo
-from quantization.quality_guard import DEFAULT_PSNR_FLOOR  # the same floor plans and checks
 
 PRIORITIES: tuple[str, ...] = ("quality", "speed", "memory")
 # Policy, not a measurement: what is held back from the device's memory for what no table
@@ -149,10 +148,11 @@ def _count(library: str, class_name: str, config_json: str) -> tuple[int, int, i
 
 def resolve_model_folder(model: str) -> tuple[str, Path]:
     """(display id, folder holding model_index.json) for a QDS_MODEL value or a published name."""
-    from quantization.embedded import EMBEDDED_MODEL_ID, embedded_model_path
-
-    if model in ("", "embedded", EMBEDDED_MODEL_ID):
-        return EMBEDDED_MODEL_ID, embedded_model_path()
+    if model in ("", "embedded"):
+        raise PlanError(
+            "the embedded model is the pipelines package's: pass its folder "
+            "(pipelines.embedded.embedded_model_path()), as `qdserve plan` does"
+        )
     if model in PUBLISHED_MODELS:
         return PUBLISHED_MODELS[model]
     path = Path(model).expanduser()
@@ -202,7 +202,7 @@ def read_model_spec(model: str, display: str | None = None) -> ModelSpec:
         components=tuple(components),
         arch=arch,
         arch_note=note,
-        # The loader's own fallback (quantization/loader.py `_model_defaults`) is 1024 too.
+        # The loader's own fallback (pipelines/loader.py `_model_defaults`) is 1024 too.
         default_size=int(meta.get("default_size") or 1024),
     )
 
@@ -768,7 +768,7 @@ def make_plan(
     device: DeviceSpec,
     budget: Budget,
     priority: str = "quality",
-    floor: float = DEFAULT_PSNR_FLOOR,
+    floor: float = tables.DEFAULT_PSNR_FLOOR,
     compute_dtype: str = "auto",
     available: Availability = registry_availability,
 ) -> Plan:
@@ -995,11 +995,12 @@ def plan_model(
     device: DeviceSpec,
     budget: str | int | None = None,
     priority: str = "quality",
-    floor: float = DEFAULT_PSNR_FLOOR,
+    floor: float = tables.DEFAULT_PSNR_FLOOR,
     compute_dtype: str = "auto",
     margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+    display: str | None = None,
 ) -> Plan:
-    spec = read_model_spec(model)
+    spec = read_model_spec(model, display=display)
     return make_plan(
         spec,
         device,
@@ -1019,6 +1020,7 @@ def plan_request(
     priority: str | None = None,
     floor: float | None = None,
     environ: Mapping[str, str] | None = None,
+    display: str | None = None,
 ) -> Plan:
     """`qdserve plan`: each flag, else its QDS_* variable, else the default.
 
@@ -1037,8 +1039,9 @@ def plan_request(
         priority or env.get("QDS_PRIORITY", "quality"),
         floor
         if floor is not None
-        else float(env.get("QDS_QUALITY_FLOOR_PSNR", DEFAULT_PSNR_FLOOR)),
+        else float(env.get("QDS_QUALITY_FLOOR_PSNR", tables.DEFAULT_PSNR_FLOOR)),
         env.get("QDS_COMPUTE_DTYPE", "auto"),
+        display=display,
     )
 
 

@@ -178,6 +178,18 @@ class QuantSettings(BaseSettings):
         # The backend owns its rules (quant types, text encoders, its own files).
         backend = get_backend(self.quant_backend)
         backend.validate_settings(self)
+        # Another backend's own settings (QDS_GGUF_FILE) are refused, except unquantized: there
+        # they may be set so that requests can ask for that backend's variant.
+        for other in BACKENDS.values() if backend.quantizes else ():
+            if other.key == backend.key:
+                continue
+            for name in other.own_settings:
+                if getattr(self, name) is not None:
+                    var = f"QDS_{name.upper()}"
+                    raise ValueError(
+                        f"{var} is set but QDS_QUANT_BACKEND={backend.key!r}; "
+                        f"set QDS_QUANT_BACKEND={other.key} or unset {var}"
+                    )
         if not _UNPREPARED.get():
             backend.validate_artifacts(self)
         return self
@@ -200,7 +212,7 @@ class QuantSettings(BaseSettings):
     @classmethod
     def unprepared(cls, **values: object) -> QuantSettings:
         """Settings whose offline artifacts (a .gguf file) do not exist yet, validated in
-        every other way: pass them to `get_backend(key).prepare(settings, work_dir)`."""
+        every other way: pass them to `pipelines.loader.prepare(settings, work_dir)`."""
         token = _UNPREPARED.set(True)
         try:
             return cls(**values)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The FastAPI application: `create_app()` wires settings, the engine client, metrics and routes.
 
-The app is the HTTP process; the pipelines run in the engine core (service.core), started by
+The app is the HTTP process; the pipelines run in the engine core (engine), started by
 the lifespan and stopped after uvicorn has drained the in-flight requests.
 """
 

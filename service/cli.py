@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from quantization.settings import QuantSettings
 
         quant = QuantSettings()  # validate the quantization env before binding the port
-        from quantization.lora import check_declared
+        from pipelines.lora import check_declared
 
         check_declared(svc.loras, quant.quant_backend, quant.resolved_quant_type)
     except Exception as exc:
@@ -84,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from quantization.prequantize import quantize_and_save
+    from pipelines.prequantize import quantize_and_save
     from quantization.settings import QuantSettings
 
     overrides = {
@@ -106,8 +106,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    from quantization.gguf_convert import convert_to_gguf
-    from quantization.loader import resolve_model
+    from pipelines.loader import resolve_model
+    from quantization.backends.gguf.convert import convert_to_gguf
     from quantization.settings import QuantSettings
 
     try:
@@ -124,11 +124,23 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from pipelines.embedded import EMBEDDED_MODEL_ID, embedded_model_path
     from quantization.planning import PlanError, plan_request
 
+    model = args.model or os.environ.get("QDS_MODEL", "embedded")
+    display = None
+    if model in ("", "embedded", EMBEDDED_MODEL_ID):
+        # The planner (quantization) does not know the runtime's embedded model: its folder.
+        model, display = str(embedded_model_path()), EMBEDDED_MODEL_ID
     try:
         plan = plan_request(
-            args.model, args.device, args.capability, args.memory, args.budget, args.priority
+            model,
+            args.device,
+            args.capability,
+            args.memory,
+            args.budget,
+            args.priority,
+            display=display,
         )
     except PlanError as exc:
         print(f"qdserve plan: {exc}", file=sys.stderr)
@@ -139,7 +151,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # `bench` and `train-demo` run code that is not installed with the package (benchmarks/ and
 # examples/ of a checkout): find the checkout this package was installed from (an editable
-# install) or the current folder, and import from there.
+# install) or the current folder, and run the module there as its own program. A child
+# process, not an import: the runtime never imports benchmarks/ or examples/ (the import
+# rules in pyproject.toml), so the installed package cannot come to depend on them.
 CHECKOUT_HINT = "run from a qdserve checkout (clone it, then `pip install -e .` in it)"
 
 
@@ -155,35 +169,29 @@ def find_checkout() -> Path | None:
     return None
 
 
-def _use_checkout(command: str) -> Path | None:
+def _run_in_checkout(command: str, module: str, argv: list[str]) -> int:
+    import subprocess
+
     root = find_checkout()
     if root is None:
         print(
             f"qdserve {command}: not part of the installed package; {CHECKOUT_HINT}",
             file=sys.stderr,
         )
-        return None
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return root
+        return 2
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.call([sys.executable, "-m", module, *argv], cwd=root, env=env)
 
 
 def cmd_bench(argv: list[str]) -> int:
-    root = _use_checkout("bench")
-    if root is None:
-        return 2
-    from benchmarks import main as bench_main
-
-    return bench_main(argv, default_out=root / "docs" / "benchmarks")
+    return _run_in_checkout("bench", "benchmarks", argv)
 
 
 def cmd_train_demo(argv: list[str]) -> int:
-    root = _use_checkout("train-demo")
-    if root is None:
-        return 2
-    from examples.demo.train import main as train_main
-
-    return int(train_main(argv, prog="qdserve train-demo") or 0)
+    return _run_in_checkout("train-demo", "examples.demo.train", argv)
 
 
 # Commands that parse their own arguments (`qdserve bench --help` shows the benchmark's).

@@ -6,7 +6,7 @@ there) -> resolve the request against the model's defaults -> submit it to the e
 engine if the client leaves or the deadline passes) -> encode the images (on the loop if tiny,
 else in a thread).
 
-The pipelines, the model cache and the scheduler live in the engine core (`service.core`),
+The pipelines, the model cache and the scheduler live in the engine core (`engine`),
 in its own process by default (`QDS_ENGINE=process`).
 """
 
@@ -19,28 +19,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.client import EngineClient, PendingJob
+from engine.compiling import compile_denoiser, default_warmup
+from engine.core import EngineConfig, EngineHooks
+from engine.failures import ModelNotLoaded, ShuttingDown
+from engine.keys import ModelKey
+from engine.messages import Finished
+from pipelines.generate import GenerationRequest, image_seeds
+from pipelines.loader import load_pipeline
 from quantization.environment import resolve_device
-from quantization.generate import GenerationRequest, image_seeds
-from quantization.loader import load_pipeline
 from quantization.settings import QuantSettings
 from service import exceptions as errors
-from service.core.client import EngineClient, JobFailed, PendingJob
-from service.core.compiling import compile_denoiser, default_warmup
-from service.core.engine_core import EngineConfig, EngineHooks
-from service.core.messages import Finished
 from service.imaging import encode_all
 from service.metrics import Metrics
 from service.resolve import ImageParams, check_limits, check_lora_variant, resolve
 from service.settings import ServiceSettings, batch_limit, lane_count
-from service.variants import ModelKey, Variants
+from service.variants import Variants
 
 if TYPE_CHECKING:
     from fastapi import Request
 
-    from quantization.loader import LoadedPipeline
-    from quantization.token_usage import TokenUsage
-    from service.cache import ModelCache
-    from service.core.scheduler import Job, Scheduler
+    from engine.cache import ModelCache
+    from engine.scheduler import Job, Scheduler
+    from pipelines.loader import LoadedPipeline
+    from pipelines.token_usage import TokenUsage
 
 log = logging.getLogger("qdserve.engine")
 
@@ -85,7 +87,7 @@ class Outcome:
     inference_seconds: float
     encode_seconds: float
     batch_images: int
-    # Token counts from the engine (quantization.token_usage), for OpenAI's `usage`.
+    # Token counts from the engine (pipelines.token_usage), for OpenAI's `usage`.
     usage: TokenUsage | None = None
 
     def log_fields(self) -> dict[str, object]:
@@ -249,7 +251,7 @@ class ServiceState:
         if not allowed:
             raise self._not_loaded(key)
         if not self.engine.accepting:
-            raise errors.ShuttingDown()
+            raise ShuttingDown()
         try:
             defaults = await asyncio.wait_for(
                 self.engine.ensure_loaded(key, variant, allow_load=allowed),
@@ -259,8 +261,6 @@ class ServiceState:
             raise _timeout(self.settings.request_timeout, "waiting for the model to load") from None
         except LookupError:
             raise self._not_loaded(key) from None
-        except JobFailed as exc:
-            raise _load_error(key, exc) from None
 
         gen = resolve(params, self.settings, defaults)
         if gen.lora:
@@ -301,10 +301,6 @@ class ServiceState:
             usage=result.usage,
         )
 
-    def job_error(self, sub: Submitted, exc: BaseException) -> BaseException:
-        """What the client is told about a job the engine failed (domain errors pass)."""
-        return _job_error(sub.key, exc) if isinstance(exc, JobFailed) else exc
-
     def timeout_error(self, sub: Submitted) -> errors.RequestTimeout:
         where = "while running" if sub.job.started else "while queued (removed from the queue)"
         return _timeout(self.settings.request_timeout, where)
@@ -340,13 +336,10 @@ class ServiceState:
             error = self.timeout_error(sub)
             self.engine.cancel(job, "timeout")
             raise error
-        try:
-            return job.future.result()
-        except JobFailed as exc:
-            raise _job_error(job.key, exc) from None
+        return job.future.result()
 
-    def _not_loaded(self, key: ModelKey) -> errors.ModelNotLoaded:
-        return errors.ModelNotLoaded(
+    def _not_loaded(self, key: ModelKey) -> ModelNotLoaded:
+        return ModelNotLoaded(
             f"{key.variant_id} is not loaded and on-demand loading is off "
             f"(QDS_ALLOW_ON_DEMAND_LOAD); loaded: {', '.join(self.loaded_ids()) or 'none'}",
             param="quant_backend",
@@ -358,31 +351,6 @@ def torch_default_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _load_error(key: ModelKey, exc: JobFailed) -> Exception:
-    if exc.kind == "backend_unavailable":
-        return errors.BackendUnavailable(exc.message, param="quant_backend")
-    if exc.kind == "shutting_down":
-        return errors.ShuttingDown()
-    if exc.kind == "not_loaded":
-        return errors.ModelNotLoaded(exc.message, param="quant_backend")
-    return errors.ModelLoadFailed(f"loading {key.variant_id} failed: {exc.message}")
-
-
-def _job_error(key: ModelKey, exc: JobFailed) -> Exception:
-    if exc.kind == "oom":
-        return errors.OutOfMemory(
-            f"out of memory while generating ({exc.message}); memory was released and the "
-            "service keeps serving: retry with fewer images, a smaller size or a smaller quant "
-            "type"
-        )
-    if exc.kind == "shutting_down":
-        return errors.ShuttingDown()
-    if exc.kind in ("backend_unavailable", "load_failed", "not_loaded"):
-        return _load_error(key, exc)
-    # An internal error: logged with the request id by the middleware, never shown.
-    return RuntimeError(f"the engine failed running {key.variant_id}: {exc.message}")
 
 
 async def _disconnected(request: Request) -> None:

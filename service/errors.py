@@ -15,19 +15,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.exceptions import (
+from engine.failures import (
     BackendUnavailable,
     EngineUnavailable,
-    InvalidValue,
+    Failure,
     ModelLoadFailed,
-    ModelNotFound,
     ModelNotLoaded,
     OutOfMemory,
     QueueFull,
-    RequestTimeout,
-    ServiceError,
     ShuttingDown,
 )
+from service.exceptions import InvalidValue, ModelNotFound, RequestTimeout
 from service.protocol import FIELD_ERROR_CODES, FIELD_HINTS, error_body
 
 log = logging.getLogger("qdserve.errors")
@@ -44,7 +42,7 @@ class HttpMapping:
 
 # The one table from domain errors to HTTP. Looked up along the exception's MRO, so a
 # subclass inherits its parent's row unless it has its own.
-HTTP_MAPPING: dict[type[ServiceError], HttpMapping] = {
+HTTP_MAPPING: dict[type[Failure], HttpMapping] = {
     InvalidValue: HttpMapping(400, "validation"),
     ModelNotFound: HttpMapping(404, "validation", param="model"),
     # 400, not 404: the model exists, this server is configured not to load it on demand.
@@ -96,7 +94,7 @@ def _default_type(status: int) -> str:
     return "server_error"
 
 
-def to_api_error(exc: ServiceError) -> APIError:
+def to_api_error(exc: Failure) -> APIError:
     """A domain error in HTTP terms, by the table above."""
     mapping = next(
         (HTTP_MAPPING[cls] for cls in type(exc).__mro__ if cls in HTTP_MAPPING),
@@ -164,8 +162,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _domain(request: Request, exc: ServiceError) -> JSONResponse:
+    @app.exception_handler(Failure)
+    async def _domain(request: Request, exc: Failure) -> JSONResponse:
         return error_response(request, to_api_error(exc))
 
     @app.exception_handler(APIError)

@@ -3,7 +3,7 @@
 A collector (not a background thread) so every scrape sees the current numbers and an idle
 service does no work. Without CUDA it yields nothing: absent series, not fake zeros.
 
-The pipelines run in the engine process (service.core), whose CUDA allocator is the one that
+The pipelines run in the engine process (engine), whose CUDA allocator is the one that
 matters: there the engine reads `local_readings()` and sends them over; the HTTP process's
 collector is built with `read=` the engine's last report. Called without `read`, it reads this
 process's own allocator (benchmarks, tests, and the engine itself).
@@ -16,37 +16,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# device label ("cuda:0") -> {"allocated", "reserved", "peak", "total"} in bytes.
-GpuReadings = dict[str, dict[str, int]]
-
-
-def _cuda_devices() -> list[int]:
-    try:
-        import torch
-    except ImportError:  # the collector must never break a scrape
-        return []
-    if not torch.cuda.is_available():
-        return []
-    return list(range(torch.cuda.device_count()))
-
-
-def local_readings() -> GpuReadings:
-    """This process's CUDA allocator, per device; {} without CUDA."""
-    devices = _cuda_devices()
-    if not devices:
-        return {}
-    import torch
-
-    return {
-        f"cuda:{i}": {
-            "allocated": torch.cuda.memory_allocated(i),
-            "reserved": torch.cuda.memory_reserved(i),
-            "peak": torch.cuda.max_memory_allocated(i),
-            "total": torch.cuda.get_device_properties(i).total_memory,
-        }
-        for i in devices
-    }
-
+from engine.gpu_memory import GpuReadings, local_readings
 
 _HELP = {
     "allocated": "Bytes held by tensors (torch allocator).",

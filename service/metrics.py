@@ -5,15 +5,14 @@ process without "Duplicated timeseries" errors; the process / platform collector
 each registry so `process_*` memory gauges are still exported (the HTTP process's own; the
 engine process reports its resident memory as `qds_engine_resident_memory_bytes`).
 
-The registry lives in the HTTP process. The engine process (service.core) records its
+The registry lives in the HTTP process. The engine process (engine) records its
 observations (latency, loads, model memory, GPU memory, cancellations, prompt cache) with
-`service.core.telemetry.MetricsRecorder`, and they are applied here; see that module for why
+`engine.telemetry.MetricsRecorder`, and they are applied here; see that module for why
 this and not prometheus-client's multiprocess mode.
 """
 
 from __future__ import annotations
 
-import contextlib
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from engine.telemetry import record_evicted, record_loaded
 from quantization.environment import detect_device, library_version
 from service.gpu_metrics import GpuMemoryCollector, GpuReadings
 
@@ -168,22 +168,6 @@ class Metrics:
 
     def evicted(self, loaded: Any) -> None:
         record_evicted(self, loaded)
-
-
-def record_loaded(metrics: Any, loaded: Any) -> None:
-    """Record a newly loaded pipeline's memory and load time (on `Metrics` or a recorder)."""
-    for name, comp in loaded.components.items():
-        metrics.model_memory.labels(
-            loaded.model, loaded.backend, loaded.quant_type or "", name
-        ).set(comp.storage_bytes)
-    metrics.model_load_seconds.labels(loaded.model, loaded.backend).set(loaded.load_seconds)
-
-
-def record_evicted(metrics: Any, loaded: Any) -> None:
-    for name in loaded.components:
-        # Already absent (a second eviction of a re-loaded variant): nothing to remove.
-        with contextlib.suppress(KeyError):
-            metrics.model_memory.remove(loaded.model, loaded.backend, loaded.quant_type or "", name)
 
 
 def build_labels() -> dict[str, str]:

@@ -19,8 +19,8 @@ from fastapi import HTTPException
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.logs import request_id_var
 from service.engine import ClientGone
-from service.logs import request_id_var
 from service.protocol import error_body
 from service.settings import ServiceSettings
 

@@ -12,12 +12,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.lora import DEFAULT_SCALE as LORA_DEFAULT_SCALE
+from pipelines.lora import MAX_SCALE as LORA_MAX_SCALE
+from pipelines.lora import MIN_SCALE as LORA_MIN_SCALE
+from pipelines.lora import NAME_PATTERN as LORA_NAME_PATTERN
+from pipelines.token_usage import TokenUsage
 from quantization.backends import BACKENDS
-from quantization.lora import DEFAULT_SCALE as LORA_DEFAULT_SCALE
-from quantization.lora import MAX_SCALE as LORA_MAX_SCALE
-from quantization.lora import MIN_SCALE as LORA_MIN_SCALE
-from quantization.lora import NAME_PATTERN as LORA_NAME_PATTERN
-from quantization.token_usage import TokenUsage
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 CONTENT_TYPES: dict[OutputFormat, str] = {
@@ -291,7 +291,7 @@ class OutputTokensDetails(BaseModel):
 class ImagesUsage(BaseModel):
     """OpenAI's `ImageGenUsage` / `ImagesUsage` with real counts from the serving pipeline:
     prompt tokens from its sequence tokenizer (T5 for Flux) and image tokens as the
-    denoiser's latent patches (quantization.token_usage says how)."""
+    denoiser's latent patches (pipelines.token_usage says how)."""
 
     input_tokens: int
     output_tokens: int

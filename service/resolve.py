@@ -11,15 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from quantization import edit
-from quantization.generate import GenerationRequest
-from quantization.generate import resolve as fill_defaults
-from quantization.lora import normalize_selection
+from pipelines import edit
+from pipelines.generate import GenerationRequest
+from pipelines.generate import resolve as fill_defaults
+from pipelines.lora import normalize_selection
 from service.exceptions import InvalidValue
 from service.protocol import GenerateRequest, ImageGenerationRequest, LoraRef, OutputFormat
 
 if TYPE_CHECKING:
-    from quantization.loader import ModelDefaults
+    from pipelines.loader import ModelDefaults
     from service.settings import ServiceSettings
     from service.uploads import EditImages
 
@@ -44,7 +44,7 @@ class ImageParams:
     # The request field that carried the size: "size" (OpenAI) or None (width / height).
     size_field: str | None = None
     # Image edits (service.routes.edits): the decoded uploads and the strength; None for a
-    # generation. The resolve step then returns a `quantization.edit.EditRequest`.
+    # generation. The resolve step then returns a `pipelines.edit.EditRequest`.
     edit: EditImages | None = None
     strength: float | None = None
     # The request's `lora` list as (name, scale) pairs, in request order (checked and

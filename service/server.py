@@ -9,9 +9,9 @@ from typing import Any
 
 import uvicorn
 
+from engine.logs import configure_logging
 from quantization.settings import QuantSettings
 from service.app import create_app
-from service.logs import configure_logging
 from service.settings import ServiceSettings
 
 

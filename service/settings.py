@@ -204,7 +204,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("loras")
     @classmethod
     def _loras(cls, value: str) -> str:
-        from quantization.lora import parse_loras
+        from pipelines.lora import parse_loras
 
         parse_loras(value)  # raises ValueError naming the bad entry
         return value
@@ -212,7 +212,7 @@ class ServiceSettings(BaseSettings):
     @cached_property
     def lora_names(self) -> list[str]:
         """The declared adapters' names, in declaration order."""
-        from quantization.lora import parse_loras
+        from pipelines.lora import parse_loras
 
         return [spec.name for spec in parse_loras(self.loras)]
 

@@ -18,8 +18,8 @@ encoded only when the writer takes them, so a dropped preview costs no encoding.
 
 Partial images are previews of the latents at evenly spread step boundaries
 (`preview_steps`): the engine renders the predicted clean latents x0 = x - sigma * v
-(`quantization.stepping.StepBatch.latents_preview`) with a linear latent -> RGB map fitted to
-the served VAE (`quantization.previews`; real VAE decodes while that fit learns), no denoiser
+(`pipelines.stepping.StepBatch.latents_preview`) with a linear latent -> RGB map fitted to
+the served VAE (`pipelines.previews`; real VAE decodes while that fit learns), no denoiser
 forward (docs/benchmarks/streaming.md has the measured costs). Pipelines that run whole calls
 (no step loop) have no latents between steps: their streams carry the final image only.
 
@@ -43,7 +43,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
-from service import exceptions as errors
+from engine.failures import Failure
 from service.errors import to_api_error
 from service.imaging import encode_all
 from service.protocol import (
@@ -87,7 +87,7 @@ def preview_steps(total_steps: int, partial_images: int) -> tuple[int, ...]:
     return tuple(sorted(s for s in steps if 1 <= s < n))
 
 
-# -- what the engine sends about a running job (duck-typed: service.core.messages) ---------
+# -- what the engine sends about a running job (duck-typed: engine.messages) ---------
 @dataclass(frozen=True)
 class Progress:
     step: int
@@ -191,7 +191,7 @@ def _json_dumps(body: dict[str, Any]) -> str:
 def error_event(exc: BaseException, request_id: str | None) -> bytes:
     """An error after the stream has started: OpenAI's error shape in an `error` event (the
     openai client raises APIError on it). Internal errors carry no detail, only the id."""
-    if isinstance(exc, errors.ServiceError):
+    if isinstance(exc, Failure):
         api = to_api_error(exc)
         body = error_body(
             api.message, type=api.type, param=api.param, code=api.code, request_id=request_id
@@ -246,7 +246,7 @@ async def event_stream(
                     yield _partial(flavor, item, i, data, seeds[i], size, fmt)
             elif isinstance(item, BaseException):
                 done = True
-                yield error_event(qds.job_error(sub, item), request_id)
+                yield error_event(item, request_id)
                 return
             else:
                 done = True

@@ -10,70 +10,23 @@ entries (`backend[:quant_type]`) and builds the cards of `GET /v1/models`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from engine.keys import SEP, ModelKey, format_id, key_for, model_id, parse_spec
 from quantization.backends import BACKENDS
-from quantization.embedded import EMBEDDED_MODEL_ID
 from quantization.settings import QuantSettings
 from service.exceptions import InvalidValue, ModelNotFound
 from service.protocol import ModelCard
 
 if TYPE_CHECKING:
-    from quantization.lora import LoraSpec
-    from service.cache import Entry
+    from engine.cache import Entry
+    from pipelines.lora import LoraSpec
 
-SEP = ":"
 # QuantSettings fields a request can choose; any other field that fails validation for a
 # requested variant is server configuration that does not fit the chosen backend.
 _REQUEST_FIELDS = ("quant_backend", "quant_type")
-
-
-@dataclass(frozen=True, order=True)
-class ModelKey:
-    model: str
-    backend: str
-    quant_type: str | None
-    compute_dtype: str
-
-    @property
-    def variant_id(self) -> str:
-        """The id `GET /v1/models` lists and `model` accepts: model:backend[:quant_type]."""
-        return format_id(self.model, self.backend, self.quant_type)
-
-    def label(self) -> str:
-        return f"{self.backend}:{self.quant_type}" if self.quant_type else self.backend
-
-
-def format_id(model: str, backend: str | None = None, quant_type: str | None = None) -> str:
-    return SEP.join(p for p in (model, backend, quant_type) if p)
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """`backend[:quant_type]` (a QDS_PRELOAD entry or the tail of a model id)."""
-    backend, _, qtype = spec.partition(SEP)
-    return backend.strip(), qtype.strip() or None
-
-
-def model_id(settings: QuantSettings) -> str:
-    return EMBEDDED_MODEL_ID if settings.model in ("", "embedded") else settings.model
-
-
-def key_for(settings: QuantSettings) -> ModelKey:
-    """The cache key of a settings variant, with `auto` resolved so equal pipelines match."""
-    from quantization.environment import resolve_device
-    from quantization.loader import resolve_dtype
-
-    dtype = resolve_dtype(settings.compute_dtype, resolve_device(settings.device))
-    backend = settings.quant_backend
-    return ModelKey(
-        model=model_id(settings),
-        backend=backend,
-        quant_type=None if backend == "none" else settings.resolved_quant_type,
-        compute_dtype=str(dtype).removeprefix("torch."),
-    )
 
 
 def settings_field(exc: ValidationError) -> str | None:

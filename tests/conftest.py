@@ -43,7 +43,7 @@ def cache_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def embedded_path(cache_dir: Path) -> Path:
-    from quantization.embedded import random_model_path
+    from pipelines.embedded import random_model_path
 
     return random_model_path(cache_dir)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from quantization.generate import GenerationRequest, resolve
-from quantization.loader import load_pipeline
+from pipelines.generate import GenerationRequest, resolve
+from pipelines.loader import load_pipeline
+from pipelines.stepping import StepBatch
 from quantization.settings import QuantSettings
-from quantization.stepping import StepBatch
 
 VARIANTS = (
     ("bitsandbytes_4bit", "nf4"),

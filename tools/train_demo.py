@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the demo model shipped as the embedded default (quantization/demo_weights/).
+"""Train the demo model shipped as the embedded default (pipelines/demo_weights/).
 
 Same as `qdserve train-demo` and `python -m examples.demo.train`; see docs/demo.md.
 Run it with the project's venv: `.venv/bin/python tools/train_demo.py [--help]`.

@@ -1,7 +1,7 @@
 """Edit checks on the demo model: the pixel checker verifies img2img and inpainting.
 
 The source is the demo's own drawing of "a red circle on the left" (`shapes.render`), and
-every edit goes through `quantization.edit.derived_pipeline`, the pipelines the service runs:
+every edit goes through `pipelines.edit.derived_pipeline`, the pipelines the service runs:
 
 - inpaint: the left half masked (the circle spans x = 2..14 of 32, past the left third, so a
   third would leave a red sliver the checker rightly calls clutter), prompt "a blue square on
@@ -26,8 +26,8 @@ from typing import Any
 
 from PIL import Image
 
-from examples.demo import shapes
-from examples.demo.checker import adheres, classify
+from pipelines import demo_shapes as shapes
+from pipelines.demo_checker import adheres, classify
 
 SOURCE = ("circle", "red", "left")
 INPAINT_PROMPT = "a blue square on the left"
@@ -86,7 +86,7 @@ def run_edit(
     uses for `pipe` (CPU generator per image, as the service)."""
     import torch
 
-    from quantization.edit import DEFAULT_STRENGTH, derived_pipeline
+    from pipelines.edit import DEFAULT_STRENGTH, derived_pipeline
 
     kind = "inpaint" if mask is not None else "img2img"
     edit_pipe = derived_pipeline(pipe, kind)
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list")
     p.add_argument("--steps", type=int, default=STEPS)
     args = p.parse_args(argv)
-    from quantization.embedded import embedded_model_path
+    from pipelines.embedded import embedded_model_path
 
     with tempfile.TemporaryDirectory(prefix="qds-edits-") as tmp:
         pipe = service_loader(args.model or embedded_model_path(), Path(tmp))(args.backend)

@@ -8,7 +8,7 @@ columns: prompts, first seed), so a person can see the difference.
 
 `report()` takes ready pipelines as (name, pipeline) pairs, the first being the reference;
 `report_with_loader()` takes a loader callable (the service's
-`quantization.loader.load_pipeline(settings)` wrapped per backend) so a backend that fails to
+`pipelines.loader.load_pipeline(settings)` wrapped per backend) so a backend that fails to
 load is reported as such instead of aborting the report.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from examples.demo import shapes
-from examples.demo.checker import adheres
+from pipelines import demo_shapes as shapes
+from pipelines.demo_checker import adheres
 
 
 def _prompt_set() -> list[str]:
@@ -219,7 +219,7 @@ def write_report(
     lines += [
         f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
         f"{SIZE}x{SIZE}, {steps} steps, guidance {guidance}. Adherence: the pixel checker "
-        "(`examples/demo/checker.py`) finds the prompted shape, color and position. "
+        "(`pipelines/demo_checker.py`) finds the prompted shape, color and position. "
         f"PSNR / mean abs diff: against `{rows[0].name}` at the same seed (0-255 scale). "
         "Edits: the share of seeds 0-5 passing each edit check of `examples/demo/edits_check.py` "
         "(inpaint a blue square over the red circle; img2img at strength 0.3 keeps the "
@@ -318,7 +318,7 @@ def service_loader(model: Path, workdir: Path) -> Callable[[str], Any]:
     report measures exactly what `qdserve serve` would run, after the backend's offline step
     (`prepare`: GGUF converts the denoiser into `workdir`)."""
     from benchmarks.common import parse_variant, prepared_settings
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
 
     def load(name: str) -> Any:
         settings = prepared_settings(parse_variant(name), workdir, model=str(model))
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from benchmarks.common import meta_line, registry_variants, run_meta
-    from quantization.embedded import embedded_model_path
+    from pipelines.embedded import embedded_model_path
 
     p = argparse.ArgumentParser(prog="qdserve bench quality", description="demo-model quality")
     p.add_argument("--model", type=Path, default=None, help="default: the embedded model")

@@ -37,15 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from examples.demo import shapes
-
 # Inference defaults written to qdserve.json (the service's defaults follow that file).
 from examples.demo.quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, PROMPTS, adherence
+from pipelines import demo_shapes as shapes
 
-# The weights the runtime serves as its embedded default (quantization/demo_weights/ of this
+# The weights the runtime serves as its embedded default (pipelines/demo_weights/ of this
 # checkout); `--out` writes elsewhere.
 CHECKOUT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = CHECKOUT / "quantization" / "demo_weights"
+DEFAULT_OUT = CHECKOUT / "pipelines" / "demo_weights"
 SIZE = shapes.DEFAULT_SIZE
 MAX_SEQUENCE_LENGTH = 32
 DEMO_VERSION = "demo-1"
@@ -121,7 +120,7 @@ def train_vae(
 def vae_check(vae: Any, seed: int, n: int = 200) -> float:
     """Fraction of held-out reconstructions the checker still reads as their caption: the
     ceiling for the whole pipeline's prompt adherence."""
-    from examples.demo.checker import classify
+    from pipelines.demo_checker import classify
 
     held_out = shapes.generate(n, seed=seed + 2000, size=SIZE)
     rec = vae.decode(vae.encode(_images_to_tensor(held_out)).latent_dist.mode()).sample
@@ -246,7 +245,7 @@ def build_demo_pipeline(seed: int) -> Any:
     smaller-depth transformer in place of the random-build one."""
     from diffusers import FluxTransformer2DModel
 
-    from quantization.embedded import TRANSFORMER_CONFIG, build_pipeline
+    from pipelines.embedded import TRANSFORMER_CONFIG, build_pipeline
 
     pipe = build_pipeline(seed)
     torch.manual_seed(seed)
@@ -391,4 +390,4 @@ def main(argv: Sequence[str] | None = None, prog: str = "train-demo") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="qdserve train-demo"))

@@ -1,6 +1,6 @@
 """Train the demo LoRA: teach the shipped demo model a color it never saw ("orange").
 
-The demo model (`quantization/demo_weights/`) was trained on six colors; asked for "an
+The demo model (`pipelines/demo_weights/`) was trained on six colors; asked for "an
 orange circle" it draws a black or red one. This trainer adds a PEFT LoRA to its Flux
 transformer (attention, feed-forward and single-block projections) and trains only the LoRA
 with the base model's own objective (rectified flow, as `examples/demo/train.py`), on a mix
@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from examples.demo import shapes
 from examples.demo.quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, PROMPTS, adherence
 from examples.demo.train import (
     _images_to_tensor,
@@ -38,9 +37,10 @@ from examples.demo.train import (
     encode_captions,
     encode_dataset,
 )
+from pipelines import demo_shapes as shapes
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = CHECKOUT / "quantization" / "demo_weights" / "lora"
+DEFAULT_OUT = CHECKOUT / "pipelines" / "demo_weights" / "lora"
 NAME = "orange"
 NEW_COLOR = "orange"
 SIZE = shapes.DEFAULT_SIZE
@@ -155,7 +155,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, check and save the demo LoRA; prints progress and the adherence it reached."""
-    from quantization.embedded import embedded_model_path
+    from pipelines.embedded import embedded_model_path
 
     args = parse_args(argv)
     loadavg = list(os.getloadavg())  # the CPUs may be shared: training time depends on it
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     without = adherence(pipe, LORA_PROMPTS, seeds, DEFAULT_STEPS, DEFAULT_GUIDANCE)
     meta = {
         "adapter": path.name,
-        "base_model": "qdserve/embedded-flux demo-1 (quantization/demo_weights)",
+        "base_model": "qdserve/embedded-flux demo-1 (pipelines/demo_weights)",
         "new_color": NEW_COLOR,
         "rank": args.rank,
         "target_modules": TARGET_MODULES,

@@ -1,28 +1,32 @@
 """String-keyed backend registry (the keys are diffusers' own quantization method keys).
 
-Each module in this package defines one or more `QuantBackend` subclasses, which register
-themselves; importing every module here is all the wiring a new backend needs.
+`auto.py` lists every backend explicitly; a backend whose module fails to import is left out
+and named in `BROKEN` (with the error) instead of breaking the registry.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
-from quantization.backends.base import BackendUnavailable, ConfigRequest, QuantBackend, registered
+from quantization.backends.auto import load_backends
+from quantization.backends.base import (
+    BackendUnavailable,
+    ConfigRequest,
+    ModelLoadError,
+    QuantBackend,
+)
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-BACKENDS: dict[str, QuantBackend] = {cls.key: cls() for cls in registered()}
+BACKENDS: dict[str, QuantBackend]
+BROKEN: dict[str, str]
+BACKENDS, BROKEN = load_backends()
 
 
 def get_backend(key: str) -> QuantBackend:
     try:
         return BACKENDS[key]
     except KeyError:
+        if key in BROKEN:
+            raise ValueError(f"backend {key!r} failed to import: {BROKEN[key]}") from None
         raise ValueError(f"unknown backend {key!r}; allowed: {', '.join(BACKENDS)}") from None
 
 
@@ -36,8 +40,10 @@ def backend_for_saved(quant_method: str, component_config: dict[str, Any]) -> Qu
 
 __all__ = [
     "BACKENDS",
+    "BROKEN",
     "BackendUnavailable",
     "ConfigRequest",
+    "ModelLoadError",
     "QuantBackend",
     "backend_for_saved",
     "get_backend",

@@ -7,8 +7,8 @@ settings are valid, how the denoiser is loaded, whether and how a quantized mode
 saved, and whether a saved `quant_method` is its own. Configs are built lazily so that listing
 backends never imports a quantization library.
 
-Every subclass that defines `key` registers itself (`__init_subclass__`); the package imports
-each module under `quantization/backends/`, so a new backend is one new file.
+Backends are listed explicitly in `auto.py` (key -> module:class), as diffusers'
+`quantizers/auto.py` lists its quantizers.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ class BackendUnavailable(RuntimeError):
     """This backend / quant type cannot run here; the message says why and what to use."""
 
 
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to fix."""
+
+
 @dataclass(frozen=True)
 class ConfigRequest:
     """What a backend needs to build its configs."""
@@ -39,15 +43,6 @@ class ConfigRequest:
     bnb_double_quant: bool = True
     # Where the model will run ("cpu", "cuda", "cuda:N"); None when not known.
     device: str | None = None
-
-
-# key -> backend class, in definition order; filled by QuantBackend.__init_subclass__.
-_REGISTRY: dict[str, type[QuantBackend]] = {}
-
-
-def registered() -> list[type[QuantBackend]]:
-    """Registered backend classes, `order` first, then key (stable whatever the import order)."""
-    return sorted(_REGISTRY.values(), key=lambda cls: (cls.order, cls.key))
 
 
 class QuantBackend:
@@ -76,18 +71,6 @@ class QuantBackend:
     # Nominal bits per weight for each quant type (the physical floor: params x bits / 8).
     bits: ClassVar[dict[str, float]] = {}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "key" not in cls.__dict__:
-            return  # a shared base for several keys, not a backend itself
-        existing = _REGISTRY.get(cls.key)
-        if existing is not None and existing.__module__ != cls.__module__:
-            raise TypeError(
-                f"backend key {cls.key!r} is defined twice: {existing.__module__} and "
-                f"{cls.__module__}"
-            )
-        _REGISTRY[cls.key] = cls
-
     def weight_bits(self, quant_type: str | None) -> float:
         return self.bits.get(quant_type or "", 16.0)
 
@@ -110,23 +93,14 @@ class QuantBackend:
                 f"QDS_COMPONENTS_TO_QUANTIZE includes {encoders}, but backend {self.key!r} "
                 "cannot quantize transformers text encoders; use denoiser only"
             )
-        for other in registered():
-            if other.key == self.key:
-                continue
-            for name in other.own_settings:
-                if getattr(settings, name) is not None:
-                    var = f"QDS_{name.upper()}"
-                    raise ValueError(
-                        f"{var} is set but QDS_QUANT_BACKEND={self.key!r}; "
-                        f"set QDS_QUANT_BACKEND={other.key} or unset {var}"
-                    )
 
     def validate_artifacts(self, settings: QuantSettings) -> None:
         """Refuse settings whose offline artifacts (files `prepare` makes) are missing."""
 
-    def prepare(self, settings: QuantSettings, work_dir: Path) -> QuantSettings:
-        """Create the offline artifacts this quant type needs in `work_dir` and return the
-        settings that load them. Most backends quantize while loading: nothing to make.
+    def prepare(self, settings: QuantSettings, work_dir: Path, source: str) -> QuantSettings:
+        """Create the offline artifacts this quant type needs in `work_dir` from the model
+        folder `source` and return the settings that load them. Most backends quantize while
+        loading: nothing to make. (`pipelines.loader.prepare` resolves `source` for callers.)
 
         `settings` may come from `QuantSettings.unprepared(...)` (artifact checks skipped);
         the result passes every check.

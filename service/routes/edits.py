@@ -3,7 +3,7 @@
 Both are multipart/form-data: the files `image` (or `image[]`; one image) and optionally
 `mask`, every other field a text part validated by the protocol's models. Without a mask the
 edit is img2img, with one it is inpainting (service.uploads has the upload rules,
-quantization.edit the pipelines). After parsing, an edit goes the generations' way: the same
+pipelines.edit the pipelines). After parsing, an edit goes the generations' way: the same
 resolve step, engine path, errors, metrics and response models.
 """
 

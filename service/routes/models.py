@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from quantization.lora import parse_loras
+from pipelines.lora import parse_loras
 from service.auth import require_api_key
 from service.engine import ServiceState
 from service.protocol import ERROR_RESPONSES, ModelCard, ModelList

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.loader import load_pipeline
 from quantization.backends import BACKENDS, BackendUnavailable, ConfigRequest, get_backend
 from quantization.environment import DeviceInfo
-from quantization.loader import load_pipeline
 from quantization.settings import QuantSettings
 
 CPU = DeviceInfo(False, "cpu")

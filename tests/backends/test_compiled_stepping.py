@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from quantization.generate import GenerationRequest, generate, resolve
-from quantization.loader import LoadedPipeline, load_pipeline
+from engine import compiling
+from engine.lanes import Lanes
+from pipelines.generate import GenerationRequest, generate, resolve
+from pipelines.loader import LoadedPipeline, load_pipeline
+from pipelines.stepping import StepBatch
 from quantization.settings import QuantSettings
-from quantization.stepping import StepBatch
-from service.core import compiling
-from service.core.lanes import Lanes
 
 TOL = 2
 

@@ -1,4 +1,4 @@
-"""quantization/edit.py on the embedded model (random weights, 32x32, few steps): img2img and
+"""pipelines/edit.py on the embedded model (random weights, 32x32, few steps): img2img and
 inpainting share every weight of the loaded pipeline, on every CPU backend, with generation's
 seed rules and diffusers' strength semantics."""
 
@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from quantization import edit
+from pipelines import edit
+from pipelines.generate import GenerationRequest, batch_key
+from pipelines.loader import LoadedPipeline, load_pipeline, prepare
+from pipelines.token_usage import image_tokens
 from quantization.backends import get_backend
 from quantization.environment import DeviceInfo
-from quantization.generate import GenerationRequest, batch_key
-from quantization.loader import LoadedPipeline, load_pipeline
 from quantization.settings import QuantSettings
-from quantization.token_usage import image_tokens
 
 SIZE = 32
 
@@ -221,7 +221,7 @@ def test_edits_on_quantized_backends_share_the_quantized_weights(
     settings = QuantSettings.unprepared(
         model=str(embedded_path), quant_backend=backend, quant_type=qtype
     )
-    loaded = load_pipeline(b.prepare(settings, tmp_path))
+    loaded = load_pipeline(prepare(settings, tmp_path))
     before = _tensors(loaded.pipeline.transformer)
     for kind_mask in (None, _left_mask()):
         out = edit.edit(loaded, _request(mask=kind_mask))

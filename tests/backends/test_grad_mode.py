@@ -24,10 +24,10 @@ def test_inference_mode_runs_exactly_where_the_backend_says_it_does(
 ) -> None:
     import torch
 
-    from quantization.generate import GenerationRequest, allows_inference_mode, grad_mode, resolve
-    from quantization.loader import load_pipeline
+    from pipelines.generate import GenerationRequest, allows_inference_mode, grad_mode, resolve
+    from pipelines.loader import load_pipeline
+    from pipelines.stepping import StepBatch
     from quantization.settings import QuantSettings
-    from quantization.stepping import StepBatch
 
     pytest.importorskip(get_backend(backend).module or "torch")
     loaded = load_pipeline(QuantSettings(quant_backend=backend, quant_type=quant_type))
@@ -90,7 +90,7 @@ def test_an_auto_plan_runs_in_inference_mode_only_if_every_choice_allows_it() ->
 
     import torch
 
-    from quantization.generate import allows_inference_mode, grad_mode
+    from pipelines.generate import allows_inference_mode, grad_mode
 
     def loaded(*choices: tuple[str, str | None]) -> object:
         components = {f"c{i}": {"backend": b, "quant_type": t} for i, (b, t) in enumerate(choices)}

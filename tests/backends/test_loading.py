@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.generate import GenerationRequest, generate, generate_batch
+from pipelines.loader import LoadedPipeline, load_pipeline, prepare
+from pipelines.prequantize import NotSerializable, quantize_and_save
 from quantization.backends import BACKENDS, get_backend
 from quantization.environment import DeviceInfo, detect_device
-from quantization.generate import GenerationRequest, generate, generate_batch
-from quantization.loader import LoadedPipeline, load_pipeline
-from quantization.prequantize import NotSerializable, quantize_and_save
 from quantization.settings import QuantSettings
 
 PROMPT = GenerationRequest(prompt="a red circle on the left", seed=7)
@@ -84,7 +84,7 @@ def max_pixel_diff(backend: str, qtype: str) -> float:
 
 
 def prepared(settings: QuantSettings, work_dir: Path) -> QuantSettings:
-    return get_backend(settings.quant_backend).prepare(settings, work_dir)
+    return prepare(settings, work_dir)
 
 
 @pytest.mark.parametrize(("backend", "qtype"), tiered(registry_combos(CPU)))
@@ -201,7 +201,7 @@ def test_batch_of_requests_matches_each_alone(embedded_path: Path) -> None:
 
 
 def test_unknown_component_for_model_is_a_load_error(embedded_path: Path) -> None:
-    from quantization.loader import ModelLoadError
+    from quantization.backends import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="QDS_COMPONENTS_TO_QUANTIZE names 'text_encoder_3'"):
         load_pipeline(
@@ -214,7 +214,7 @@ def test_unknown_component_for_model_is_a_load_error(embedded_path: Path) -> Non
 
 
 def test_model_folder_without_index_is_refused(tmp_path: Path) -> None:
-    from quantization.loader import ModelLoadError
+    from quantization.backends import ModelLoadError
 
     with pytest.raises(ModelLoadError, match=r"without model_index\.json"):
         load_pipeline(QuantSettings(model=str(tmp_path)))

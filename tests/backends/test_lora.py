@@ -1,4 +1,4 @@
-"""LoRA adapters (quantization/lora.py) on the shipped demo model with the shipped demo LoRA.
+"""LoRA adapters (pipelines/lora.py) on the shipped demo model with the shipped demo LoRA.
 
 The demo LoRA teaches the color orange, which the base model never saw: with the adapter the
 checker sees orange shapes, without it none, and with no adapter requested the base output is
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from examples.demo.checker import adheres, classify
-from quantization import lora as lora_mod
-from quantization.lora import LoraError, LoraSpec, load_adapters, normalize_selection, parse_loras
+from pipelines import lora as lora_mod
+from pipelines.demo_checker import adheres, classify
+from pipelines.generate import warm_up_lora
+from pipelines.lora import LoraError, LoraSpec, load_adapters, normalize_selection, parse_loras
 
 SHIPPED = lora_mod.SHIPPED_DIR / "orange.safetensors"
 # Three of the adapter's prompts; seed 0 draws each as asked with the adapter (measured).
@@ -45,7 +46,7 @@ def _pil(images: np.ndarray) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def loaded() -> Any:
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     torch.set_num_threads(1)
@@ -207,7 +208,7 @@ def test_quanto_really_cannot_take_the_demo_lora() -> None:
     """The fact behind the quanto refusal, re-measured: diffusers' Flux LoRA loader reads the
     base weight as `<module>.weight`, which a quanto-quantized model does not have."""
     pytest.importorskip("optimum.quanto")
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     loaded = load_pipeline(QuantSettings(quant_backend="quanto", quant_type="int8", device="cpu"))
@@ -249,10 +250,10 @@ def test_switching_adapters_does_not_recompile_the_compiled_denoiser() -> None:
     (off, on), switching sets and scales compiles nothing new (dynamo's frame counter)."""
     from torch._dynamo.utils import counters
 
-    from quantization.generate import GenerationRequest, generate
-    from quantization.loader import load_pipeline
+    from engine.core import compile_denoiser
+    from pipelines.generate import GenerationRequest, generate
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
-    from service.core.engine_core import compile_denoiser
 
     loaded = load_pipeline(QuantSettings(quant_backend="none", device="cpu"))
     lora_mod.attach(
@@ -266,7 +267,7 @@ def test_switching_adapters_does_not_recompile_the_compiled_denoiser() -> None:
         generate(loaded, GenerationRequest("a", num_inference_steps=2, seed=0, lora=selection))
 
     run()
-    lora_mod.warm_up(loaded, [(32, 32)])
+    warm_up_lora(loaded, [(32, 32)])
     compiled = counters["frames"]["total"]
     assert compiled > 0
     for selection in [("orange", 1.0)], [("orange2", 0.5)], [], [("orange", 1.0), ("orange2", 2.0)]:

@@ -319,7 +319,8 @@ BUDGET = 15_000_000
 
 @pytest.mark.slow
 def test_auto_loads_the_embedded_model_quantized_within_the_budget(cache_dir: Path) -> None:
-    from quantization.loader import ModelLoadError, load_pipeline
+    from pipelines.loader import load_pipeline
+    from quantization.backends import ModelLoadError
     from quantization.settings import QuantSettings
 
     settings = QuantSettings(

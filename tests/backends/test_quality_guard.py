@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from quantization.quality_guard import (
+from pipelines.quality_guard import (
     Probe,
     QualityFloor,
     QualityRefused,
@@ -29,7 +29,7 @@ PROMPTS = ("a red circle on the left", "a blue square in the center")
 
 
 def _shapes() -> list[Image.Image]:
-    from examples.demo.shapes import render
+    from pipelines.demo_shapes import render
 
     return [render("circle", "red", "left"), render("square", "blue", "center")]
 
@@ -78,7 +78,7 @@ def test_adherence_floor_alone_can_refuse() -> None:
 
 @pytest.fixture(scope="module")
 def reference() -> Iterator[object]:
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     loaded = load_pipeline(QuantSettings())
@@ -87,7 +87,7 @@ def reference() -> Iterator[object]:
 
 
 def _quanto(quant_type: str) -> object:
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     return load_pipeline(QuantSettings(quant_backend="quanto", quant_type=quant_type))

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pipelines.prequantize import NotSerializable, quantize_and_save
 from quantization.backends import BACKENDS, get_backend
 from quantization.backends.base import QuantBackend, registered
-from quantization.prequantize import NotSerializable, quantize_and_save
 from quantization.settings import QuantSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +97,7 @@ def test_with_backend_drops_options_of_other_backends(tmp_path: Path) -> None:
 
 def test_default_prepare_returns_the_settings(tmp_path: Path) -> None:
     settings = QuantSettings(quant_backend="sdnq", quant_type="uint4")
-    assert get_backend("sdnq").prepare(settings, tmp_path) is settings
+    assert get_backend("sdnq").prepare(settings, tmp_path, "unused") is settings
     assert not list(tmp_path.iterdir())
 
 
@@ -111,7 +111,7 @@ def test_gguf_needs_its_file_unless_unprepared(tmp_path: Path) -> None:
     f = tmp_path / "given.gguf"
     f.write_bytes(b"")
     given = QuantSettings(quant_backend="gguf", quant_type="Q4_0", gguf_file=f)
-    assert get_backend("gguf").prepare(given, tmp_path / "work") is given  # used as it is
+    assert get_backend("gguf").prepare(given, tmp_path / "work", "unused") is given  # used as it is
 
 
 def test_unprepared_settings_are_still_validated() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from quantization.backends import BackendUnavailable
-from quantization.loader import ModelLoadError, SavedQuantization, load_pipeline, saved_quantization
+from pipelines.loader import SavedQuantization, load_pipeline, saved_quantization
+from quantization.backends import BackendUnavailable, ModelLoadError
 from quantization.settings import QuantSettings
 
 COMPONENTS = {"transformer": "diffusers", "text_encoder_2": "transformers", "vae": "diffusers"}

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.generate import GenerationRequest, generate
+from pipelines.loader import LoadedPipeline, load_pipeline
+from pipelines.prequantize import quantize_and_save
 from quantization.backends import ConfigRequest, get_backend
-from quantization.generate import GenerationRequest, generate
-from quantization.loader import LoadedPipeline, load_pipeline
-from quantization.prequantize import quantize_and_save
 from quantization.settings import QuantSettings
 
 PROMPT = GenerationRequest(prompt="a red circle on the left", seed=7, num_inference_steps=2)
@@ -114,7 +114,7 @@ def test_saved_sdnq_text_encoder_loads_quantized_in_a_fresh_process(
         tmp_path / "te-only",
     )
     code = (
-        "import json, sys; from quantization.loader import load_pipeline; "
+        "import json, sys; from pipelines.loader import load_pipeline; "
         "from quantization.settings import QuantSettings; "
         "c = load_pipeline(QuantSettings(model=sys.argv[1])).components['text_encoder_2']; "
         "print(json.dumps([c.quantized, c.storage_bytes / c.unquantized_bytes]))"

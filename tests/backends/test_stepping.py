@@ -1,4 +1,4 @@
-"""Step-level batching (quantization/stepping.py) and the prompt-embedding cache.
+"""Step-level batching (pipelines/stepping.py) and the prompt-embedding cache.
 
 Same-seed-same-image guarantee, compared as 8-bit RGB pixels against `generate()` (the
 pipeline's own call) with the same resolved request, on the random-weight embedded model
@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import torch
 
-from quantization.generate import GenerationRequest, GenerationResult, generate, resolve
-from quantization.loader import LoadedPipeline, load_pipeline
-from quantization.prompt_cache import PromptCache, tensor_bytes
+from pipelines.generate import GenerationRequest, GenerationResult, generate, resolve
+from pipelines.loader import LoadedPipeline, load_pipeline
+from pipelines.prompt_cache import PromptCache, tensor_bytes
+from pipelines.stepping import StepBatch, step_key, supports_stepping, variant_id
 from quantization.settings import QuantSettings
-from quantization.stepping import StepBatch, step_key, supports_stepping, variant_id
 
 TOL = 2  # max abs difference of uint8 pixels, see the module docstring
 

@@ -99,14 +99,14 @@ def test_image_holds_the_runtime_only(served: Container) -> None:
     probe = """
 import importlib.util, json, os, shutil, site
 from pathlib import Path
-import quantization
+import pipelines
 sp = Path(site.getsitepackages()[0])
 print(json.dumps({
     "importable": {m: importlib.util.find_spec(m) is not None for m in
-        ("quantization", "service", "benchmarks", "examples", "tests", "service.bench",
-         "quantization.demo")},
+        ("quantization", "pipelines", "engine", "service", "benchmarks", "examples", "tests",
+         "service.bench", "quantization.demo")},
     "demo_weights": sorted(
-        p.name for p in (Path(quantization.__file__).parent / "demo_weights").iterdir()),
+        p.name for p in (Path(pipelines.__file__).parent / "demo_weights").iterdir()),
     "compilers": [c for c in ("gcc", "g++", "cc", "c++") if shutil.which(c)],
     "pip_inputs": os.path.exists("/tmp/pip-inputs"),
     "torch_include": (sp / "torch" / "include").exists(),
@@ -117,6 +117,8 @@ print(json.dumps({
     facts = json.loads(served.exec("python3", "-c", probe).stdout)
     assert facts["importable"] == {
         "quantization": True,
+        "pipelines": True,
+        "engine": True,
         "service": True,
         "benchmarks": False,
         "examples": False,

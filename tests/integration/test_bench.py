@@ -193,9 +193,11 @@ def test_wheel_packages_only_the_runtime() -> None:
         where=str(REPO), include=spec["include"], exclude=spec.get("exclude", ())
     )
     tops = {p.split(".")[0] for p in packages}
-    assert tops == {"quantization", "service"}
-    assert "quantization.demo_weights" in packages
-    assert not [p for p in packages if "bench" in p or p.startswith("quantization.demo.")]
+    assert tops == {"quantization", "pipelines", "engine", "service"}
+    assert "pipelines.demo_weights" in packages
+    assert not [
+        p for p in packages if "bench" in p or p.startswith(("pipelines.demo.", "examples"))
+    ]
 
 
 def test_bench_outside_a_checkout_says_so(
@@ -405,8 +407,8 @@ def test_gpu_pipeline_folder_is_servable_flux_with_flux_dev_widths(tmp_path: Pat
     Flux-dev's text widths (T5 4096, pooled 768), an 8x VAE, Flux-dev's scheduler, and it
     generates through the loader and the step loop at 64x64."""
     from benchmarks.gpu_pipeline import FLUX_DEV_SCHEDULER, SMALL_DENOISER, build
-    from quantization.generate import GenerationRequest, generate
-    from quantization.loader import load_pipeline
+    from pipelines.generate import GenerationRequest, generate
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     folder = tmp_path / "flux"

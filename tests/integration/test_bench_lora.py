@@ -54,7 +54,7 @@ CELLS: list[dict[str, Any]] = [
 def _matrix() -> dict[str, Any]:
     return {
         "meta": run_meta("test"),
-        "adapter": "quantization/demo_weights/lora/orange.safetensors",
+        "adapter": "pipelines/demo_weights/lora/orange.safetensors",
         "prompts": 12,
         "seeds": [0, 1],
         "steps": 12,

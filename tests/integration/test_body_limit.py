@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_service_support import Server, running_server
 
-from quantization.loader import ModelLoadError
+from quantization.backends import ModelLoadError
 
 MIB = 1024 * 1024
 IMG = "/v1/images/generations"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantization.loader import ModelLoadError, load_pipeline
+from pipelines.loader import load_pipeline
+from quantization.backends import ModelLoadError
 from quantization.settings import QuantSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +97,7 @@ def test_offload_needs_cuda(embedded_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_modes_generate_on_gpu(embedded_path: Path, mode: str) -> None:
-    from quantization.generate import GenerationRequest, generate
+    from pipelines.generate import GenerationRequest, generate
 
     loaded = load_pipeline(QuantSettings(model=str(embedded_path), offload=mode, device="cuda"))
     image = generate(loaded, GenerationRequest(prompt="a red circle", seed=1)).images[0]
@@ -104,7 +105,7 @@ def test_offload_modes_generate_on_gpu(embedded_path: Path, mode: str) -> None:
 
 
 def test_embedded_model_is_deterministic() -> None:
-    from quantization.embedded import build_pipeline
+    from pipelines.embedded import build_pipeline
 
     a, b = build_pipeline().transformer.state_dict(), build_pipeline().transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

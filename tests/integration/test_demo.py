@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from examples.demo import shapes
-from examples.demo.checker import adheres, classify
+from pipelines import demo_shapes as shapes
+from pipelines.demo_checker import adheres, classify
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "quantization" / "demo_weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "pipelines" / "demo_weights"
 
 
 def test_dataset_is_deterministic() -> None:
@@ -115,7 +115,7 @@ NOT_DRAWINGS: dict[str, np.ndarray] = {
 def test_checker_rejects_noise_fills_and_blanks_for_every_prompt_form(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from examples.demo import checker
+    from pipelines import demo_checker as checker
 
     image = NOT_DRAWINGS[name]
     verdict = checker.classify(image)
@@ -167,7 +167,7 @@ def test_shipped_weights_draw_a_blue_square() -> None:
     import torch
     from diffusers import FluxPipeline
 
-    from quantization.embedded import embedded_model_path
+    from pipelines.embedded import embedded_model_path
 
     assert embedded_model_path() == WEIGHTS
     meta = json.loads((WEIGHTS / "qdserve.json").read_text())
@@ -193,8 +193,8 @@ def test_shipped_weights_draw_a_blue_square() -> None:
 
 def test_readme_first_request_draws_the_prompted_shape() -> None:
     """The README's curl request (seed 42) through the service's own loader and generator."""
-    from quantization.generate import GenerationRequest, generate
-    from quantization.loader import load_pipeline
+    from pipelines.generate import GenerationRequest, generate
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     if not (WEIGHTS / "model_index.json").exists():

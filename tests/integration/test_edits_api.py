@@ -22,7 +22,7 @@ from test_service_support import Server, running_server
 from test_service_worker import Gate, wait_for
 
 from examples.demo import edits_check
-from examples.demo.checker import adheres
+from pipelines.demo_checker import adheres
 
 MODEL = "qdserve/embedded-flux"
 EDITS = "/v1/images/edits"
@@ -361,10 +361,10 @@ def test_edit_through_the_engine_process(cache_dir: Path) -> None:
 def test_openai_client_edits_on_every_cpu_backend(cache_dir: Path, tmp_path: Path) -> None:
     """none, quanto, torchao, GGUF (the server's default, converted first) and SDNQ: each
     variant serves the inpaint through the official client, and draws the blue square."""
-    from quantization.backends import get_backend
+    from pipelines.loader import prepare
     from quantization.settings import QuantSettings
 
-    gguf = get_backend("gguf").prepare(
+    gguf = prepare(
         QuantSettings.unprepared(quant_backend="gguf", quant_type="Q8_0", cache_dir=cache_dir),
         tmp_path,
     )

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from examples.demo import edits_check, shapes
-from examples.demo.checker import classify
+from examples.demo import edits_check
+from pipelines import demo_shapes as shapes
+from pipelines.demo_checker import classify
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "quantization" / "demo_weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "pipelines" / "demo_weights"
 needs_weights = pytest.mark.skipif(
     not (WEIGHTS / "model_index.json").exists(), reason="no shipped weights"
 )
@@ -58,7 +59,7 @@ def test_masks_mark_the_same_area_in_both_conventions() -> None:
 
 @pytest.fixture(scope="module")
 def demo_pipe() -> object:
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     return load_pipeline(QuantSettings()).pipeline  # the embedded demo model

@@ -36,16 +36,17 @@ import torch
 from PIL import Image
 from test_service_support import Server, free_port, running_server
 
-from quantization.generate import GenerationRequest, GenerationResult, image_seeds
-from quantization.loader import ModelDefaults, ModelLoadError
+from engine import messages as m
+from engine.batches import WholeCallBatch
+from engine.core import EngineConfig, EngineCore, EngineHooks
+from engine.keys import key_for
+from engine.telemetry import MetricsRecorder, apply
+from pipelines.generate import GenerationRequest, GenerationResult, image_seeds
+from pipelines.loader import ModelDefaults
+from quantization.backends import ModelLoadError
 from quantization.settings import QuantSettings
-from service.core import messages as m
-from service.core.batches import WholeCallBatch
-from service.core.engine_core import EngineConfig, EngineCore, EngineHooks
-from service.core.telemetry import MetricsRecorder, apply
 from service.metrics import Metrics
 from service.settings import ServiceSettings
-from service.variants import key_for
 
 IMG = "/v1/images/generations"
 ROOT = Path(__file__).resolve().parents[2]

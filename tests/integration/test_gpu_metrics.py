@@ -40,7 +40,7 @@ def test_collector_matches_torch_readings() -> None:
     ("backend", "qtype"), [("bitsandbytes_4bit", "nf4"), ("torchao", "int8wo")]
 )
 def test_gauges_track_a_quantized_load(embedded_path: Path, backend: str, qtype: str) -> None:
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     torch.cuda.empty_cache()

@@ -15,12 +15,12 @@ import pytest
 from pydantic import ValidationError
 from test_engine_core import Gate, Harness
 
-from quantization.generate import GenerationRequest, generate
-from quantization.loader import load_pipeline
+from engine import messages as m
+from engine.core import EngineHooks
+from engine.lanes import Lanes
+from pipelines.generate import GenerationRequest, generate
+from pipelines.loader import load_pipeline
 from quantization.settings import QuantSettings
-from service.core import messages as m
-from service.core.engine_core import EngineHooks
-from service.core.lanes import Lanes
 from service.settings import ServiceSettings, lane_count
 
 TOL = 2  # uint8 pixels: the step loop's stated same-seed tolerance (README)
@@ -142,7 +142,7 @@ def test_with_lanes_a_batch_takes_4_then_a_lane_opens_then_the_emptiest_batch_fi
     runs one batch of 4 on both threads, 8 two of 4, 16 two of 8."""
     from types import SimpleNamespace
 
-    from service.core.scheduler import LANE_FILL, Running, Scheduler
+    from engine.scheduler import LANE_FILL, Running, Scheduler
 
     class Stub:
         def __init__(self, images: int, cap: int = 8) -> None:
@@ -178,7 +178,7 @@ def test_with_lanes_every_new_batch_takes_its_share_of_the_limit() -> None:
     gets 8 too, as it did before the limit counted lanes; a bigger request still fits alone."""
     from types import SimpleNamespace
 
-    from service.core.scheduler import Scheduler
+    from engine.scheduler import Scheduler
 
     made: list[int] = []
 

@@ -26,9 +26,9 @@ from PIL import Image
 from test_engine_core import FakeBatch, FakeLoaded, Gate, Harness, kind_of
 from test_service_support import Server, running_server
 
-from examples.demo.checker import adheres, classify
-from service.core import messages as m
-from service.core.engine_core import EngineHooks
+from engine import messages as m
+from engine.core import EngineHooks
+from pipelines.demo_checker import adheres, classify
 from service.exceptions import InvalidValue
 from service.resolve import ImageParams, check_limits
 from service.settings import ServiceSettings
@@ -67,7 +67,7 @@ def test_the_request_key_is_normalized() -> None:
 
 # -- batching by adapter set (engine core, fake pipeline) -----------------------------------------
 class RecordingAdapters:
-    """Stands in for quantization.lora.LoraAdapters: remembers the active set."""
+    """Stands in for pipelines.lora.LoraAdapters: remembers the active set."""
 
     def __init__(self) -> None:
         self.active: tuple[tuple[str, float], ...] = ()

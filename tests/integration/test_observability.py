@@ -230,7 +230,7 @@ def captured_logs(
 ) -> Iterator[io.StringIO]:
     """Configure the service's logging as `serve()` does, writing to a buffer instead of
     stderr; restore the `qdserve` logger afterwards (other tests rely on propagation)."""
-    from service.logs import configure_logging
+    from engine.logs import configure_logging
 
     class Stream(io.StringIO):
         def isatty(self) -> bool:
@@ -554,9 +554,10 @@ def test_text_format_and_level_from_the_environment(
 # -- (d) model load progress -------------------------------------------------------------------
 @pytest.mark.parametrize("tty", [False, True], ids=["not-a-tty", "tty"])
 def test_model_load_is_logged_with_backend_and_seconds(cache_dir: Path, tty: bool) -> None:
-    from quantization.loader import load_pipeline
+    from engine.cache import ModelCache
+    from engine.keys import key_for
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
-    from service.cache import ModelCache, key_for
 
     settings = QuantSettings(cache_dir=cache_dir)
     cache = ModelCache(load_pipeline, max_entries=1, memory_budget=None)
@@ -565,7 +566,7 @@ def test_model_load_is_logged_with_backend_and_seconds(cache_dir: Path, tty: boo
             cache.load(key_for(settings), settings).result(60)
     finally:
         cache.close()
-        from service.cache import _progress_bars
+        from engine.cache import _progress_bars
 
         _progress_bars()  # back to what this (non-terminal) stderr gets
     text = buf.getvalue()

@@ -19,9 +19,10 @@ import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from quantization.generate import GenerationRequest
-from quantization.loader import ModelDefaults
-from quantization.token_usage import TokenUsage, count_usage, image_tokens, text_tokens
+from engine.keys import ModelKey
+from pipelines.generate import GenerationRequest
+from pipelines.loader import ModelDefaults
+from pipelines.token_usage import TokenUsage, count_usage, image_tokens, text_tokens
 from service.protocol import (
     ImageEditCompletedEvent,
     ImageEditPartialImageEvent,
@@ -31,7 +32,6 @@ from service.protocol import (
     Timings,
 )
 from service.responses import images_response
-from service.variants import ModelKey
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas" / "openai"
 SCHEMAS: dict[str, Any] = json.loads((SCHEMA_DIR / "images.json").read_text())

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from test_service_support import Server, running_server
 
-from quantization.loader import ModelLoadError
-from service.cache import key_for
+from engine.keys import key_for
+from quantization.backends import ModelLoadError
 
 IMG = "/v1/images/generations"
 pytestmark = pytest.mark.timeout(180)
@@ -232,10 +232,10 @@ def test_eviction_returns_memory_to_the_os(cache_dir: Path) -> None:
     """RSS after an eviction is back near its level before the evicted pipeline loaded."""
     import statistics
 
-    from quantization.embedded import random_model_path
-    from quantization.loader import load_pipeline
+    from engine.cache import ModelCache
+    from pipelines.embedded import random_model_path
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
-    from service.cache import ModelCache
 
     # The evicted variant is quantized at load (fresh anonymous memory; an unquantized load
     # maps the safetensors file instead, which RSS barely shows), on the larger random-weight

@@ -12,7 +12,7 @@ import pytest
 from openai import AuthenticationError, OpenAI
 from test_service_support import running_server
 
-from quantization.loader import ModelLoadError
+from quantization.backends import ModelLoadError
 
 IMG = "/v1/images/generations"
 pytestmark = pytest.mark.timeout(180)
@@ -101,7 +101,7 @@ def test_auto_compile_that_fails_serves_eager_with_a_warning(
 ) -> None:
     """QDS_COMPILE=auto (the default): a compile that fails at start-up leaves the pipeline
     eager and the service ready, with the reason on /readyz; true would fail the start."""
-    from service.core import engine_core
+    from engine import core as engine_core
 
     # Whatever this machine has: auto says "on", as on a CPU with a C++ compiler.
     monkeypatch.setattr(engine_core, "compile_decision", lambda setting, loaded: (True, "test"))

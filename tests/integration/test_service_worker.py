@@ -313,7 +313,7 @@ def test_lone_request_on_an_idle_engine_runs_alone(batching: Server) -> None:
 
 
 def _whole_call(loaded, *, max_images, prompt_cache=None, on_step=None, between_steps=None):
-    from service.core.batches import WholeCallBatch
+    from engine.batches import WholeCallBatch
 
     return WholeCallBatch(
         loaded, max_images=max_images, on_step=on_step, between_steps=between_steps
@@ -323,7 +323,7 @@ def _whole_call(loaded, *, max_images, prompt_cache=None, on_step=None, between_
 def test_whole_call_fallback_batches_what_queued_during_the_previous_call(
     cache_dir: Path,
 ) -> None:
-    from quantization.generate import batch_key
+    from pipelines.generate import batch_key
 
     def setup(qds) -> None:
         qds.make_batch = _whole_call

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_service_support import running_server
 
-from quantization.loader import ModelLoadError
+from quantization.backends import ModelLoadError
 from service.server import uvicorn_config
 from service.settings import ServiceSettings
 

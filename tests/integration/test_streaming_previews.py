@@ -1,4 +1,4 @@
-"""Partial-image previews (quantization.previews): the least-squares latent -> RGB fit, the
+"""Partial-image previews (pipelines.previews): the least-squares latent -> RGB fit, the
 switch from real decodes to the fitted map, and the map's fidelity on the demo model."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from quantization import previews
-from quantization.generate import GenerationRequest, resolve
-from quantization.previews import LatentRGB
+from pipelines import previews
+from pipelines.generate import GenerationRequest, resolve
+from pipelines.previews import LatentRGB
 
 
 def test_fit_recovers_a_linear_map_exactly() -> None:
@@ -34,7 +34,7 @@ def test_fit_recovers_a_linear_map_exactly() -> None:
 
 @pytest.fixture(scope="module")
 def demo() -> Iterator[Any]:
-    from quantization.loader import load_pipeline
+    from pipelines.loader import load_pipeline
     from quantization.settings import QuantSettings
 
     loaded = load_pipeline(QuantSettings())  # the shipped demo weights: real images
@@ -44,7 +44,7 @@ def demo() -> Iterator[Any]:
 
 def _final_latents(loaded: Any, prompts: list[str], seed: int) -> tuple[list[Any], dict]:
     """Run the prompts as one step batch (3 steps); their requests and final packed latents."""
-    from quantization.stepping import StepBatch
+    from pipelines.stepping import StepBatch
 
     batch = StepBatch(loaded, max_images=len(prompts))
     reqs = [
@@ -97,7 +97,7 @@ def test_previews_decode_until_fitted_then_use_the_map(demo: Any) -> None:
 def test_map_fitted_on_some_requests_previews_others_faithfully(demo: Any) -> None:
     """Fitted on eight requests' final decodes, the map's rendering of three other requests'
     final latents is within 20/255 of their real images on average, and closer than a flat
-    mean colour (measured: see the docstring of quantization.previews)."""
+    mean colour (measured: see the docstring of pipelines.previews)."""
     pipe = demo.pipeline
     previews._FITS.pop(pipe.vae, None)
     colours = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "gray"]

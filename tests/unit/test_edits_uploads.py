@@ -16,8 +16,8 @@ from PIL import Image, ImageFile
 from starlette import formparsers
 from starlette.requests import Request
 
-from quantization.edit import EditRequest
-from quantization.loader import ModelDefaults
+from pipelines.edit import EditRequest
+from pipelines.loader import ModelDefaults
 from service.exceptions import InvalidValue
 from service.resolve import ImageParams, resolve
 from service.settings import ServiceSettings

@@ -7,20 +7,18 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from quantization.loader import ModelDefaults
-from quantization.settings import QuantSettings
-from service.errors import HTTP_MAPPING, to_api_error, validation_error
-from service.exceptions import (
+from engine.failures import (
     BackendUnavailable,
-    InvalidValue,
     ModelLoadFailed,
-    ModelNotFound,
     ModelNotLoaded,
     OutOfMemory,
     QueueFull,
-    RequestTimeout,
     ShuttingDown,
 )
+from pipelines.loader import ModelDefaults
+from quantization.settings import QuantSettings
+from service.errors import HTTP_MAPPING, to_api_error, validation_error
+from service.exceptions import InvalidValue, ModelNotFound, RequestTimeout
 from service.protocol import GenerateRequest, ImageGenerationRequest
 from service.resolve import ImageParams, check_limits, resolve
 from service.settings import ServiceSettings

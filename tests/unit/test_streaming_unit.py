@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 from test_openai_schema import assert_openai
 
-from quantization.generate import GenerationRequest, image_seeds
-from quantization.token_usage import TokenUsage
+from engine.failures import OutOfMemory
+from engine.keys import ModelKey
+from pipelines.generate import GenerationRequest, image_seeds
+from pipelines.token_usage import TokenUsage
 from service import exceptions as errors
 from service.streaming import StreamBuffer, event_stream, preview_steps
-from service.variants import ModelKey
 
 KEY = ModelKey("qdserve/embedded-flux", "none", None, "float32")
 
@@ -53,14 +54,14 @@ def test_preview_steps_are_evenly_spread_inside_the_run(
 
 
 @dataclass(frozen=True)
-class Progress:  # the shape of service.core.messages.Progress
+class Progress:  # the shape of engine.messages.Progress
     job_id: str
     step: int
     total: int
 
 
 @dataclass(frozen=True)
-class Preview:  # the shape of service.core.messages.Preview
+class Preview:  # the shape of engine.messages.Preview
     job_id: str
     index: int
     step: int
@@ -256,7 +257,7 @@ async def test_engine_error_becomes_an_error_event_the_openai_client_raises_on()
     qds, buf, sub = StubState(), StreamBuffer(), _sub()
     sub.job.future.add_done_callback(buf.on_done)
     gen = event_stream(qds, sub, buf, "generation", "rid-1")
-    sub.job.future.set_exception(errors.OutOfMemory("out of memory while generating"))
+    sub.job.future.set_exception(OutOfMemory("out of memory while generating"))
     events = parse_sse(await _collect(gen))
     assert events == [
         (

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from quantization.backends.base import ConfigRequest, QuantBackend
+from quantization.backends.base import ConfigRequest, ModelLoadError, QuantBackend
+from quantization.backends.gguf.convert import WRITABLE, convert_to_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +24,7 @@ class GGUFBackend(QuantBackend):
     module = "gguf"
     distribution = "gguf"
     # The types the `gguf` package can write (no K-quants); diffusers reads K-quants too.
-    quant_types = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16")
+    quant_types = WRITABLE
     default_quant_type = "Q8_0"
     supports_text_encoders = False
     own_settings = ("gguf_file",)
@@ -54,16 +55,12 @@ class GGUFBackend(QuantBackend):
         if not settings.gguf_file.is_file():
             raise ValueError(f"QDS_GGUF_FILE={str(settings.gguf_file)!r} does not exist")
 
-    def prepare(self, settings: QuantSettings, work_dir: Path) -> QuantSettings:
+    def prepare(self, settings: QuantSettings, work_dir: Path, source: str) -> QuantSettings:
         """Convert the model's denoiser to `<work_dir>/<denoiser>-<type>.gguf` (unless
         QDS_GGUF_FILE already names a file) and return settings that load it."""
         if settings.gguf_file is not None and settings.gguf_file.is_file():
             return settings
-        from quantization.gguf_convert import convert_to_gguf
-        from quantization.loader import resolve_model
-
         qtype = settings.resolved_quant_type or self.default_quant_type or "Q8_0"
-        _model_id, source = resolve_model(settings)
         if not Path(source).is_dir():
             raise ValueError(
                 f"QDS_MODEL={settings.model!r} is not a local folder; GGUF conversion needs "
@@ -94,8 +91,6 @@ class GGUFBackend(QuantBackend):
         dtype: torch.dtype,
     ) -> Any:
         import diffusers
-
-        from quantization.loader import ModelLoadError
 
         model_cls = getattr(diffusers, class_name)
         if not hasattr(model_cls, "from_single_file"):

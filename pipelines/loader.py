@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.embedded import EMBEDDED_MODEL_ID, T5_MAX_LENGTH, embedded_model_path
 from quantization.backends import (
     BACKENDS,
     BackendUnavailable,
     ConfigRequest,
+    ModelLoadError,
     backend_for_saved,
     get_backend,
 )
-from quantization.embedded import EMBEDDED_MODEL_ID, T5_MAX_LENGTH, embedded_model_path
 from quantization.environment import DeviceInfo, detect_device, resolve_device
 from quantization.settings import AUTO_BACKEND, DENOISERS, OffloadMode, QuantSettings
 from quantization.storage import module_storage
@@ -32,10 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("qdserve.loader")
 
 QDSERVE_META = "qdserve.json"
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +136,13 @@ def resolve_model(settings: QuantSettings) -> tuple[str, str]:
             )
         return str(path), str(path)
     return settings.model, settings.model
+
+
+def prepare(settings: QuantSettings, work_dir: Path) -> QuantSettings:
+    """The backend's offline artifacts (a .gguf file) for the configured model, made in
+    `work_dir`: settings that load them (`QuantBackend.prepare` with the model's folder)."""
+    _model_id, source = resolve_model(settings)
+    return get_backend(settings.quant_backend).prepare(settings, Path(work_dir), source)
 
 
 def _model_index(source: str) -> dict[str, Any]:
@@ -390,7 +394,7 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         defaults=_model_defaults(pipe, source, denoiser),
         extra=extra,
     )
-    from quantization.quality_guard import guard
+    from pipelines.quality_guard import guard
 
     try:
         guard(loaded, settings, load_pipeline)  # QDS_QUALITY_CHECK; raises QualityRefused

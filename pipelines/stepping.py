@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from quantization.generate import (
+from pipelines.generate import (
     GenerationRequest,
     GenerationResult,
     allows_inference_mode,
@@ -37,15 +37,15 @@ from quantization.generate import (
     image_seeds,
     resolve,
 )
-from quantization.previews import flux_preview, observe_decode
-from quantization.token_usage import count_usage
+from pipelines.previews import flux_preview, observe_decode
+from pipelines.token_usage import count_usage
 
 if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
 
-    from quantization.loader import LoadedPipeline
-    from quantization.prompt_cache import PromptCache
+    from pipelines.loader import LoadedPipeline
+    from pipelines.prompt_cache import PromptCache
 
 # FluxPipeline.__call__'s default, used when the model defaults name no sequence length.
 _FLUX_MAX_SEQUENCE_LENGTH = 512
@@ -301,7 +301,7 @@ class StepBatch:
                 raise ValueError(f"job {job_id!r} is already in the batch")
             seen.add(job_id)
             if _unresolved(req):
-                raise ValueError("resolve the request first (quantization.generate.resolve)")
+                raise ValueError("resolve the request first (pipelines.generate.resolve)")
             if req.num_images < 1:
                 raise ValueError(f"num_images must be >= 1, got {req.num_images}")
             k = step_key(self.loaded, req)
@@ -375,7 +375,7 @@ class StepBatch:
 
         After step k the latents sit at sigma_k and the last velocity v predicts the clean
         sample x0 = x - sigma_k * v (flow matching: x = (1 - sigma) x0 + sigma * noise). Before
-        the first step it shows the initial noise. Rendered by quantization.previews: a
+        the first step it shows the initial noise. Rendered by pipelines.previews: a
         linear latent -> RGB map fitted to this pipeline's VAE (under a millisecond at 32x32),
         real VAE decodes while that fit is still learning; no transformer forward.
         """
@@ -555,7 +555,7 @@ class StepBatch:
             packed = torch.cat([job.latents for job in finished])
             decoded = self._decode(packed, finished[0].request)
             done = time.perf_counter()
-            # The final decode teaches the preview map (quantization.previews) for free.
+            # The final decode teaches the preview map (pipelines.previews) for free.
             observe_decode(self.pipe, packed, finished[0].request, decoded)
             results = []
             offset = 0

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantization.backends.gguf import GGUFBackend
-
 if TYPE_CHECKING:
     import torch
 
@@ -24,7 +22,8 @@ def _quantizable(name: str, shape: tuple[int, ...], block_size: int) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and shape[-1] % block_size == 0
 
 
-WRITABLE = GGUFBackend.quant_types
+# The types the `gguf` package can write (no K-quants), best first: the backend's quant types.
+WRITABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16")
 
 
 def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quant_type: str = "Q8_0") -> Path:

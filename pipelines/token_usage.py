@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from quantization.generate import GenerationRequest
-    from quantization.loader import LoadedPipeline
+    from pipelines.generate import GenerationRequest
+    from pipelines.loader import LoadedPipeline
 
 # FluxPipeline.__call__'s default max_sequence_length (T5 truncation).
 _DEFAULT_MAX_SEQUENCE_LENGTH = 512

@@ -21,7 +21,7 @@ Choices, and what they follow:
   work shares the cores and the GIL with it. The context is "spawn": forking a process that
   has imported torch (and started its thread pools) is unsafe.
 - Nothing else in the engine keeps a thread that ran torch: loads run on a thread that exits
-  afterwards (`service.cache`). Profiled under load, a live load thread (its OpenMP team
+  afterwards (`engine.cache`). Profiled under load, a live load thread (its OpenMP team
   still alive) left one of the two intra-op threads idle half the time and made the step loop
   25-50% slower; with it gone both threads run at 100% and the engine is ~90% transformer
   forward (py-spy, concurrency 16).
@@ -38,7 +38,7 @@ Choices, and what they follow:
   time on threads of their own, one torch thread each (`lanes`): at the demo model's sizes two
   batches of 4 serve more than one of 8 on both threads. A batch takes 4 images before the
   next lane opens (a batch of 4 on both threads beat two of 2 at concurrency 4).
-- A compiled denoiser by default where measured to pay (`service.core.compiling`,
+- A compiled denoiser by default where measured to pay (`engine.compiling`,
   `QDS_COMPILE=auto`: CPU with a C++ compiler, backends whose `compiles_by_default` holds),
   the whole denoiser as one graph on a CPU (`QDS_COMPILE_SCOPE=auto`; compiled blocks served
   fewer images per second there, side by side in docs/benchmarks/compile-serving*.md). The
@@ -47,7 +47,7 @@ Choices, and what they follow:
   before /readyz turns 200.
 - Batches run under `torch.inference_mode` where the backend's kernels allow it
   (`QuantBackend.allows_inference_mode`; a lone request ~5% faster on the demo model).
-  Pipelines that cannot step (`quantization.stepping.supports_stepping` false) run whole
+  Pipelines that cannot step (`pipelines.stepping.supports_stepping` false) run whole
   `generate_batch` calls, batched from whatever is queued when the previous call ends.
 - Transport: one `multiprocessing` pipe, pickled dataclasses (`messages`), one list of events
   per loop iteration. vLLM uses ZeroMQ + msgpack with I/O threads to overlap serialisation

@@ -1,7 +1,7 @@
 """The engine core: the loop that owns the model cache, the scheduler and the step batches.
 
 In production it is the main thread of its own process (`run_engine`, started by
-`service.core.client.EngineClient` with the "spawn" context); with `QDS_ENGINE=inline` (tests,
+`engine.client.EngineClient` with the "spawn" context); with `QDS_ENGINE=inline` (tests,
 debugging) the same loop runs on a thread of the HTTP process. Each iteration:
 
 1. reads every message waiting on the pipe (blocking only when there is nothing to step):
@@ -27,31 +27,38 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
-from quantization import lora
-from quantization.loader import load_pipeline
-from quantization.prompt_cache import PromptCache
-from service.cache import ModelCache
-from service.core import messages as m
-from service.core.batches import compat_key, new_batch, uses_stepping
-from service.core.compiling import (
+from engine import messages as m
+from engine.batches import compat_key, new_batch, uses_stepping
+from engine.cache import ModelCache
+from engine.compiling import (
     compile_decision,
     compile_denoiser,
     compile_scope,
     default_warmup,
     uncompile,
 )
-from service.core.scheduler import BatchFactory, Job, KindOf, Scheduler
-from service.core.telemetry import MetricsRecorder
-from service.gpu_metrics import local_readings
-from service.variants import key_for
+from engine.failures import (
+    BackendUnavailable,
+    Failure,
+    ModelLoadFailed,
+    ModelNotLoaded,
+    ShuttingDown,
+)
+from engine.gpu_memory import local_readings
+from engine.keys import key_for
+from engine.scheduler import BatchFactory, Job, KindOf, Scheduler
+from engine.telemetry import MetricsRecorder
+from pipelines import lora
+from pipelines.loader import load_pipeline
+from pipelines.prompt_cache import PromptCache
 
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from quantization.loader import LoadedPipeline
+    from engine.keys import ModelKey
+    from pipelines.loader import LoadedPipeline
     from quantization.settings import QuantSettings
     from service.settings import ServiceSettings
-    from service.variants import ModelKey
 
 log = logging.getLogger("qdserve.engine_core")
 
@@ -171,7 +178,7 @@ class EngineCore:
         return not self._closed
 
     def _close(self) -> None:
-        self.scheduler.fail_queued("shutting_down", "the server is shutting down")
+        self.scheduler.fail_queued(ShuttingDown())
         self.scheduler.cancel_running("shutdown")
         with contextlib.suppress(Exception):
             self._flush()
@@ -230,7 +237,7 @@ class EngineCore:
 
     def _load(self, msg: m.Load) -> None:
         if self._stopping:
-            self._emit(m.LoadFailed(msg.key, "shutting_down", "the server is shutting down"))
+            self._emit(m.LoadFailed(msg.key, ShuttingDown()))
             return
         entry = next((e for e in self.cache.entries() if e.key == msg.key), None)
         if entry is not None:
@@ -241,7 +248,7 @@ class EngineCore:
 
     def _submit(self, msg: m.Submit) -> None:
         if self._stopping:
-            self._emit(m.Failed(msg.job_id, "shutting_down", "the server is shutting down"))
+            self._emit(m.Failed(msg.job_id, ShuttingDown()))
             return
         lease = self.cache.lease(msg.key)
         if lease is not None:
@@ -256,7 +263,12 @@ class EngineCore:
             self.scheduler.enqueue(job)
             return
         if not msg.allow_load and not self.cache.is_loading(msg.key):
-            self._emit(m.Failed(msg.job_id, "not_loaded", f"{msg.key.variant_id} is not loaded"))
+            self._emit(
+                m.Failed(
+                    msg.job_id,
+                    ModelNotLoaded(f"{msg.key.variant_id} is not loaded", param="quant_backend"),
+                )
+            )
             return
         self.metrics.cache_misses.inc()
         self._watch_load(msg.key, msg.settings).jobs.append(msg)
@@ -276,11 +288,10 @@ class EngineCore:
         self._stopping = True
         self._ready = False
         self._status("shutting down")
-        message = "the server is shutting down"
-        self.scheduler.fail_queued("shutting_down", message)
+        self.scheduler.fail_queued(ShuttingDown())
         for pending in self._pending.values():
             for sub in pending.jobs:
-                self._emit(m.Failed(sub.job_id, "shutting_down", message))
+                self._emit(m.Failed(sub.job_id, ShuttingDown()))
             pending.jobs.clear()
         self._pending.clear()
         if cancel_running:
@@ -308,11 +319,11 @@ class EngineCore:
                     self._submit(sub)
                 self._loaded_ok(key)
             else:
-                kind, message = _load_failure(exc)
-                self._emit(m.LoadFailed(key, kind, message))
+                failure = _load_failure(key, exc)
+                self._emit(m.LoadFailed(key, failure))
                 for sub in pending.jobs:
-                    self._emit(m.Failed(sub.job_id, kind, message))
-                self._load_failed(key, message)
+                    self._emit(m.Failed(sub.job_id, failure))
+                self._load_failed(key, str(exc) or type(exc).__name__)
 
     def _loaded_ok(self, key: ModelKey) -> None:
         if key in self._startup:
@@ -383,7 +394,7 @@ class EngineCore:
         return loaded
 
     def _compile_and_warm(self, loaded: LoadedPipeline) -> None:
-        """Compile, then warm up every graph requests will use (`service.core.compiling`)."""
+        """Compile, then warm up every graph requests will use (`engine.compiling`)."""
         self.hooks.compile(loaded, self.settings.compile_scope)
         sizes = self._warmup_sizes(loaded)
         self.hooks.warmup(loaded, sizes, self.scheduler.lanes)
@@ -417,7 +428,7 @@ class EngineCore:
 
     def _on_evicted(self, key: ModelKey, loaded: LoadedPipeline) -> None:
         if uses_stepping(loaded):
-            from quantization.stepping import variant_id
+            from pipelines.stepping import variant_id
 
             self.prompt_cache.drop_variant(variant_id(loaded))
         self._emit(m.Evicted(key))
@@ -532,12 +543,13 @@ def _plan_card(plan: dict[str, Any] | None) -> dict[str, Any] | None:
     return plan_card(plan)
 
 
-def _load_failure(exc: BaseException) -> tuple[str, str]:
-    from quantization.backends import BackendUnavailable
+def _load_failure(key: ModelKey, exc: BaseException) -> Failure:
+    """A failed load as the typed failure its waiters get."""
+    from quantization.backends import BackendUnavailable as Unavailable
 
-    if isinstance(exc, BackendUnavailable):
-        return "backend_unavailable", str(exc)
-    return "load_failed", str(exc) or type(exc).__name__
+    if isinstance(exc, Unavailable):
+        return BackendUnavailable(str(exc), param="quant_backend")
+    return ModelLoadFailed(f"loading {key.variant_id} failed: {str(exc) or type(exc).__name__}")
 
 
 def _resident_bytes() -> int | None:
@@ -555,7 +567,7 @@ def run_engine(config: EngineConfig, conn: Connection) -> None:
     SIGINT is ignored (Ctrl-C reaches the whole process group; the HTTP process drains and
     then stops the engine); SIGTERM finishes the running batches and exits.
     """
-    from service.logs import configure_logging
+    from engine.logs import configure_logging
 
     configure_logging(config.settings.log_level, config.settings.log_format)
     core = EngineCore(config, conn)

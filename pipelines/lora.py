@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from quantization.loader import LoadedPipeline
+    from pipelines.loader import LoadedPipeline
 
 log = logging.getLogger("qdserve.lora")
 
@@ -280,7 +280,7 @@ def _load_one(pipe: Any, spec: LoraSpec) -> Adapter:
     others = sorted({c for c, _ in weights} - set(DENOISERS))
     if others:
         # Prompt embeddings are computed when a request joins a step batch and cached across
-        # requests (quantization.prompt_cache), keyed without the adapter set: adapters on the
+        # requests (pipelines.prompt_cache), keyed without the adapter set: adapters on the
         # text encoders would be applied to the wrong requests' prompts.
         raise LoraError(
             f"QDS_LORAS {spec.name}={spec.describe_source()}: it has LoRA layers for "
@@ -368,7 +368,7 @@ def attach(loaded: LoadedPipeline, specs: list[LoraSpec], *, required: bool) -> 
         log.warning("%s", exc)
         return
     if lora is not None:
-        from quantization.loader import ComponentInfo
+        from pipelines.loader import ComponentInfo
 
         # Counted like a component, so the cache's memory budget, /v1/models and
         # qds_model_memory_bytes{component="lora"} include the adapters and the slot.
@@ -430,30 +430,6 @@ def activate(loaded: LoadedPipeline, selection: Selection) -> None:
             raise LoraError("this model has no LoRA adapters loaded (set QDS_LORAS)")
         return
     lora.activate(selection)
-
-
-def warm_up(loaded: LoadedPipeline, sizes: list[tuple[int, int]], steps: int = 2) -> None:
-    """One short generation per size with the slot enabled (compiled pipelines: the enabled
-    slot is each block's second graph), then back to the base."""
-    lora = adapters_of(loaded)
-    if lora is None or not lora.adapters:
-        return
-    from quantization.generate import GenerationRequest, generate
-
-    first = next(iter(lora.adapters))
-    for width, height in sizes:
-        generate(
-            loaded,
-            GenerationRequest(
-                "warm-up",
-                num_inference_steps=steps,
-                seed=0,
-                width=width,
-                height=height,
-                lora=((first, 1.0),),
-            ),
-        )
-    lora.activate(())
 
 
 def label(selection: Selection) -> str:

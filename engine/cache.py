@@ -14,7 +14,7 @@
   (generate_batch batch 1: 123 ms after a load on the main thread or on an exited thread, 150-185
   ms after one on a live pool thread; batch 4: 270-285 vs 375-395 ms).
 
-The cache lives in the engine process (service.core); the HTTP process keeps a mirror of what
+The cache lives in the engine process (engine); the HTTP process keeps a mirror of what
 is loaded, fed by the engine's events.
 """
 
@@ -32,13 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+# The id format lives in service.variants; re-exported here for the cache's users.
+from engine.keys import ModelKey
 from quantization.settings import QuantSettings
 
-# The id format lives in service.variants; re-exported here for the cache's users.
-from service.variants import ModelKey, key_for, model_id  # noqa: F401
-
 if TYPE_CHECKING:
-    from quantization.loader import LoadedPipeline
+    from pipelines.loader import LoadedPipeline
     from service.metrics import Metrics
 
 log = logging.getLogger("qdserve.cache")

@@ -31,14 +31,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Literal
 
-from quantization import lora
-from quantization.backends import get_backend
-from quantization.generate import GenerationRequest, backend_choices, generate
-from quantization.loader import ModelLoadError
-from service.core.batches import uses_stepping
+from engine.batches import uses_stepping
+from pipelines import lora
+from pipelines.generate import GenerationRequest, backend_choices, generate
+from quantization.backends import ModelLoadError, get_backend
 
 if TYPE_CHECKING:
-    from quantization.loader import LoadedPipeline
+    from pipelines.loader import LoadedPipeline
 
 log = logging.getLogger("qdserve.compile")
 
@@ -133,7 +132,7 @@ def default_warmup(
         for width, height in sizes:
             generate(loaded, _request(width, height, 1, adapters))
         return
-    from service.core.lanes import Lanes
+    from engine.lanes import Lanes
 
     def loop() -> None:
         for width, height in sizes:
@@ -166,8 +165,8 @@ def _request(
 
 
 def _run_steps(loaded: LoadedPipeline, request: GenerationRequest) -> None:
-    from quantization.generate import resolve
-    from quantization.stepping import StepBatch
+    from pipelines.generate import resolve
+    from pipelines.stepping import StepBatch
 
     batch = StepBatch(loaded, max_images=request.num_images)
     batch.add("warm-up", resolve(loaded.defaults, request))

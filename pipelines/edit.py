@@ -33,21 +33,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from quantization.generate import (
+from pipelines.generate import (
     GenerationRequest,
     GenerationResult,
     call_pipeline,
     image_seeds,
 )
-from quantization.generate import (
+from pipelines.generate import (
     resolve as fill_defaults,
 )
-from quantization.token_usage import count_usage
+from pipelines.token_usage import count_usage
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from quantization.loader import LoadedPipeline, ModelDefaults
+    from pipelines.loader import LoadedPipeline, ModelDefaults
 
 EditKind = Literal["img2img", "inpaint"]
 

@@ -6,7 +6,7 @@ and compatibility key (`batches.compat_key`: size, guidance, CFG mode) while it 
 (`max_batch` images), or start a new batch when no batch of their kind runs. A job whose kind
 is running but full waits for room (one batch per kind, as TGI and vLLM keep one running
 batch, so a device's batched forward is not split in two), except with `lanes` > 1 (CPU,
-`service.core.lanes`): then up to `lanes` step batches of a kind run, each capped at its share
+`engine.lanes`): then up to `lanes` step batches of a kind run, each capped at its share
 of `max_batch`, and batches of one model step at the same time, one per lane thread. Batches
 of different kinds take turns, one step each (round robin), so a 1024x1024 request does not
 stall a 256x256 one for its whole run. A lone request starts at once: there is no batching window.
@@ -30,10 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from quantization import lora
-from quantization.edit import EditRequest
-from service.core import messages as m
-from service.core.batches import (
+from engine import messages as m
+from engine.batches import (
     Batch,
     EditBatch,
     compat_key,
@@ -41,14 +39,17 @@ from service.core.batches import (
     new_batch,
     uses_stepping,
 )
-from service.core.lanes import Lanes, classify
+from engine.failures import EngineError, Failure, step_failure
+from engine.lanes import Lanes, classify
+from pipelines import lora
+from pipelines.edit import EditRequest
 
 if TYPE_CHECKING:
-    from quantization.generate import GenerationRequest
-    from quantization.loader import LoadedPipeline
-    from quantization.prompt_cache import PromptCache
-    from service.cache import Lease
-    from service.variants import ModelKey
+    from engine.cache import Lease
+    from engine.keys import ModelKey
+    from pipelines.generate import GenerationRequest
+    from pipelines.loader import LoadedPipeline
+    from pipelines.prompt_cache import PromptCache
 
 log = logging.getLogger("qdserve.scheduler")
 
@@ -105,7 +106,7 @@ def release_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    from service.cache import _trim_heap
+    from engine.cache import _trim_heap
 
     _trim_heap()
 
@@ -210,20 +211,20 @@ class Scheduler:
         self.emit(event)
         return event
 
-    def fail_queued(self, kind: str, message: str) -> None:
+    def fail_queued(self, failure: Failure | EngineError) -> None:
         while self.queue:
-            self._fail(self.queue.popleft(), kind, message)
+            self._fail(self.queue.popleft(), failure)
 
     def cancel_running(self, reason: str) -> None:
         for run in list(self.running):
             for job_id in list(run.jobs):
                 self.cancel(job_id, reason)
 
-    def _fail(self, job: Job, kind: str, message: str) -> None:
+    def _fail(self, job: Job, failure: Failure | EngineError) -> None:
         job.state = "failed"
         job.close()
         self.failed_jobs += 1
-        self.emit(m.Failed(job.job_id, kind, message))
+        self.emit(m.Failed(job.job_id, failure))
 
     # -- the step boundary -----------------------------------------------------------------
     def admit(self) -> None:
@@ -238,7 +239,9 @@ class Scheduler:
                 kind = (self.kind_of(job.loaded, job.request), job.request.lora)
             except Exception as exc:  # resolving the key should not fail; never stall the queue
                 self.queue.remove(job)
-                self._fail(job, "internal", f"{type(exc).__name__}: {exc}")
+                self._fail(
+                    job, step_failure(None, f"{type(exc).__name__}: {exc}", job.key.variant_id)
+                )
                 continue
             same = [r for r in self.running if r.key == job.key and r.kind == kind]
             can_open = len(same) < self._lanes_for(job) and len(self.running) < self.max_running
@@ -328,7 +331,7 @@ class Scheduler:
             # Memory is released here, after the handler (see the module docstring).
             if oom is not None:
                 self._on_oom(oom, job.images, job.key)
-            self._fail(job, "oom" if oom is not None else "internal", oom or error or "")
+            self._fail(job, step_failure(oom, error, job.key.variant_id))
             if not run.jobs and run in self.running:
                 self.running.remove(run)
             return
@@ -423,7 +426,7 @@ class Scheduler:
             else:
                 log.error("step failed on %s: %s", key.variant_id, error)
             for job in run.jobs.values():
-                self._fail(job, "oom" if oom is not None else "internal", oom or error or "")
+                self._fail(job, step_failure(oom, error, key.variant_id))
             run.jobs.clear()
             return
         labels = (key.model, key.backend, key.quant_type or "")
@@ -458,7 +461,7 @@ class Scheduler:
             self.emit(m.Progress(job.job_id, done, total))
         preview = getattr(run.batch, "latents_preview", None)
         if done in job.previews and preview is not None:
-            # quantization.previews' fitted map (a VAE decode while it learns); a whole-call
+            # pipelines.previews' fitted map (a VAE decode while it learns); a whole-call
             # batch has no previews. A failed preview costs the stream a partial image, never
             # the job or the engine loop.
             try:

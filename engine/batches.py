@@ -8,7 +8,7 @@ Both answer the same questions (`can_join`, `add`, `remove`, `step`, `len`, `job
 cancelled request can only stop the call when every request of it is gone (diffusers' step-end
 callback raises; `between_steps` lets the engine read its pipe meanwhile).
 
-Image edits (`quantization.edit.EditRequest`) always run whole-call (`EditBatch`): their own
+Image edits (`pipelines.edit.EditRequest`) always run whole-call (`EditBatch`): their own
 batch kind (`edit.edit_key`), so they share a call only with compatible edits, never a step
 with generations.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from quantization import edit
-from quantization.generate import (
+from pipelines import edit
+from pipelines.generate import (
     GenerationRequest,
     GenerationResult,
     allows_inference_mode,
@@ -29,11 +29,11 @@ from quantization.generate import (
 )
 
 if TYPE_CHECKING:
-    from quantization.loader import LoadedPipeline
-    from quantization.prompt_cache import PromptCache
+    from pipelines.loader import LoadedPipeline
+    from pipelines.prompt_cache import PromptCache
 
 try:  # H5's step loop; absent in older checkouts
-    from quantization import stepping
+    from pipelines import stepping
 except ImportError:  # pragma: no cover - depends on the checkout
     stepping = None  # type: ignore[assignment]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from examples.demo.shapes import BACKGROUND, PALETTE, POSITIONS, SHAPES, parse_caption
+from pipelines.demo_shapes import BACKGROUND, PALETTE, POSITIONS, SHAPES, parse_caption
 
 # RGB distance from the background above which a pixel counts as foreground. Half the
 # distance of the lightest palette color (yellow) so anti-aliased edges split evenly.

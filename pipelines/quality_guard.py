@@ -7,8 +7,8 @@ checker of examples/demo also says whether each probe shows the prompted shape, 
 position (adherence). Below the configured floor the model is refused, with the numbers in the
 reason, instead of serving bad images.
 
-The checker lives in a checkout's examples/ (it is not installed with the package); where it is
-missing, adherence is reported as unavailable and only PSNR decides.
+The checker is the embedded model's own (`pipelines.demo_checker`); for any other model
+adherence is not judged and only PSNR decides.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.demo_checker import adheres as demo_adheres
+from quantization.plan_tables import DEFAULT_ADHERENCE_FLOOR, DEFAULT_PSNR_FLOOR
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from quantization.loader import LoadedPipeline
+    from pipelines.loader import LoadedPipeline
 
-# Demo-model captions (examples/demo/shapes.py vocabulary): any model can draw them, and the
+# Demo-model captions (pipelines/demo_shapes.py vocabulary): any model can draw them, and the
 # demo model's checker can judge them.
 PROBE_PROMPTS: tuple[str, ...] = (
     "a red circle on the left",
@@ -36,11 +39,6 @@ PROBE_PROMPTS: tuple[str, ...] = (
     "a yellow square on the left",
 )
 PROBE_SEEDS: tuple[int, ...] = (0,)
-# Policy drawn from docs/quality.md: quanto int2 measured 24.4 dB, every 4-bit or wider
-# backend >= 39.5 dB (33.7 dB on random weights, docs/benchmarks/matrix.md).
-DEFAULT_PSNR_FLOOR = 30.0
-# docs/quality.md: unquantized 97.6%, int2 78.6%, everything else >= 92.9% (gguf Q4_1).
-DEFAULT_ADHERENCE_FLOOR = 0.75
 REFERENCES_META = "references.json"
 
 
@@ -146,12 +144,8 @@ def psnr(a: Image, b: Image) -> float:
 
 
 def demo_checker() -> Any | None:
-    """examples/demo's `adheres(image, prompt)`, or None outside a checkout."""
-    try:
-        from examples.demo.checker import adheres
-    except ImportError:
-        return None
-    return adheres
+    """The embedded model's pixel checker `adheres(image, prompt)`."""
+    return demo_adheres
 
 
 def adherence(images: Sequence[Image], probe: Probe) -> float | None:

@@ -223,7 +223,7 @@ def build_pipeline(seed: int = 0) -> Any:
 def embedded_model_path(cache_dir: Path | None = None) -> Path:
     """Return the on-disk folder of the embedded model, building and saving it if missing.
 
-    Trained demo weights, when shipped inside the package (`quantization/demo_weights/`),
+    Trained demo weights, when shipped inside the package (`pipelines/demo_weights/`),
     take precedence over the random-weight build.
     """
     shipped = Path(__file__).parent / "demo_weights"

@@ -9,13 +9,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from quantization.lora import activate as activate_lora
-from quantization.token_usage import TokenUsage, count_usage
+from pipelines.lora import activate as activate_lora
+from pipelines.lora import adapters_of
+from pipelines.token_usage import TokenUsage, count_usage
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from quantization.loader import LoadedPipeline, ModelDefaults
+    from pipelines.loader import LoadedPipeline, ModelDefaults
 
 MAX_SEED = 2**63 - 1
 
@@ -30,7 +31,7 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
-    # LoRA adapters (declared with QDS_LORAS) and their scales, as `quantization.lora.
+    # LoRA adapters (declared with QDS_LORAS) and their scales, as `pipelines.lora.
     # normalize_selection` orders them: part of every batch key, since one forward runs with
     # one adapter set.
     lora: tuple[tuple[str, float], ...] = ()
@@ -46,7 +47,7 @@ class GenerationResult:
     inference_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     # Token counts (prompt, input images, output patches) for OpenAI's `usage`; filled where
-    # the pipeline is (quantization.token_usage), None from callers that do not count.
+    # the pipeline is (pipelines.token_usage), None from callers that do not count.
     usage: TokenUsage | None = None
 
 
@@ -266,3 +267,25 @@ def generate(
 ) -> GenerationResult:
     """Generate `request.num_images` images; deterministic for a given seed."""
     return generate_batch(loaded, [request], step_callback=step_callback)[0]
+
+
+def warm_up_lora(loaded: LoadedPipeline, sizes: list[tuple[int, int]], steps: int = 2) -> None:
+    """One short generation per size with the slot enabled (compiled pipelines: the enabled
+    slot is each block's second graph), then back to the base."""
+    lora = adapters_of(loaded)
+    if lora is None or not lora.adapters:
+        return
+    first = next(iter(lora.adapters))
+    for width, height in sizes:
+        generate(
+            loaded,
+            GenerationRequest(
+                "warm-up",
+                num_inference_steps=steps,
+                seed=0,
+                width=width,
+                height=height,
+                lora=((first, 1.0),),
+            ),
+        )
+    lora.activate(())

@@ -80,13 +80,9 @@ class MetricsRecorder:
             self._ops.append(op)
 
     def loaded(self, loaded: Any) -> None:
-        from service.metrics import record_loaded
-
         record_loaded(self, loaded)
 
     def evicted(self, loaded: Any) -> None:
-        from service.metrics import record_evicted
-
         record_evicted(self, loaded)
 
     def drain(self) -> list[Op]:
@@ -109,3 +105,19 @@ def apply(metrics: Metrics, ops: list[Op]) -> None:
             continue
         child = target.labels(*labels) if labels else target
         getattr(child, method)(value)
+
+
+def record_loaded(metrics: Any, loaded: Any) -> None:
+    """Record a newly loaded pipeline's memory and load time (on `Metrics` or a recorder)."""
+    for name, comp in loaded.components.items():
+        metrics.model_memory.labels(
+            loaded.model, loaded.backend, loaded.quant_type or "", name
+        ).set(comp.storage_bytes)
+    metrics.model_load_seconds.labels(loaded.model, loaded.backend).set(loaded.load_seconds)
+
+
+def record_evicted(metrics: Any, loaded: Any) -> None:
+    for name in loaded.components:
+        # Already absent (a second eviction of a re-loaded variant): nothing to remove.
+        with contextlib.suppress(KeyError):
+            metrics.model_memory.remove(loaded.model, loaded.backend, loaded.quant_type or "", name)

@@ -7,7 +7,7 @@ Engine -> HTTP: a list of events per send (one loop iteration's worth): `Status`
 `Metrics`, `Gpu`, `Answer`.
 
 Plain frozen dataclasses: small, typed, and pickled by multiprocessing's own `Connection`
-(images travel as PIL images, which pickle as their raw pixel bytes; see service.core).
+(images travel as PIL images, which pickle as their raw pixel bytes; see engine).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from quantization.generate import GenerationRequest, GenerationResult
-    from quantization.loader import ModelDefaults
+    from engine.failures import EngineError, Failure
+    from engine.gpu_memory import GpuReadings
+    from engine.keys import ModelKey
+    from engine.telemetry import Op
+    from pipelines.generate import GenerationRequest, GenerationResult
+    from pipelines.loader import ModelDefaults
     from quantization.settings import QuantSettings
-    from service.core.telemetry import Op
-    from service.gpu_metrics import GpuReadings
-    from service.variants import ModelKey
 
 # Why a job left before its end (the `reason` label of qds_cancelled_total).
 CANCEL_REASONS = ("client_gone", "timeout", "shutdown")
@@ -98,7 +99,7 @@ class Loaded:
     loaded_at: float
     storage_bytes: int
     components: tuple[str, ...] = ()
-    # QDS_LORAS adapters loaded into it (quantization.lora.LoraAdapters.describe()), or why
+    # QDS_LORAS adapters loaded into it (pipelines.lora.LoraAdapters.describe()), or why
     # none could be (its backend cannot take a LoRA).
     loras: tuple[dict[str, Any], ...] = ()
     lora_error: str = ""
@@ -109,9 +110,8 @@ class Loaded:
 @dataclass(frozen=True)
 class LoadFailed:
     key: ModelKey
-    # "backend_unavailable", "load_failed", "not_loaded", "shutting_down"
-    kind: str
-    message: str
+    # BackendUnavailable, ModelLoadFailed, ModelNotLoaded or ShuttingDown.
+    failure: Failure
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,8 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     job_id: str
-    # "oom", "internal", "shutting_down", plus LoadFailed's kinds for a load on submit.
-    kind: str
-    message: str
+    # OutOfMemory, EngineError, ShuttingDown, plus LoadFailed's failures for a load on submit.
+    failure: Failure | EngineError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
 
-    from quantization.generate import GenerationRequest
+    from pipelines.generate import GenerationRequest
 
 # Latent pixels of real decodes before the linear map is trusted (17 unknowns per colour;
 # one 1024x1024 Flux image has 16384, a 32x32 embedded-model image 256), and after which
@@ -121,7 +121,7 @@ def observe_decode(
     import torch
 
     latents = _unpack(pipe, packed, req)
-    # Batches on two engine lanes (service.core.lanes) may finish at once: one fit, one writer.
+    # Batches on two engine lanes (engine.lanes) may finish at once: one fit, one writer.
     with _OBSERVE:
         fit = _fit(pipe, latents.shape[1])
         if fit.pixels >= MAX_PIXELS:

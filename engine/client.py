@@ -30,21 +30,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from service.core import messages as m
-from service.core.engine_core import EngineConfig, EngineCore, run_engine
-from service.core.telemetry import apply
-from service.exceptions import EngineUnavailable, QueueFull, ShuttingDown
+from engine import messages as m
+from engine.core import EngineConfig, EngineCore, run_engine
+from engine.failures import EngineUnavailable, QueueFull, ShuttingDown
+from engine.telemetry import apply
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
 
-    from quantization.generate import GenerationRequest
-    from quantization.loader import ModelDefaults
+    from engine.gpu_memory import GpuReadings
+    from engine.keys import ModelKey
+    from pipelines.generate import GenerationRequest
+    from pipelines.loader import ModelDefaults
     from quantization.settings import QuantSettings
-    from service.gpu_metrics import GpuReadings
     from service.metrics import Metrics
-    from service.variants import ModelKey
 
 log = logging.getLogger("qdserve.engine_client")
 
@@ -53,15 +53,6 @@ EngineMode = Literal["process", "inline"]
 # next start (1 s, doubling up to MAX_RESTART_DELAY_S): a crash loop must not spin.
 YOUNG_DEATH_S = 60.0
 MAX_RESTART_DELAY_S = 30.0
-
-
-class JobFailed(Exception):
-    """The engine answered a job or a load with an error of `kind` (see messages.Failed)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass(eq=False)
@@ -77,7 +68,7 @@ class PendingJob:
 
 @dataclass
 class LoadedView:
-    """What `/v1/models` shows of a loaded variant (duck-types `service.cache.Entry`)."""
+    """What `/v1/models` shows of a loaded variant (duck-types `engine.cache.Entry`)."""
 
     key: ModelKey
     loaded_at: float
@@ -277,7 +268,8 @@ class EngineClient:
         """The variant's defaults once it is loaded (asking the engine to load it if needed).
 
         Raises LookupError when it is neither loaded nor loading and loading is not allowed,
-        `JobFailed` when the load failed, `EngineUnavailable` when the engine died meanwhile.
+        the load's typed `Failure` when it failed, `EngineUnavailable` when the engine died
+        meanwhile.
         """
         info = self.loaded.get(key)
         if info is not None:
@@ -443,7 +435,7 @@ class EngineClient:
         elif isinstance(e, m.Failed):
             job = self._jobs.pop(e.job_id, None)
             if job is not None and not job.future.done():
-                job.future.set_exception(JobFailed(e.kind, e.message))
+                job.future.set_exception(e.failure)
             self.metrics.queue_depth.set(self.depth())
         elif isinstance(e, (m.Progress, m.Preview)):
             job = self._jobs.get(e.job_id)
@@ -467,7 +459,7 @@ class EngineClient:
             self.loading.discard(e.key)
             waiter = self._load_waiters.pop(e.key, None)
             if waiter is not None and not waiter.done():
-                waiter.set_exception(JobFailed(e.kind, e.message))
+                waiter.set_exception(e.failure)
         elif isinstance(e, m.Evicted):
             self.loaded.pop(e.key, None)
         elif isinstance(e, m.Gpu):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.loader import QDSERVE_META, load_pipeline
 from quantization.backends import get_backend
-from quantization.loader import QDSERVE_META, load_pipeline
 from quantization.settings import QuantSettings
 
 
