@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantization.backends import get_backend, registered
+from quantization.backends import BACKENDS, get_backend
 
 # (backend, quant type) that run on this CPU; gguf needs a converted file (its engine tests
 # run it through grad_mode).
@@ -73,9 +73,9 @@ def test_cuda_only_backends_follow_the_recorded_gpu_check() -> None:
     }
     on = {
         (b.key, t)
-        for b in registered()
+        for b in BACKENDS.values()
         for t in (b.quant_types or (None,))
-        if b().allows_inference_mode(t)
+        if b.allows_inference_mode(t)
     }
     cuda_on = {(k, t) for k, t in on if k in ("bitsandbytes_4bit", "bitsandbytes_8bit")}
     cuda_on |= {("torchao", "float8dq")} & on

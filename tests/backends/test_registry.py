@@ -1,4 +1,5 @@
-"""The registry discovers backend files, and each backend owns its decisions (no key tests)."""
+"""The registry lists backends explicitly (auto.py), survives a broken one, and each backend
+owns its decisions (no key tests)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,21 @@ from pydantic import ValidationError
 
 from pipelines.prequantize import NotSerializable, quantize_and_save
 from quantization.backends import BACKENDS, get_backend
-from quantization.backends.base import QuantBackend, registered
+from quantization.backends.auto import AUTO_BACKEND_MAPPING, load_backends
+from quantization.backends.base import QuantBackend
 from quantization.settings import QuantSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_new_backend_file_is_all_it_takes(tmp_path: Path) -> None:
-    # A module dropped next to the package's own modules: no list to edit anywhere.
-    (tmp_path / "fakeq.py").write_text(
+def test_a_new_backend_is_its_module_and_one_line_in_auto(tmp_path: Path) -> None:
+    # A copy of the package with one module added and one line in auto.py's mapping: the
+    # settings, the CLI's table and the registry pick it up; existing keys keep their places.
+    import shutil
+
+    shutil.copytree(ROOT / "quantization", tmp_path / "quantization")
+    backends = tmp_path / "quantization" / "backends"
+    (backends / "fakeq.py").write_text(
         textwrap.dedent(
             """
             from quantization.backends.base import QuantBackend
@@ -33,14 +40,20 @@ def test_a_new_backend_file_is_all_it_takes(tmp_path: Path) -> None:
             """
         )
     )
+    auto = backends / "auto.py"
+    auto.write_text(
+        auto.read_text().replace(
+            '"sdnq": "quantization.backends.sdnq:SDNQBackend",\n',
+            '"sdnq": "quantization.backends.sdnq:SDNQBackend",\n'
+            '    "fakeq": "quantization.backends.fakeq:FakeQ",\n',
+        )
+    )
     code = textwrap.dedent(
         f"""
-        import importlib.util, json, sys
-        spec = importlib.util.find_spec("quantization.backends")
-        package = importlib.util.module_from_spec(spec)
-        package.__path__.append({str(tmp_path)!r})
-        sys.modules["quantization.backends"] = package
-        spec.loader.exec_module(package)
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import quantization.backends as package
+        assert package.__file__.startswith({str(tmp_path)!r})
         from quantization.settings import QuantSettings
         from service.cli import backend_table
         settings = QuantSettings(quant_backend="fakeq")
@@ -53,16 +66,27 @@ def test_a_new_backend_file_is_all_it_takes(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     keys, qtype, rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Existing keys keep their places; a new one comes after the original seven.
     assert [k for k in keys if k != "fakeq"] == list(BACKENDS)
     assert keys.index("fakeq") > keys.index("modelopt")
     assert qtype == "q3" and "fakeq" in rows
 
 
-def test_a_key_defined_twice_is_refused() -> None:
-    with pytest.raises(TypeError, match="backend key 'quanto' is defined twice"):
-        type("Quanto2", (QuantBackend,), {"key": "quanto", "__module__": "elsewhere"})
-    assert [cls.key for cls in registered()] == list(BACKENDS)
+def test_a_backend_that_fails_to_import_does_not_break_the_registry(tmp_path: Path) -> None:
+    (tmp_path / "brokenq.py").write_text("raise ImportError('libbroken.so: cannot open')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        backends, broken = load_backends({**AUTO_BACKEND_MAPPING, "brokenq": "brokenq:BrokenQ"})
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert list(backends) == list(BACKENDS)
+    assert broken == {"brokenq": "ImportError: libbroken.so: cannot open"}
+
+
+def test_the_mapping_lists_each_class_under_its_own_key() -> None:
+    wrong = {"quanto": AUTO_BACKEND_MAPPING["none"]}
+    with pytest.raises(TypeError, match="defines key 'none', listed as 'quanto'"):
+        load_backends(wrong)
+    assert all(isinstance(b, QuantBackend) for b in BACKENDS.values())
 
 
 def test_prequantize_decisions_belong_to_the_backend() -> None:
