@@ -409,12 +409,16 @@ def server_info(server: Server) -> dict[str, Any]:
 
 
 # -- the ceiling ---------------------------------------------------------------------------
-def direct_request(opts: PeerOptions, seed: int) -> Any:
-    """The request both servers get for `seed`, as a direct call takes it."""
-    from pipelines.generate import GenerationRequest
+def direct_request(opts: PeerOptions, seed: int, defaults: Any) -> Any:
+    """The request both servers get for `seed`, as a direct call takes it (final: the
+    model's `defaults` fill what the options leave open)."""
+    from pipelines.generate import GenerationRequest, resolve
 
-    return GenerationRequest(
-        PROMPT, seed=seed, width=opts.side, height=opts.side, num_inference_steps=opts.steps
+    return resolve(
+        defaults,
+        GenerationRequest(
+            PROMPT, seed=seed, width=opts.side, height=opts.side, num_inference_steps=opts.steps
+        ),
     )
 
 
@@ -444,7 +448,7 @@ def direct_calls(
 
             def call(seed: int, batch: int = batch) -> Any:
                 return generate_batch(
-                    loaded, [direct_request(opts, seed + j) for j in range(batch)]
+                    loaded, [direct_request(opts, seed + j, loaded.defaults) for j in range(batch)]
                 )
 
             warm = call(0)[0].images[0]
@@ -472,7 +476,7 @@ def lone_direct_call(loaded: Any, threads: int, opts: PeerOptions) -> Callable[[
 
     def call(seed: int) -> Any:
         with torch_threads(threads):
-            return generate_batch(loaded, [direct_request(opts, seed)])
+            return generate_batch(loaded, [direct_request(opts, seed, loaded.defaults)])
 
     return call
 

@@ -51,18 +51,22 @@ class DiffusersAPI(ls.LitAPI):
     # LitServe reads this signature to build its route: a request without an annotation is
     # the raw Starlette request's JSON body.
     def decode_request(self, request):  # type: ignore[no-untyped-def]
-        from pipelines.generate import GenerationRequest
+        from pipelines.generate import GenerationRequest, resolve
 
         size = request.get("size") or f"{self.loaded.defaults.size}x{self.loaded.defaults.size}"
         width, height = (int(v) for v in size.split("x"))
-        return GenerationRequest(
-            prompt=request["prompt"],
-            num_inference_steps=request.get("num_inference_steps"),
-            guidance_scale=request.get("guidance_scale"),
-            seed=request.get("seed"),
-            width=width,
-            height=height,
-            num_images=int(request.get("n", 1)),
+        # The model's defaults for what the body leaves open (as a direct call would).
+        return resolve(
+            self.loaded.defaults,
+            GenerationRequest(
+                prompt=request["prompt"],
+                num_inference_steps=request.get("num_inference_steps"),
+                guidance_scale=request.get("guidance_scale"),
+                seed=request.get("seed"),
+                width=width,
+                height=height,
+                num_images=int(request.get("n", 1)),
+            ),
         )
 
     def batch(self, inputs: list[Any]) -> list[Any]:

@@ -20,7 +20,6 @@ is loaded, fed by the engine's events.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -229,34 +228,6 @@ class ModelCache:
         if self.metrics:
             self.metrics.cache_hits.inc()
         return Lease(self, entry)
-
-    async def acquire(
-        self, key: ModelKey, settings: QuantSettings, *, allow_load: bool = True
-    ) -> Lease:
-        """Lease the entry for `key`, loading it (single flight) if needed and allowed.
-
-        Raises `LookupError` when the key is neither loaded nor loading and loading is not
-        allowed, and whatever the loader raised when the load failed.
-        """
-        # A loaded entry can be evicted between the end of its load and our lease (another
-        # load finishing in between): retry a couple of times instead of failing.
-        for _ in range(3):
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    entry.in_use += 1
-                    self._entries.move_to_end(key)
-                    if self.metrics:
-                        self.metrics.cache_hits.inc()
-                    return Lease(self, entry)
-                if not allow_load and key not in self._loading:
-                    raise LookupError(key)
-            if self.metrics:
-                self.metrics.cache_misses.inc()
-            # shield: a waiter that times out must not cancel the load others wait for.
-            await asyncio.shield(asyncio.wrap_future(self.load(key, settings)))
-            allow_load = True
-        raise RuntimeError(f"model variant {key.variant_id} was evicted while loading; retry")
 
     # -- eviction ----------------------------------------------------------------------
     def _release(self, entry: Entry) -> None:

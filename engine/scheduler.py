@@ -154,7 +154,6 @@ class Scheduler:
         self.cancelled: collections.Counter[str] = collections.Counter()
         self.dropped_images: collections.Counter[str] = collections.Counter()
         self.ooms = 0
-        self.job_seconds = 1.0  # moving average of a job's run time (Retry-After hints)
 
     # -- queries ---------------------------------------------------------------------------
     def depth(self) -> int:
@@ -440,7 +439,6 @@ class Scheduler:
             job.state = "done"
             seconds = now - job.started_at
             result.inference_seconds = seconds
-            self.job_seconds = 0.8 * self.job_seconds + 0.2 * seconds
             self.finished_jobs += 1
             if self.metrics is not None:
                 self.metrics.inference_duration.labels(

@@ -36,8 +36,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipelines.generate import (
     GenerationRequest,
     GenerationResult,
+    call_kwargs,
     call_pipeline,
     image_seeds,
+    require_final,
+    split_results,
 )
 from pipelines.generate import (
     resolve as fill_defaults,
@@ -115,7 +118,9 @@ def auto_size(image_size: tuple[int, int], multiple: int, max_pixels: int) -> tu
 def edit_key(loaded: LoadedPipeline, req: EditRequest) -> tuple[Any, ...]:
     """Edits with equal keys can share one pipeline call: same kind (img2img or inpaint),
     output size, steps, strength, guidance and CFG mode. Never equal to a generation key."""
-    r = resolve(loaded.defaults, req) if _unresolved(req) else req
+    r = require_final(req)
+    if r.strength is None:
+        raise ValueError("edit request is not final (strength unset): fill it with edit.resolve")
     return (
         "edit",
         r.kind,
@@ -126,11 +131,6 @@ def edit_key(loaded: LoadedPipeline, req: EditRequest) -> tuple[Any, ...]:
         r.guidance_scale,
         r.negative_prompt is not None,
     )
-
-
-def _unresolved(req: EditRequest) -> bool:
-    fields = (req.width, req.height, req.num_inference_steps, req.guidance_scale, req.seed)
-    return None in fields or req.strength is None
 
 
 # pipeline -> {kind: derived pipeline}; weak on the key so eviction frees everything.
@@ -176,93 +176,40 @@ def edit_batch(
     *,
     step_callback: Callable[[int, float], None] | None = None,
 ) -> list[GenerationResult]:
-    """Run compatible edits (equal `edit_key`) as one pipeline call, one generator per image."""
-    import torch
-
+    """Run compatible final edits (equal `edit_key`) as one pipeline call, one generator per
+    image: `generate_batch`'s call plus the input images, masks and strength."""
     if not requests:
         return []
-    requests = [resolve(loaded.defaults, r) for r in requests]
     if len({edit_key(loaded, r) for r in requests}) != 1:
         raise ValueError(
             "edits in one batch must share kind, size, steps, strength, guidance and CFG mode"
         )
     first = requests[0]
-    kind = first.kind
     width, height = int(first.width or 0), int(first.height or 0)
     steps, strength = int(first.num_inference_steps or 0), float(first.strength or 0.0)
     if denoise_steps(steps, strength) < 1:
         raise ValueError(
             f"strength {strength} of {steps} steps runs no step; raise strength or steps"
         )
-    guidance = float(first.guidance_scale or 0.0)
-    pipe = derived_pipeline(loaded.pipeline, kind)
+    pipe = derived_pipeline(loaded.pipeline, first.kind)
     accepts = set(inspect.signature(pipe.__call__).parameters)
-
     seeds_per_req = [image_seeds(int(r.seed or 0), r.num_images) for r in requests]
-    prompts: list[str] = []
-    negatives: list[str] = []
-    images: list[Image] = []
-    masks: list[Image] = []
-    generators: list[torch.Generator] = []
-    for req, seeds in zip(requests, seeds_per_req, strict=True):
-        for s in seeds:
-            prompts.append(req.prompt)
-            negatives.append(req.negative_prompt or "")
-            images.append(req.image)  # type: ignore[arg-type]
-            if req.mask is not None:
-                masks.append(req.mask)
-            # CPU generators: the same seed gives the same noise on every device.
-            generators.append(torch.Generator("cpu").manual_seed(s))
-
-    kwargs: dict[str, Any] = {
-        "prompt": prompts,
-        "image": images,
-        "height": height,
-        "width": width,
-        "strength": strength,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "generator": generators,
-        "output_type": "pil",
-    }
-    if kind == "inpaint":
-        kwargs["mask_image"] = masks
-    seq = loaded.defaults.max_sequence_length
-    if seq and "max_sequence_length" in accepts:
-        kwargs["max_sequence_length"] = seq
-    if first.negative_prompt is not None and "negative_prompt" in accepts:
-        kwargs["negative_prompt"] = negatives
-        if "true_cfg_scale" in accepts:
-            # As generate_batch: Flux's negative prompt only acts through true CFG.
-            kwargs["true_cfg_scale"] = max(guidance, 1.5)
-
+    kwargs = call_kwargs(loaded, accepts, requests, seeds_per_req)
+    kwargs["image"] = [r.image for r in requests for _ in range(r.num_images)]
+    kwargs["strength"] = strength
+    if first.kind == "inpaint":
+        kwargs["mask_image"] = [r.mask for r in requests for _ in range(r.num_images)]
     call = call_pipeline(pipe, kwargs, accepts, step_callback)
-    out_images = call.images
-
-    results = []
-    offset = 0
-    run = denoise_steps(steps, strength)
-    for req, seeds in zip(requests, seeds_per_req, strict=True):
-        results.append(
-            GenerationResult(
-                images=out_images[offset : offset + len(seeds)],
-                seeds=seeds,
-                width=width,
-                height=height,
-                # The steps that ran (what the time was spent on), not the schedule length.
-                steps=run,
-                inference_seconds=call.seconds,
-                timings={
-                    "step_seconds_mean": call.step_seconds_mean,
-                    "batch_images": float(len(out_images)),
-                    "schedule_steps": float(steps),
-                },
-                # The input image as the pipeline encodes it: resized to the output size.
-                usage=count_usage(loaded, req, input_sizes=[(width, height)]),
-            )
-        )
-        offset += len(seeds)
-    return results
+    return split_results(
+        requests,
+        seeds_per_req,
+        call,
+        # The steps that ran (what the time was spent on), not the schedule length.
+        steps=denoise_steps(steps, strength),
+        # The input image as the pipeline encodes it: resized to the output size.
+        usage=lambda req: count_usage(loaded, req, input_sizes=[(width, height)]),
+        timings={"schedule_steps": float(steps)},
+    )
 
 
 def edit(
@@ -271,5 +218,6 @@ def edit(
     *,
     step_callback: Callable[[int, float], None] | None = None,
 ) -> GenerationResult:
-    """Edit `request.image` into `request.num_images` images; deterministic for a seed."""
-    return edit_batch(loaded, [request], step_callback=step_callback)[0]
+    """Edit `request.image` into `request.num_images` images; deterministic for a seed. The
+    direct call: fills the model's defaults itself (the engine's edits arrive final)."""
+    return edit_batch(loaded, [resolve(loaded.defaults, request)], step_callback=step_callback)[0]

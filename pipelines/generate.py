@@ -1,4 +1,12 @@
-"""Generation entry point independent of HTTP: validated request in, images and seeds out."""
+"""Whole-call generation, independent of HTTP: final requests in, images and seeds out.
+
+Requests reach `generate_batch` (and the step loop, and edits) final: the HTTP process's
+processor (`service.processor`) fills every default once, with `resolve` below, and nothing
+beneath it fills or re-resolves (`require_final` refuses a request that is not). `generate`
+is the direct-call convenience for scripts, tests and benchmarks: it fills the defaults the
+same way and activates the request's LoRA adapters itself (the engine's scheduler does that
+for its batches).
+"""
 
 from __future__ import annotations
 
@@ -85,6 +93,30 @@ def resolve(
     )
 
 
+def require_final(req: GenerationRequest) -> GenerationRequest:
+    """`req` if every field a pipeline needs is set; else a ValueError (a request reaches the
+    pipelines final: `service.processor` fills the defaults once, `generate` for direct calls)."""
+    missing = [
+        name
+        for name in ("width", "height", "num_inference_steps", "guidance_scale", "seed")
+        if getattr(req, name) is None
+    ]
+    if missing:
+        raise ValueError(
+            f"request is not final ({', '.join(missing)} unset): fill it with "
+            "pipelines.generate.resolve first"
+        )
+    return req
+
+
+def seeded_generators(seeds: Sequence[int]) -> list[Any]:
+    """One generator per image. On the CPU: the same seed gives the same initial noise on
+    every device and in every batch (so image i of a request is the same alone or batched)."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
 def _resolved_key(req: GenerationRequest) -> tuple[Any, ...]:
     return (
         req.width,
@@ -98,14 +130,74 @@ def _resolved_key(req: GenerationRequest) -> tuple[Any, ...]:
 
 def batch_key(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[Any, ...]:
     """Requests with equal keys can share one pipeline call (micro-batching)."""
-    return _resolved_key(resolve(loaded.defaults, req))
+    return _resolved_key(require_final(req))
 
 
-def _call_kwargs(loaded: LoadedPipeline, accepts: set[str]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"output_type": "pil"}
+def call_kwargs(
+    loaded: LoadedPipeline,
+    accepts: set[str],
+    requests: Sequence[GenerationRequest],
+    seeds_per_req: Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """What every whole call (generation or edit) passes: one prompt and one generator per
+    image, the model's sequence length, and the negative prompts (with true CFG) if any."""
+    first = requests[0]
+    guidance = float(first.guidance_scale or 0.0)
+    per_image = [
+        (req, seed) for req, seeds in zip(requests, seeds_per_req, strict=True) for seed in seeds
+    ]
+    kwargs: dict[str, Any] = {
+        "prompt": [req.prompt for req, _ in per_image],
+        "height": int(first.height or 0),
+        "width": int(first.width or 0),
+        "num_inference_steps": int(first.num_inference_steps or 0),
+        "guidance_scale": guidance,
+        "generator": seeded_generators([seed for _, seed in per_image]),
+        "output_type": "pil",
+    }
     if "max_sequence_length" in accepts and loaded.defaults.max_sequence_length:
         kwargs["max_sequence_length"] = loaded.defaults.max_sequence_length
+    if first.negative_prompt is not None and "negative_prompt" in accepts:
+        kwargs["negative_prompt"] = [req.negative_prompt or "" for req, _ in per_image]
+        if "true_cfg_scale" in accepts:
+            # Flux's guidance_scale is a distilled embedding; a negative prompt only acts
+            # through true CFG, so turn it on when one is given.
+            kwargs["true_cfg_scale"] = max(guidance, 1.5)
     return kwargs
+
+
+def split_results(
+    requests: Sequence[GenerationRequest],
+    seeds_per_req: Sequence[list[int]],
+    call: PipelineCall,
+    *,
+    steps: int,
+    usage: Callable[[GenerationRequest], TokenUsage],
+    timings: dict[str, float] | None = None,
+) -> list[GenerationResult]:
+    """One result per request from one call's images (in request order)."""
+    first = requests[0]
+    results = []
+    offset = 0
+    for req, seeds in zip(requests, seeds_per_req, strict=True):
+        results.append(
+            GenerationResult(
+                images=call.images[offset : offset + len(seeds)],
+                seeds=seeds,
+                width=int(first.width or 0),
+                height=int(first.height or 0),
+                steps=steps,
+                inference_seconds=call.seconds,
+                timings={
+                    "step_seconds_mean": call.step_seconds_mean,
+                    "batch_images": float(len(call.images)),
+                    **(timings or {}),
+                },
+                usage=usage(req),
+            )
+        )
+        offset += len(seeds)
+    return results
 
 
 @dataclass
@@ -184,79 +276,31 @@ def generate_batch(
     *,
     step_callback: Callable[[int, float], None] | None = None,
 ) -> list[GenerationResult]:
-    """Run several compatible requests as one pipeline call, one generator per image.
+    """Run several compatible final requests as one pipeline call, one generator per image.
 
     Each image has its own generator, so it is the image the request would get alone with
-    the same seed (up to batched-matmul rounding). All requests must share `batch_key`.
+    the same seed (up to batched-matmul rounding). All requests must share `batch_key`. The
+    adapters of `requests[0].lora` must be active (the engine's scheduler activates them).
     """
-    import torch
-
     if not requests:
         return []
-    # Resolve once: the keys, the call parameters and the seeds all come from these.
-    requests = [resolve(loaded.defaults, r) for r in requests]
-    keys = {_resolved_key(r) for r in requests}
+    keys = {batch_key(loaded, r) for r in requests}
     if len(keys) != 1:
         raise ValueError(
             "requests in one batch must share size, steps, guidance, CFG mode and LoRA adapters"
         )
-    first = requests[0]
-    width, height = int(first.width or 0), int(first.height or 0)
-    steps, guidance = int(first.num_inference_steps or 0), float(first.guidance_scale or 0.0)
     pipe = loaded.pipeline
     accepts = set(inspect.signature(pipe.__call__).parameters)
-    activate_lora(loaded, first.lora)  # the batch's adapter set (none: the base, bit-exact)
-
     seeds_per_req = [image_seeds(int(r.seed or 0), r.num_images) for r in requests]
-    prompts: list[str] = []
-    negatives: list[str] = []
-    generators: list[torch.Generator] = []
-    # Generators live on CPU: the same seed gives the same initial noise on every device.
-    for req, seeds in zip(requests, seeds_per_req, strict=True):
-        for s in seeds:
-            prompts.append(req.prompt)
-            negatives.append(req.negative_prompt or "")
-            generators.append(torch.Generator("cpu").manual_seed(s))
-
-    kwargs = _call_kwargs(loaded, accepts)
-    kwargs.update(
-        prompt=prompts,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=generators,
-    )
-    if requests[0].negative_prompt is not None and "negative_prompt" in accepts:
-        kwargs["negative_prompt"] = negatives
-        if "true_cfg_scale" in accepts:
-            # Flux's guidance_scale is a distilled embedding; a negative prompt only acts
-            # through true CFG, so turn it on when one is given.
-            kwargs["true_cfg_scale"] = max(guidance, 1.5)
-
+    kwargs = call_kwargs(loaded, accepts, requests, seeds_per_req)
     call = call_pipeline(pipe, kwargs, accepts, step_callback)
-    images = call.images
-
-    results = []
-    offset = 0
-    for req, seeds in zip(requests, seeds_per_req, strict=True):
-        results.append(
-            GenerationResult(
-                images=images[offset : offset + len(seeds)],
-                seeds=seeds,
-                width=width,
-                height=height,
-                steps=steps,
-                inference_seconds=call.seconds,
-                timings={
-                    "step_seconds_mean": call.step_seconds_mean,
-                    "batch_images": float(len(images)),
-                },
-                usage=count_usage(loaded, req),
-            )
-        )
-        offset += len(seeds)
-    return results
+    return split_results(
+        requests,
+        seeds_per_req,
+        call,
+        steps=int(requests[0].num_inference_steps or 0),
+        usage=lambda req: count_usage(loaded, req),
+    )
 
 
 def generate(
@@ -265,7 +309,10 @@ def generate(
     *,
     step_callback: Callable[[int, float], None] | None = None,
 ) -> GenerationResult:
-    """Generate `request.num_images` images; deterministic for a given seed."""
+    """Generate `request.num_images` images; deterministic for a given seed. The direct
+    call: fills the model's defaults and activates the request's adapters itself."""
+    request = resolve(loaded.defaults, request)
+    activate_lora(loaded, request.lora)  # (none: the base, bit-exact)
     return generate_batch(loaded, [request], step_callback=step_callback)[0]
 
 

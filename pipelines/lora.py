@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quantization.settings import DENOISERS
+
 if TYPE_CHECKING:
     import torch
 
@@ -44,8 +46,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHIPPED_DIR = Path(__file__).parent / "demo_weights" / "lora"
 # The scale range a request may ask for: enough to amplify or invert an adapter, bounded so a
 # typo (100 instead of 1.0) is a 400, not noise.
-# The components adapters may touch (Flux, SD3, ...: transformer; SD 1.x / SDXL: unet).
-DENOISERS = ("transformer", "unet")
 MIN_SCALE = -4.0
 MAX_SCALE = 4.0
 DEFAULT_SCALE = 1.0
@@ -277,6 +277,7 @@ def _load_one(pipe: Any, spec: LoraSpec) -> Adapter:
             f"QDS_LORAS {spec.name}={spec.describe_source()}: no LoRA layer of this pipeline "
             "matched the file (is it for another model family?)"
         )
+    # The components adapters may touch: the denoiser (Flux, SD3: transformer; SDXL: unet).
     others = sorted({c for c, _ in weights} - set(DENOISERS))
     if others:
         # Prompt embeddings are computed when a request joins a step batch and cached across

@@ -35,7 +35,8 @@ from pipelines.generate import (
     allows_inference_mode,
     grad_mode,
     image_seeds,
-    resolve,
+    require_final,
+    seeded_generators,
 )
 from pipelines.previews import flux_preview, observe_decode
 from pipelines.token_usage import count_usage
@@ -76,7 +77,7 @@ def step_key(loaded: LoadedPipeline, req: GenerationRequest) -> tuple[Any, ...]:
     """Requests with equal step keys can share a transformer forward at any step: same resolved
     width, height, guidance, CFG mode (negative prompt or not). Steps may differ (each sample
     keeps its own sigma schedule)."""
-    r = resolve(loaded.defaults, req) if _unresolved(req) else req
+    r = require_final(req)
     return (r.width, r.height, r.guidance_scale, r.negative_prompt is not None)
 
 
@@ -88,10 +89,6 @@ def variant_id(loaded: LoadedPipeline) -> str:
         f"{loaded.model}|{loaded.model_path}|{loaded.backend}:{loaded.quant_type}"
         f"|q={quantized}|{dtype}|{loaded.device}"
     )
-
-
-def _unresolved(req: GenerationRequest) -> bool:
-    return None in (req.width, req.height, req.num_inference_steps, req.guidance_scale, req.seed)
 
 
 @dataclass
@@ -239,7 +236,6 @@ class StepBatch:
         """`add` for requests that join at the same step boundary, with ONE text-encoder call
         for all their prompts the cache does not hold (4 prompts one by one cost 2.4x one
         batched call on the demo model). All or none join: every check runs first."""
-        import torch
 
         self._check_joinable(items)
         added = time.perf_counter()
@@ -254,9 +250,8 @@ class StepBatch:
                 started = time.perf_counter()
                 embeds = encoded[req.prompt]
                 seeds = image_seeds(int(req.seed or 0), req.num_images)
-                # One CPU generator per image, as generate_batch passes them: the same seed
-                # gives the same initial noise on every device and in every batch.
-                generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                # One CPU generator per image, as generate_batch passes them.
+                generators = seeded_generators(seeds)
                 latents, img_ids = pipe.prepare_latents(
                     req.num_images,
                     pipe.transformer.config.in_channels // 4,
@@ -300,8 +295,7 @@ class StepBatch:
             if job_id in self._jobs or job_id in seen:
                 raise ValueError(f"job {job_id!r} is already in the batch")
             seen.add(job_id)
-            if _unresolved(req):
-                raise ValueError("resolve the request first (pipelines.generate.resolve)")
+            require_final(req)
             if req.num_images < 1:
                 raise ValueError(f"num_images must be >= 1, got {req.num_images}")
             k = step_key(self.loaded, req)

@@ -20,7 +20,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.logs import request_id_var
-from service.engine import ClientGone
+from service.outputs import ClientGone
 from service.protocol import error_body
 from service.settings import ServiceSettings
 

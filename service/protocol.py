@@ -3,7 +3,7 @@
 Pydantic checks types and every rule that does not depend on configuration (enums, ranges,
 the size pattern), so the OpenAPI schema states them; the limits that do (QDS_MAX_PIXELS,
 QDS_MAX_STEPS, QDS_MAX_IMAGES, QDS_MAX_PROMPT_CHARS, the model's size multiple) are checked
-by the one resolve step in `service.resolve`.
+by the one resolve step in `service.processor`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from service.protocol import (
 )
 
 if TYPE_CHECKING:
-    from service.engine import Outcome
+    from service.outputs import Outcome
 
 
 def b64(data: bytes) -> str:

@@ -1,20 +1,17 @@
-"""Server-sent events for the generation endpoints: OpenAI's image stream, and the native
-progress stream.
+"""Server-sent events for the generation endpoints, rendered from a request's handle
+(`service.outputs.RequestHandle`): OpenAI's image stream, and the native progress stream.
 
-    engine (its own process)           HTTP process (event loop)                client
-    ------------------------           -------------------------                ------
-    step k done  -> Progress(k, N) --> EngineClient reader -> StreamBuffer --> SSE writer
-    preview step -> Preview(images)                          (bounded)       (one per stream)
+    engine (its own process)           HTTP process (event loop)                    client
+    ------------------------           -------------------------                    ------
+    step k done  -> Progress(k, N) --> EngineClient reader -> RequestHandle  --> SSE writer
+    preview step -> Preview(images)                          (bounded buffer)  (one per stream)
     last step    -> Finished  ------------------------------>  final  ------> completed event
 
-Backpressure: the engine never waits for the HTTP side, and the HTTP side never waits for a
-client in the engine's path. Events reach a per-stream `StreamBuffer` from the event loop
-without awaiting; the buffer keeps at most the latest progress, `MAX_PENDING_PREVIEWS`
-previews not yet sent (a newer one replaces the oldest), and the final result, which is never
-dropped. Only the writer coroutine of that stream awaits the client (uvicorn's `send` waits
-on the socket's flow control), so a reader that does not read holds that coroutine and a
-bounded amount of memory, never the engine or other requests. Previews are PNG/JPEG/WebP
-encoded only when the writer takes them, so a dropped preview costs no encoding.
+Backpressure (the buffer is the handle's; see `service.outputs`): only the writer coroutine
+of a stream awaits the client (uvicorn's `send` waits on the socket's flow control), so a
+reader that does not read holds that coroutine and a bounded amount of memory, never the
+engine or other requests. Previews are PNG/JPEG/WebP encoded only when the writer takes them,
+so a dropped preview costs no encoding.
 
 Partial images are previews of the latents at evenly spread step boundaries
 (`preview_steps`): the engine renders the predicted clean latents x0 = x - sigma * v
@@ -24,19 +21,17 @@ forward (docs/benchmarks/streaming.md has the measured costs). Pipelines that ru
 (no step loop) have no latents between steps: their streams carry the final image only.
 
 Cancellation: Starlette cancels the writer when the client disconnects (it listens for
-`http.disconnect` while streaming); the writer then withdraws the job (`client_gone`) and the
-engine drops it at the next step boundary. A deadline (QDS_REQUEST_TIMEOUT) withdraws it
-(`timeout`) and ends the stream with an error event.
+`http.disconnect` while streaming); the writer then tells the handle, which withdraws the job
+(`client_gone`) and the engine drops it at the next step boundary. At the deadline
+(QDS_REQUEST_TIMEOUT) the handle withdraws it (`timeout`) and the stream ends with an error
+event.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi.responses import StreamingResponse
@@ -44,12 +39,12 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
 from engine.failures import Failure
+from engine.messages import Preview, Progress
 from service.errors import to_api_error
-from service.imaging import encode_all
+from service.outputs import Outcome, RequestHandle
 from service.protocol import (
     EDIT_EVENTS,
     GENERATION_EVENTS,
-    MAX_PARTIAL_IMAGES,
     PartialImageEvent,
     ProgressEvent,
     error_body,
@@ -58,117 +53,17 @@ from service.responses import b64, native_completed, timings, usage
 
 if TYPE_CHECKING:
     from fastapi import Request
-    from PIL.Image import Image
 
-    from service.engine import Outcome, ServiceState, Submitted
-    from service.resolve import ImageParams
+    from service.engine import ServiceState
+    from service.processor import ImageParams
 
 log = logging.getLogger("qdserve.streaming")
 
-# Previews waiting for a slow writer; a newer one replaces the oldest beyond this.
-MAX_PENDING_PREVIEWS = 1
-# Previews of at most this many pixels (all images) are encoded on the loop (as results are,
-# service.engine.INLINE_ENCODE_PIXELS); larger ones in a thread.
-INLINE_ENCODE_PIXELS = 128 * 128
 HEADERS = {
     "Cache-Control": "no-cache",
     # Tell nginx-style proxies not to buffer the stream.
     "X-Accel-Buffering": "no",
 }
-
-
-def preview_steps(total_steps: int, partial_images: int) -> tuple[int, ...]:
-    """The steps after which to preview: `partial_images` evenly spread strictly inside the
-    run (after step round(N * (i + 1) / (k + 1)), i = 0..k-1), fewer when N is too small to
-    give distinct steps (OpenAI allows the final image to come before every partial)."""
-    k = max(0, min(int(partial_images), MAX_PARTIAL_IMAGES))
-    n = int(total_steps)
-    steps = {round(n * (i + 1) / (k + 1)) for i in range(k)}
-    return tuple(sorted(s for s in steps if 1 <= s < n))
-
-
-# -- what the engine sends about a running job (duck-typed: engine.messages) ---------
-@dataclass(frozen=True)
-class Progress:
-    step: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Preview:
-    index: int  # which of the request's partial images (0-based)
-    step: int
-    total: int
-    images: list[Image]
-
-
-@dataclass
-class StreamBuffer:
-    """The bounded buffer between the engine's events (pushed on the loop, never awaiting)
-    and one stream's writer. Holds at most: the latest progress, MAX_PENDING_PREVIEWS
-    previews, the final outcome or error."""
-
-    max_previews: int = MAX_PENDING_PREVIEWS
-    progress: Progress | None = None
-    previews: collections.deque[Preview] = field(default_factory=collections.deque)
-    final: Any = None  # the engine's Finished event
-    error: BaseException | None = None
-    # Accounting (the access log carries it): what a slow reader made the buffer skip.
-    progress_coalesced: int = 0
-    previews_dropped: int = 0
-    previews_sent: int = 0
-    outcome: Outcome | None = None  # set by the writer once encoded (for the access log)
-    client_gone: bool = False
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    # -- producer side (event loop; never awaits) -----------------------------------------
-    def on_event(self, event: Any) -> None:
-        """An engine event for this job: `Progress(step, total)` or `Preview(...)`."""
-        if hasattr(event, "images"):
-            if len(self.previews) >= self.max_previews:
-                self.previews.popleft()
-                self.previews_dropped += 1
-            self.previews.append(Preview(event.index, event.step, event.total, event.images))
-        else:
-            if self.progress is not None:
-                self.progress_coalesced += 1
-            self.progress = Progress(event.step, event.total)
-        self._wake.set()
-
-    def on_done(self, future: asyncio.Future[Any]) -> None:
-        """The job's future settled: the final result, or its error (never dropped)."""
-        if future.cancelled():
-            self.error = asyncio.CancelledError()
-        elif future.exception() is not None:
-            self.error = future.exception()
-        else:
-            self.final = future.result()
-        self._wake.set()
-
-    # -- consumer side (the stream's writer) ----------------------------------------------
-    async def next(self, timeout: float) -> Progress | Preview | BaseException | Any:
-        """The next thing to send, oldest kind first: progress, previews, then the final
-        result or error. Raises TimeoutError after `timeout` seconds with nothing."""
-        while True:
-            if self.progress is not None:
-                item, self.progress = self.progress, None
-                return item
-            if self.previews:
-                self.previews_sent += 1
-                return self.previews.popleft()
-            if self.error is not None:
-                return self.error
-            if self.final is not None:
-                return self.final
-            self._wake.clear()
-            await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, timeout))
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "stream_previews_sent": self.previews_sent,
-            "stream_previews_dropped": self.previews_dropped,
-            "stream_progress_coalesced": self.progress_coalesced,
-        }
 
 
 def sse(event: str, body: BaseModel | dict[str, Any]) -> bytes:
@@ -207,41 +102,26 @@ def error_event(exc: BaseException, request_id: str | None) -> bytes:
     return sse("error", body)
 
 
-async def _encode_preview(preview: Preview, fmt: str, compression: int | None) -> list[bytes]:
-    pixels = sum(img.width * img.height for img in preview.images)
-    if pixels <= INLINE_ENCODE_PIXELS:
-        return encode_all(preview.images, fmt, compression)
-    return await asyncio.to_thread(encode_all, preview.images, fmt, compression)
-
-
 Flavor = Literal["generation", "edit", "native"]
 
 
 async def event_stream(
-    qds: ServiceState, sub: Submitted, buffer: StreamBuffer, flavor: Flavor, request_id: str | None
+    handle: RequestHandle, flavor: Flavor, request_id: str | None, model_id: str
 ) -> AsyncIterator[bytes]:
     """The SSE body of one streamed request (see the module docstring)."""
-    params = sub.params
-    fmt, compression = params.output_format, params.output_compression
-    size = f"{sub.request.width}x{sub.request.height}"
-    seeds = sub.seeds
+    fmt = handle.spec.output_format
+    size, seeds = handle.size, handle.seeds
     last_step = 0
     done = False
     try:
         while True:
-            try:
-                item = await buffer.next(sub.deadline - time.monotonic())
-            except TimeoutError:
-                qds.engine.cancel(sub.job, "timeout")
-                done = True
-                yield error_event(qds.timeout_error(sub), request_id)
-                return
+            item = await handle.next()
             if isinstance(item, Progress):
                 if flavor == "native":
                     last_step = item.step
                     yield sse("progress", ProgressEvent(step=item.step, total=item.total))
             elif isinstance(item, Preview):
-                images = await _encode_preview(item, fmt, compression)
+                images = await handle.encode_preview(item)
                 for i, data in enumerate(images):
                     yield _partial(flavor, item, i, data, seeds[i], size, fmt)
             elif isinstance(item, BaseException):
@@ -250,21 +130,18 @@ async def event_stream(
                 return
             else:
                 done = True
-                out = buffer.outcome = await qds.outcome(sub, item)
-                if flavor == "native" and last_step < out.steps:
+                if flavor == "native" and last_step < item.steps:
                     # The engine reports progress for jobs still running; the last step is
-                    # known done when the result arrives (out.steps: the steps that ran, fewer
+                    # known done when the result arrives (item.steps: the steps that ran, fewer
                     # than asked for an edit whose strength skips the start).
-                    yield sse("progress", ProgressEvent(step=out.steps, total=out.steps))
-                for chunk in _completed(qds, flavor, out, size, fmt):
+                    yield sse("progress", ProgressEvent(step=item.steps, total=item.steps))
+                for chunk in _completed(model_id, flavor, item, size, fmt):
                     yield chunk
                 return
     finally:
         if not done:
             # The client left (Starlette cancelled this writer) or the server is stopping.
-            buffer.client_gone = True
-            qds.engine.cancel(sub.job, "client_gone")
-            log.info("stream client left; job %s withdrawn", sub.job.job_id)
+            handle.abandoned()
 
 
 def _partial(
@@ -294,8 +171,7 @@ def _partial(
     return sse(event.type, event)  # type: ignore[attr-defined]
 
 
-def _completed(qds: ServiceState, flavor: Flavor, out: Outcome, size: str, fmt: str) -> list[bytes]:
-    model_id = qds.public_id(out.key)
+def _completed(model_id: str, flavor: Flavor, out: Outcome, size: str, fmt: str) -> list[bytes]:
     if flavor == "native":
         return [sse("completed", native_completed(out, fmt, model_id))]
     u = usage(out)
@@ -334,25 +210,24 @@ async def stream_response(
 ) -> StreamingResponse:
     """Admit the request (errors before the first byte are ordinary HTTP errors), then answer
     with its event stream."""
-    buffer = StreamBuffer()
-    sub = await qds.submit(request, params, on_event=buffer.on_event, partial_images=partial_images)
-    sub.job.future.add_done_callback(buffer.on_done)
+    handle = await qds.submit(params, stream=True, partial_images=partial_images)
     request_id = getattr(request.state, "request_id", None)
+    model_id = qds.public_id(handle.spec.key)
 
     async def body() -> AsyncIterator[bytes]:
         with qds.metrics.inflight.track_inprogress():
             try:
-                async for chunk in event_stream(qds, sub, buffer, flavor, request_id):
+                async for chunk in event_stream(handle, flavor, request_id, model_id):
                     yield chunk
             finally:
                 # The access line is written after the last byte (or the disconnect).
-                out = buffer.outcome
+                out = handle.outcome
                 request.state.log_extra = {
                     **(out.log_fields() if out is not None else {}),
                     **(log_extra or {}),
-                    **buffer.stats(),
+                    **handle.buffer.stats(),
                     "stream": flavor,
-                    "client_gone": buffer.client_gone,
+                    "client_gone": handle.client_gone,
                 }
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=HEADERS)

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from service.auth import require_api_key
-from service.engine import ClientGone, ServiceState
+from service.engine import ServiceState
+from service.outputs import ClientGone
+from service.processor import ImageParams, parse_size
 from service.protocol import (
     CONTENT_TYPES,
     ERROR_RESPONSES,
@@ -27,7 +29,6 @@ from service.protocol import (
     ImageEditRequest,
     ImagesResponse,
 )
-from service.resolve import ImageParams, parse_size
 from service.responses import images_response, native_headers
 from service.streaming import stream_response
 from service.uploads import EditImages, decode_edit_images, read_edit_form

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from service.auth import require_api_key
 from service.engine import ServiceState
+from service.processor import ImageParams
 from service.protocol import CONTENT_TYPES, ERROR_RESPONSES, GenerateRequest
-from service.resolve import ImageParams
 from service.responses import native_headers
 from service.streaming import stream_response
 

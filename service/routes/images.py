@@ -9,8 +9,8 @@ from fastapi.responses import StreamingResponse
 
 from service.auth import require_api_key
 from service.engine import ServiceState
+from service.processor import ImageParams
 from service.protocol import ERROR_RESPONSES, ImageGenerationRequest, ImagesResponse
-from service.resolve import ImageParams
 from service.responses import images_response
 from service.streaming import stream_response
 

@@ -149,7 +149,9 @@ def test_img2img_seeds_strength_and_batching(loaded: LoadedPipeline) -> None:
     # Image 1 of a request is image 0 of a request with seed + 1, also inside a batch.
     second = edit.edit(loaded, _request(seed=4))
     assert np.abs(_pixels(alone.images[1]) - _pixels(second.images[0])).max() <= 2
-    batched = edit.edit_batch(loaded, [_request(seed=4), _request(seed=3)])
+    batched = edit.edit_batch(
+        loaded, [edit.resolve(loaded.defaults, _request(seed=s)) for s in (4, 3)]
+    )
     assert np.abs(_pixels(batched[1].images[0]) - _pixels(alone.images[0])).max() <= 2
     # A different seed gives a different image.
     assert np.abs(_pixels(alone.images[0]) - _pixels(alone.images[1])).mean() > 0.5
@@ -181,7 +183,10 @@ def test_inpaint_changes_the_masked_area_only(loaded: LoadedPipeline) -> None:
 
 def test_mixed_batches_are_refused(loaded: LoadedPipeline) -> None:
     with pytest.raises(ValueError, match="share kind"):
-        edit.edit_batch(loaded, [_request(), _request(mask=_left_mask())])
+        edit.edit_batch(
+            loaded,
+            [edit.resolve(loaded.defaults, r) for r in (_request(), _request(mask=_left_mask()))],
+        )
 
 
 def test_derived_pipelines_die_with_the_released_pipeline(embedded_path: Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.generate import GenerationRequest, generate, generate_batch
+from pipelines.generate import GenerationRequest, generate, generate_batch, resolve
 from pipelines.loader import LoadedPipeline, load_pipeline, prepare
 from pipelines.prequantize import NotSerializable, quantize_and_save
 from quantization.backends import BACKENDS, get_backend
@@ -190,14 +190,18 @@ def test_generation_is_deterministic_and_seeds_differ(embedded_path: Path) -> No
 def test_batch_of_requests_matches_each_alone(embedded_path: Path) -> None:
     loaded = load_pipeline(QuantSettings(model=str(embedded_path)))
     reqs = [
-        GenerationRequest(prompt=p, seed=s) for p, s in [("a red circle", 1), ("a green star", 2)]
+        resolve(loaded.defaults, GenerationRequest(prompt=p, seed=s))
+        for p, s in [("a red circle", 1), ("a green star", 2)]
     ]
     batched = generate_batch(loaded, reqs)
     for req, res in zip(reqs, batched, strict=True):
         alone = generate(loaded, req).images[0]
         assert np.abs(np.asarray(alone, float) - np.asarray(res.images[0], float)).max() <= 2
     with pytest.raises(ValueError, match="must share size"):
-        generate_batch(loaded, [reqs[0], GenerationRequest(prompt="x", width=64, height=64)])
+        other = resolve(loaded.defaults, GenerationRequest(prompt="x", width=64, height=64))
+        generate_batch(loaded, [reqs[0], other])
+    with pytest.raises(ValueError, match="is not final"):
+        generate_batch(loaded, [GenerationRequest(prompt="x")])
 
 
 def test_unknown_component_for_model_is_a_load_error(embedded_path: Path) -> None:

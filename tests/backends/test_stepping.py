@@ -127,7 +127,7 @@ def test_can_join_and_add_refusals(loaded: LoadedPipeline) -> None:
     assert batch.step() == []
     big = _req(loaded, num_images=4)
     assert batch.can_join(big)  # an empty batch takes any request, even over max_images
-    with pytest.raises(ValueError, match="resolve the request first"):
+    with pytest.raises(ValueError, match="is not final"):
         batch.add("u", GenerationRequest(prompt="x"))
     batch.add("a", _req(loaded, num_images=2))
     assert len(batch) == 2

@@ -30,7 +30,7 @@ from engine import messages as m
 from engine.core import EngineHooks
 from pipelines.demo_checker import adheres, classify
 from service.exceptions import InvalidValue
-from service.resolve import ImageParams, check_limits
+from service.processor import ImageParams, check_limits
 from service.settings import ServiceSettings
 
 MODEL = "qdserve/embedded-flux"

@@ -246,7 +246,12 @@ def test_eviction_returns_memory_to_the_os(cache_dir: Path) -> None:
     cache = ModelCache(load_pipeline, max_entries=2, memory_budget=None)
 
     async def use(settings) -> None:
-        (await cache.acquire(key_for(settings), settings)).release()
+        # What the engine does: load (single flight), then lease the entry for a batch.
+        key = key_for(settings)
+        await asyncio.wrap_future(cache.load(key, settings))
+        lease = cache.lease(key)
+        assert lease is not None
+        lease.release()
 
     def evict_variant() -> None:
         asyncio.run(use(base))  # base most recent: the variant is the LRU entry

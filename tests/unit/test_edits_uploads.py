@@ -19,7 +19,7 @@ from starlette.requests import Request
 from pipelines.edit import EditRequest
 from pipelines.loader import ModelDefaults
 from service.exceptions import InvalidValue
-from service.resolve import ImageParams, resolve
+from service.processor import ImageParams, resolve
 from service.settings import ServiceSettings
 from service.uploads import (
     EditForm,

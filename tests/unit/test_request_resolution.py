@@ -19,8 +19,8 @@ from pipelines.loader import ModelDefaults
 from quantization.settings import QuantSettings
 from service.errors import HTTP_MAPPING, to_api_error, validation_error
 from service.exceptions import InvalidValue, ModelNotFound, RequestTimeout
+from service.processor import ImageParams, check_limits, resolve
 from service.protocol import GenerateRequest, ImageGenerationRequest
-from service.resolve import ImageParams, check_limits, resolve
 from service.settings import ServiceSettings
 from service.variants import Variants, format_id, parse_spec
 
@@ -162,7 +162,8 @@ def test_size_from_either_protocol() -> None:
 def test_resolve_refuses_with_the_field_at_fault(
     params: ImageParams, param: str, code: str, text: str
 ) -> None:
-    with pytest.raises(InvalidValue) as exc:
+    with pytest.raises(InvalidValue) as exc:  # what the processor runs, in its order
+        check_limits(params, _settings())
         resolve(params, _settings(), DEFAULTS)
     assert (exc.value.param, exc.value.code) == (param, code)
     assert text in exc.value.message

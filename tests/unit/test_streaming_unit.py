@@ -1,6 +1,7 @@
-"""The streaming side on its own, against a stub event source (no engine, no model): preview
-step choice, the bounded per-stream buffer, the SSE events (validated against OpenAI's
-schemas), errors and deadlines in the stream, and withdrawal when the writer is cancelled."""
+"""The output path on its own, against a stub job (no engine, no model): preview step choice,
+the request handle's bounded buffer, the SSE events rendered from the handle (validated
+against OpenAI's schemas), errors and deadlines in the stream, and withdrawal when the writer
+is cancelled."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from test_openai_schema import assert_openai
 
 from engine.failures import OutOfMemory
 from engine.keys import ModelKey
+from engine.messages import Preview, Progress
 from pipelines.generate import GenerationRequest, image_seeds
 from pipelines.token_usage import TokenUsage
-from service import exceptions as errors
-from service.streaming import StreamBuffer, event_stream, preview_steps
+from service.outputs import RequestHandle, StreamBuffer
+from service.processor import preview_steps
+from service.streaming import event_stream
 
 KEY = ModelKey("qdserve/embedded-flux", "none", None, "float32")
 
@@ -51,24 +54,6 @@ def test_preview_steps_are_evenly_spread_inside_the_run(
 
 
 # -- a stub engine ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Progress:  # the shape of engine.messages.Progress
-    job_id: str
-    step: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Preview:  # the shape of engine.messages.Preview
-    job_id: str
-    index: int
-    step: int
-    total: int
-    images: list[Any]
-
-
 @dataclass
 class StubEngine:
     cancelled: list[tuple[str, str]] = field(default_factory=list)
@@ -80,21 +65,15 @@ class StubEngine:
         return False
 
 
-class StubState:
-    """The parts of ServiceState the stream uses."""
+class StubHandle(RequestHandle):
+    """A handle whose "engine" is a bare future and whose encoding is canned."""
 
-    def __init__(self) -> None:
-        self.engine = StubEngine()
-
-    def public_id(self, key: ModelKey) -> str:
-        return key.model
-
-    async def outcome(self, sub: Any, finished: Any) -> Any:
-        req = sub.request
-        return SimpleNamespace(
+    async def encode(self, finished: Any) -> Any:
+        req = self.spec.request
+        self.outcome = SimpleNamespace(
             key=KEY,
             images=[b"final-%d" % i for i in range(req.num_images)],
-            seeds=sub.seeds,
+            seeds=self.seeds,
             width=req.width,
             height=req.height,
             steps=req.num_inference_steps,
@@ -104,26 +83,25 @@ class StubState:
             batch_images=req.num_images,
             usage=TokenUsage(4, 0, 64 * req.num_images),
         )
-
-    def job_error(self, sub: Any, exc: BaseException) -> BaseException:
-        return exc
-
-    def timeout_error(self, sub: Any) -> errors.RequestTimeout:
-        return errors.RequestTimeout("request timed out after 1s (QDS_REQUEST_TIMEOUT)")
+        return self.outcome
 
 
-def _sub(n: int = 1, steps: int = 12, deadline_s: float = 30.0) -> Any:
+def _handle(n: int = 1, steps: int = 12, deadline_s: float = 30.0) -> tuple[StubEngine, Any]:
     loop = asyncio.get_running_loop()
     req = GenerationRequest(
         "a red circle", num_inference_steps=steps, seed=5, width=32, height=32, num_images=n
     )
-    return SimpleNamespace(
-        job=SimpleNamespace(job_id="1", future=loop.create_future()),
-        params=SimpleNamespace(output_format="png", output_compression=None),
+    spec = SimpleNamespace(
+        key=KEY,
         request=req,
+        output_format="png",
+        output_compression=None,
         seeds=image_seeds(5, n),
         deadline=time.monotonic() + deadline_s,
     )
+    engine = StubEngine()
+    job = SimpleNamespace(job_id="1", future=loop.create_future(), started=True)
+    return engine, StubHandle(spec, job, engine.cancel, request_timeout=1.0)  # type: ignore[arg-type]
 
 
 def _images(n: int) -> list[Image.Image]:
@@ -185,9 +163,9 @@ async def test_buffer_next_times_out_with_nothing() -> None:
 )
 @pytest.mark.anyio
 async def test_openai_stream_events_validate_and_come_in_order(flavor: str, union: str) -> None:
-    qds, buf, sub = StubState(), StreamBuffer(), _sub(n=2)
-    sub.job.future.add_done_callback(buf.on_done)
-    gen = event_stream(qds, sub, buf, flavor, "rid")  # type: ignore[arg-type]
+    engine, handle = _handle(n=2)
+    buf, sub = handle.buffer, handle
+    gen = event_stream(handle, flavor, "rid", KEY.model)  # type: ignore[arg-type]
     for index, step in enumerate(preview_steps(12, 2)):
         buf.on_event(Progress("1", step, 12))
         buf.on_event(Preview("1", index, step, 12, _images(2)))
@@ -208,14 +186,14 @@ async def test_openai_stream_events_validate_and_come_in_order(flavor: str, unio
     assert [e[1]["seed"] for e in events] == [5, 6, 5, 6]
     assert [e[1]["index"] for e in events] == [0, 1, 0, 1]
     assert completed["usage"]["output_tokens"] == 128
-    assert qds.engine.cancelled == []
+    assert engine.cancelled == []
 
 
 @pytest.mark.anyio
 async def test_partials_read_promptly_are_all_sent() -> None:
-    qds, buf, sub = StubState(), StreamBuffer(), _sub()
-    sub.job.future.add_done_callback(buf.on_done)
-    gen = event_stream(qds, sub, buf, "generation", "rid")
+    _engine, handle = _handle()
+    buf, sub = handle.buffer, handle
+    gen = event_stream(handle, "generation", "rid", KEY.model)
     got = []
     for index, step in enumerate(preview_steps(12, 3)):
         buf.on_event(Preview("1", index, step, 12, _images(1)))
@@ -227,9 +205,9 @@ async def test_partials_read_promptly_are_all_sent() -> None:
 
 @pytest.mark.anyio
 async def test_native_stream_reports_every_step_then_the_image() -> None:
-    qds, buf, sub = StubState(), StreamBuffer(), _sub(steps=4)
-    sub.job.future.add_done_callback(buf.on_done)
-    gen = event_stream(qds, sub, buf, "native", "rid")
+    _engine, handle = _handle(steps=4)
+    buf, sub = handle.buffer, handle
+    gen = event_stream(handle, "native", "rid", KEY.model)
     steps = []
     for step in (1, 2, 3):
         buf.on_event(Progress("1", step, 4))
@@ -254,9 +232,9 @@ async def test_native_stream_reports_every_step_then_the_image() -> None:
 
 @pytest.mark.anyio
 async def test_engine_error_becomes_an_error_event_the_openai_client_raises_on() -> None:
-    qds, buf, sub = StubState(), StreamBuffer(), _sub()
-    sub.job.future.add_done_callback(buf.on_done)
-    gen = event_stream(qds, sub, buf, "generation", "rid-1")
+    _engine, handle = _handle()
+    _buf, sub = handle.buffer, handle
+    gen = event_stream(handle, "generation", "rid-1", KEY.model)
     sub.job.future.set_exception(OutOfMemory("out of memory while generating"))
     events = parse_sse(await _collect(gen))
     assert events == [
@@ -277,9 +255,9 @@ async def test_engine_error_becomes_an_error_event_the_openai_client_raises_on()
 
 @pytest.mark.anyio
 async def test_internal_error_shows_no_detail() -> None:
-    qds, buf, sub = StubState(), StreamBuffer(), _sub()
-    sub.job.future.add_done_callback(buf.on_done)
-    gen = event_stream(qds, sub, buf, "native", "rid-2")
+    _engine, handle = _handle()
+    _buf, sub = handle.buffer, handle
+    gen = event_stream(handle, "native", "rid-2", KEY.model)
     sub.job.future.set_exception(RuntimeError("secret traceback text"))
     ((event, data),) = parse_sse(await _collect(gen))
     assert event == "error" and data["error"]["code"] == "internal_error"
@@ -288,26 +266,25 @@ async def test_internal_error_shows_no_detail() -> None:
 
 @pytest.mark.anyio
 async def test_deadline_withdraws_the_job_and_says_so() -> None:
-    qds, buf, sub = StubState(), StreamBuffer(), _sub(deadline_s=0.05)
-    sub.job.future.add_done_callback(buf.on_done)
-    events = parse_sse(await _collect(event_stream(qds, sub, buf, "generation", "rid")))
+    engine, handle = _handle(deadline_s=0.05)
+    events = parse_sse(await _collect(event_stream(handle, "generation", "rid", KEY.model)))
     assert [e for e, _ in events] == ["error"]
     assert events[0][1]["error"] == {
-        "message": "request timed out after 1s (QDS_REQUEST_TIMEOUT)",
+        "message": "request timed out after 1s (QDS_REQUEST_TIMEOUT) while running",
         "type": "server_error",
         "param": None,
         "code": "timeout",
         "request_id": "rid",
     }
-    assert qds.engine.cancelled == [("1", "timeout")]
+    assert engine.cancelled == [("1", "timeout")]
 
 
 @pytest.mark.anyio
 async def test_cancelled_writer_withdraws_the_job_as_client_gone() -> None:
     """What Starlette does when the client disconnects: cancel the task running the writer."""
-    qds, buf, sub = StubState(), StreamBuffer(), _sub()
-    sub.job.future.add_done_callback(buf.on_done)
-    gen = event_stream(qds, sub, buf, "native", "rid")
+    engine, handle = _handle()
+    buf, _sub = handle.buffer, handle
+    gen = event_stream(handle, "native", "rid", KEY.model)
     buf.on_event(Progress("1", 1, 12))
     await gen.__anext__()
     waiting = asyncio.ensure_future(gen.__anext__())
@@ -315,4 +292,4 @@ async def test_cancelled_writer_withdraws_the_job_as_client_gone() -> None:
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert qds.engine.cancelled == [("1", "client_gone")]
+    assert engine.cancelled == [("1", "client_gone")]

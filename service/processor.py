@@ -1,5 +1,15 @@
-"""The one request-resolution step: request fields + settings + model defaults -> a fully
-resolved `GenerationRequest` (seed, size, steps and guidance all set).
+"""The processor: a validated body (generation or edit, JSON or multipart) becomes a complete,
+immutable `JobSpec` once, in the HTTP process. The engine takes it as final.
+
+    body -> ImageParams.from_body / .of        (routes: what the client sent, any endpoint)
+         -> Processor.process:
+              check_limits                     (settings only: before any model is touched)
+              Variants.select                  (which cache entry; 404/400 on a bad id)
+              the variant's defaults           (published by the engine once, when it loaded;
+                                                a round trip only for a variant still loading)
+              resolve                          (size, steps, guidance, seed, strength filled)
+              check_lora_variant, preview_steps
+         -> JobSpec                             (submitted as it is; nothing below fills it)
 
 Rules that hold whatever the configuration are in the pydantic protocol (so the OpenAPI
 schema states them); this module holds the ones that depend on `ServiceSettings` or on the
@@ -8,20 +18,33 @@ loaded model. Every failure is an `InvalidValue` naming the request field at fau
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from engine.failures import ModelNotLoaded, ShuttingDown
 from pipelines import edit
-from pipelines.generate import GenerationRequest
+from pipelines.generate import GenerationRequest, image_seeds
 from pipelines.generate import resolve as fill_defaults
 from pipelines.lora import normalize_selection
-from service.exceptions import InvalidValue
-from service.protocol import GenerateRequest, ImageGenerationRequest, LoraRef, OutputFormat
+from service.exceptions import InvalidValue, RequestTimeout
+from service.protocol import (
+    MAX_PARTIAL_IMAGES,
+    GenerateRequest,
+    ImageGenerationRequest,
+    LoraRef,
+    OutputFormat,
+)
 
 if TYPE_CHECKING:
+    from engine.client import EngineClient
+    from engine.keys import ModelKey
     from pipelines.loader import ModelDefaults
+    from quantization.settings import QuantSettings
     from service.settings import ServiceSettings
     from service.uploads import EditImages
+    from service.variants import Variants
 
 
 @dataclass(frozen=True)
@@ -149,8 +172,8 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def check_limits(params: ImageParams, settings: ServiceSettings) -> None:
-    """The configured limits that need no model: cheap, so the engine checks them before it
-    picks (and perhaps loads) a model; `resolve` checks them again."""
+    """The configured limits that need no model: cheap, so the processor checks them before
+    it picks (and perhaps loads) a model."""
     if not params.prompt.strip():
         raise InvalidValue("prompt must not be empty", param="prompt")
     limit = settings.max_prompt_chars
@@ -204,8 +227,8 @@ def _check_pixels(params: ImageParams, width: int, height: int, max_pixels: int)
 def resolve(
     params: ImageParams, settings: ServiceSettings, defaults: ModelDefaults
 ) -> GenerationRequest:
-    """The fully resolved request the engine queues and the batch key is computed from."""
-    check_limits(params, settings)
+    """The final request the engine queues and the batch key is computed from (the limits
+    that need no model were checked before: `check_limits`)."""
     if params.edit is not None:
         params = _edit_size(params, settings, defaults)
     gen = fill_defaults(defaults, params.generation(), default_steps=settings.default_steps)
@@ -248,3 +271,93 @@ def _edit_size(
     elif width is None:
         width = max(multiple, round(height * in_w / in_h) // multiple * multiple)
     return replace(params, width=width, height=height)
+
+
+def preview_steps(total_steps: int, partial_images: int) -> tuple[int, ...]:
+    """The steps after which to preview: `partial_images` evenly spread strictly inside the
+    run (after step round(N * (i + 1) / (k + 1)), i = 0..k-1), fewer when N is too small to
+    give distinct steps (OpenAI allows the final image to come before every partial)."""
+    k = max(0, min(int(partial_images), MAX_PARTIAL_IMAGES))
+    n = int(total_steps)
+    steps = {round(n * (i + 1) / (k + 1)) for i in range(k)}
+    return tuple(sorted(s for s in steps if 1 <= s < n))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A request resolved once: the variant that runs it, the final request (every default
+    filled), how its answer is rendered, its stream options and its deadline."""
+
+    key: ModelKey
+    variant: QuantSettings
+    request: GenerationRequest  # final; an `edit.EditRequest` for edits
+    allow_load: bool
+    output_format: OutputFormat
+    output_compression: int | None
+    previews: tuple[int, ...]  # steps after which a streamed request gets a partial image
+    deadline: float  # time.monotonic() by which it must be answered
+
+    @property
+    def seeds(self) -> list[int]:
+        return image_seeds(int(self.request.seed or 0), self.request.num_images)
+
+
+class Processor:
+    """Turns `ImageParams` into a `JobSpec` (the module docstring lists the steps)."""
+
+    def __init__(self, settings: ServiceSettings, variants: Variants, engine: EngineClient):
+        self.settings = settings
+        self.variants = variants
+        self.engine = engine
+
+    async def process(self, params: ImageParams, *, partial_images: int = 0) -> JobSpec:
+        deadline = time.monotonic() + self.settings.request_timeout
+        check_limits(params, self.settings)
+        key, variant = self.variants.select(params.model, params.quant_backend, params.quant_type)
+        models = self.engine.models
+        allowed = (
+            key == self.variants.default_key
+            or self.settings.allow_on_demand_load
+            or models.is_loaded(key)
+            or models.is_loading(key)
+        )
+        if not allowed:
+            raise self.not_loaded(key)
+        if not self.engine.accepting:
+            raise ShuttingDown()
+        try:
+            defaults = await asyncio.wait_for(
+                self.engine.ensure_loaded(key, variant, allow_load=allowed),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+        except TimeoutError:
+            raise timeout_error(
+                self.settings.request_timeout, "waiting for the model to load"
+            ) from None
+        except LookupError:
+            raise self.not_loaded(key) from None
+        request = resolve(params, self.settings, defaults)
+        if request.lora:
+            check_lora_variant(key.variant_id, self.engine.loaded.get(key))
+        return JobSpec(
+            key=key,
+            variant=variant,
+            request=request,
+            allow_load=allowed,
+            output_format=params.output_format,
+            output_compression=params.output_compression,
+            previews=preview_steps(int(request.num_inference_steps or 0), partial_images),
+            deadline=deadline,
+        )
+
+    def not_loaded(self, key: ModelKey) -> ModelNotLoaded:
+        loaded = ", ".join(k.variant_id for k in self.engine.models.loaded_keys()) or "none"
+        return ModelNotLoaded(
+            f"{key.variant_id} is not loaded and on-demand loading is off "
+            f"(QDS_ALLOW_ON_DEMAND_LOAD); loaded: {loaded}",
+            param="quant_backend",
+        )
+
+
+def timeout_error(limit: float, where: str) -> RequestTimeout:
+    return RequestTimeout(f"request timed out after {limit:g}s (QDS_REQUEST_TIMEOUT) {where}")
