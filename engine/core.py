@@ -538,7 +538,7 @@ def _loaded_event(key: ModelKey, loaded: LoadedPipeline, loaded_at: float) -> m.
 def _plan_card(plan: dict[str, Any] | None) -> dict[str, Any] | None:
     if not plan:
         return None
-    from quantization.planning import plan_card
+    from quantization.planning.render import plan_card
 
     return plan_card(plan)
 

@@ -103,7 +103,8 @@ class Loaded:
     # none could be (its backend cannot take a LoRA).
     loras: tuple[dict[str, Any], ...] = ()
     lora_error: str = ""
-    # QDS_QUANT_BACKEND=auto: the short plan (quantization.planning.plan_card) it was loaded by.
+    # QDS_QUANT_BACKEND=auto: the short plan it was loaded by
+    # (quantization.planning.render.plan_card).
     plan: dict[str, Any] | None = None
 
 

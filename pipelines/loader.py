@@ -333,17 +333,19 @@ def load_pipeline(settings: QuantSettings) -> LoadedPipeline:
         backend.check(quant_type, target, None)
         quantized_names = set(saved.components)
     elif auto:
-        from quantization.planning import PlanError, auto_quantization
+        from quantization.planning.entry import auto_quantization
+        from quantization.planning.errors import PlanError
+        from quantization.planning.render import plan_dict, plan_summary
 
         try:
             plan, mapping = auto_quantization(settings, model_id, source, device, dtype)
         except PlanError as exc:
             raise ModelLoadError(f"QDS_QUANT_BACKEND=auto: {exc}") from exc
-        log.info("auto plan for %s: %s", model_id, plan.summary())
+        log.info("auto plan for %s: %s", model_id, plan_summary(plan))
         if mapping:
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
         quantized_names = set(mapping)
-        extra["plan"] = plan.to_dict()
+        extra["plan"] = plan_dict(plan)
     else:
         model = backend.load_denoiser(settings, source, index[denoiser][1], denoiser, dtype)
         if model is not None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.demo_checker import adheres as demo_adheres
-from quantization.plan_tables import DEFAULT_ADHERENCE_FLOOR, DEFAULT_PSNR_FLOOR
+from quantization.planning.tables import DEFAULT_ADHERENCE_FLOOR, DEFAULT_PSNR_FLOOR
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quantization.backends import BACKENDS, get_backend
+from quantization.planning.units import parse_bytes
 
 KNOWN_COMPONENTS = (
     "transformer",
@@ -25,7 +26,7 @@ KNOWN_COMPONENTS = (
     "vae",
 )
 DENOISERS = ("transformer", "unet")
-# QDS_QUANT_BACKEND=auto: a backend and type per component from quantization/planning.py.
+# QDS_QUANT_BACKEND=auto: a backend and type per component from quantization/planning/.
 AUTO_BACKEND = "auto"
 # Set while `QuantSettings.unprepared` builds settings whose artifacts `prepare` will make.
 _UNPREPARED: ContextVar[bool] = ContextVar("qds_unprepared", default=False)
@@ -137,16 +138,10 @@ class QuantSettings(BaseSettings):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _budget_size(cls, value: object) -> object:
-        from quantization.planning import PlanError, parse_bytes
-
         if value in (None, ""):
             return None
-        try:
-            return parse_bytes(value if isinstance(value, int) else str(value))
-        except PlanError:
-            raise ValueError(
-                f"QDS_MEMORY_BUDGET={value!r} is not a size; use bytes or e.g. 16GB, 24GiB"
-            ) from None
+        # 0 is a budget of 0 bytes here (no plan fits it), not "no budget".
+        return parse_bytes(value, "QDS_MEMORY_BUDGET")
 
     @field_validator("quant_type")
     @classmethod

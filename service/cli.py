@@ -125,7 +125,9 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipelines.embedded import EMBEDDED_MODEL_ID, embedded_model_path
-    from quantization.planning import PlanError, plan_request
+    from quantization.planning.entry import plan_request
+    from quantization.planning.errors import PlanError
+    from quantization.planning.render import plan_dict, plan_text
 
     model = args.model or os.environ.get("QDS_MODEL", "embedded")
     display = None
@@ -145,7 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except PlanError as exc:
         print(f"qdserve plan: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
+    print(json.dumps(plan_dict(plan), indent=2) if args.json else plan_text(plan))
     return 0
 
 

@@ -13,26 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_bytes(value: object, name: str = "QDS_CACHE_MEMORY_BUDGET") -> int | None:
-    """`8GB`, `8GiB`, `512MB`, `1e9`-free plain integers -> bytes; empty/None/0 -> None.
-
-    `name` is the variable the error message names.
-    """
-    if value is None or value == "" or value == 0 or value == "0":
-        return None
-    if isinstance(value, int):
-        return value
-    match = _SIZE_RE.match(str(value))
-    if not match:
-        raise ValueError(f"{name}={value!r} is not a size; use bytes or e.g. 8GB, 512MiB")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    base = 1024 if "i" in unit else 1000
-    power = "_kmgt".index(unit[0]) if unit and unit[0] in "kmgt" else 0
-    return int(number * base**power)
+from quantization.planning.units import parse_bytes, parse_optional_bytes
 
 
 def _split(value: object) -> object:
@@ -190,7 +171,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("cache_memory_budget", mode="before")
     @classmethod
     def _budget(cls, value: object) -> int | None:
-        return parse_bytes(value)
+        return parse_optional_bytes(value, "QDS_CACHE_MEMORY_BUDGET")
 
     @field_validator("max_body_bytes", "max_upload_bytes", mode="before")
     @classmethod

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from quantization import plan_tables as tables
-from quantization.planning import (
-    ModelSpec,
-    NoPlanFits,
-    Plan,
-    PlanError,
-    describe_device,
-    make_plan,
-    parse_bytes,
-    read_model_spec,
-    resolve_budget,
-)
+from quantization.planning import tables
+from quantization.planning.devices import describe_device, resolve_budget
+from quantization.planning.errors import PlanError
+from quantization.planning.model_spec import ModelSpec, read_model_spec
+from quantization.planning.render import plan_dict, plan_text
+from quantization.planning.search import NoPlanFits, Plan, make_plan
+from quantization.planning.units import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "docs" / "benchmarks"
@@ -48,8 +43,16 @@ def test_parse_bytes() -> None:
     assert parse_bytes("16G") == parse_bytes("16gb")
     assert parse_bytes("512MiB") == 512 * 2**20
     assert parse_bytes(7) == 7
-    with pytest.raises(PlanError, match="is not a size"):
+    assert parse_bytes("1.5e3MB") == 1_500_000_000
+    with pytest.raises(ValueError, match=r"^'16 apples' is not a size"):
         parse_bytes("16 apples")
+    with pytest.raises(ValueError, match=r"^QDS_X='16 apples' is not a size"):
+        parse_bytes("16 apples", "QDS_X")
+    # The planner reports a bad size as a PlanError (`qdserve plan` prints those), same text.
+    with pytest.raises(PlanError, match=r"^'16 apples' is not a size"):
+        describe_device("cpu", None, "16 apples")
+    with pytest.raises(PlanError, match=r"^'lots' is not a size"):
+        resolve_budget(describe_device("cpu", None, "16GB"), "lots")
 
 
 def test_parameter_counts_from_published_configs(flux: ModelSpec, sd3: ModelSpec) -> None:
@@ -70,7 +73,11 @@ def test_parameter_counts_from_published_configs(flux: ModelSpec, sd3: ModelSpec
 
 
 def test_embedded_model_is_identified_by_its_measured_parameter_count() -> None:
-    spec = read_model_spec("embedded")
+    from pipelines.embedded import embedded_model_path
+
+    # The planner does not know the runtime's embedded model by name: its folder, as
+    # `qdserve plan` passes it.
+    spec = read_model_spec(str(embedded_model_path()))
     assert spec.arch == "embedded"
     assert spec.component("transformer").parameters == tables.DENOISER_PARAMETERS["embedded"][1]
     assert spec.default_size == 32
@@ -241,10 +248,10 @@ def test_the_plan_explains_every_choice_and_rejection(flux: ModelSpec) -> None:
     assert "below the quality floor 30.0 dB" in reasons["quanto int2"]
     assert "cannot run here" in reasons["torchao int4wo"]
     assert "pre-converted" in next(v for k, v in reasons.items() if k.startswith("gguf"))
-    text = plan.render()
+    text = plan_text(plan)
     assert "budget:   21.60 GB (the device's memory 24.00 GB minus a 10% safety margin" in text
     assert "transformer (FluxTransformer2DModel, 11,901,408,320 parameters): torchao int8wo" in text
-    data = plan.to_dict()
+    data = plan_dict(plan)
     assert data["components"]["transformer"]["backend"] == "torchao"
     assert data["total_bytes"] == plan.weights_bytes + plan.activation_bytes
     assert plan.quant_choices() == {

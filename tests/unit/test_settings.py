@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from quantization.planning.units import parse_optional_bytes
 from quantization.settings import QuantSettings
-from service.settings import ServiceSettings, batch_limit, parse_bytes
+from service.settings import ServiceSettings, batch_limit
 
 
 def _error(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
@@ -99,11 +100,35 @@ def test_lists_parse_from_comma_strings(monkeypatch: pytest.MonkeyPatch) -> None
         ("512MiB", 512 * 2**20),
         ("1234", 1234),
         ("", None),
+        ("0", None),
         ("1.5G", 1_500_000_000),
+        ("1e9", 10**9),
     ],
 )
 def test_memory_budget_units(text: str, expected: int | None) -> None:
-    assert parse_bytes(text) == expected
+    assert parse_optional_bytes(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("16GiB", 16 * 2**30), ("1.5e3MB", 1_500_000_000), (" 2 kb ", 2000), ("4096", 4096)],
+)
+def test_one_size_grammar_for_every_size_setting(
+    monkeypatch: pytest.MonkeyPatch, text: str, expected: int
+) -> None:
+    monkeypatch.setenv("QDS_CACHE_MEMORY_BUDGET", text)
+    monkeypatch.setenv("QDS_MAX_BODY_BYTES", text)
+    s = ServiceSettings()
+    q = QuantSettings(quant_backend="auto", memory_budget=text)
+    assert s.cache_memory_budget == s.max_body_bytes == q.memory_budget == expected
+
+
+def test_zero_size_means_no_cache_budget_but_a_zero_memory_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QDS_CACHE_MEMORY_BUDGET", "0")
+    assert ServiceSettings().cache_memory_budget is None
+    assert QuantSettings(quant_backend="auto", memory_budget="0").memory_budget == 0
 
 
 def test_memory_budget_rejects_garbage(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@
 Nothing here is estimated: every value is copied from a file this project recorded (or from the
 published anchors restated in the design note), and `tests/backends/test_planning.py` re-reads the
 recorded JSON files of a checkout and fails if a value here drifts from them. Where a cell was
-never measured it is absent; the planner (quantization/planning.py) says so and ranks it
+never measured it is absent; the planner (quantization/planning/) says so and ranks it
 conservatively instead of guessing.
 
 Sources (paths relative to the repository root):
