@@ -24,7 +24,8 @@ from quantization.backends import (
     get_backend,
 )
 from quantization.environment import DeviceInfo, detect_device, resolve_device
-from quantization.settings import AUTO_BACKEND, DENOISERS, OffloadMode, QuantSettings
+from quantization.planning.model_spec import DENOISERS
+from quantization.settings import AUTO_BACKEND, OffloadMode, QuantSettings
 from quantization.storage import module_storage
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantization.settings import DENOISERS
+from quantization.planning.model_spec import DENOISERS
 
 if TYPE_CHECKING:
     import torch

@@ -25,7 +25,6 @@ KNOWN_COMPONENTS = (
     "text_encoder_3",
     "vae",
 )
-DENOISERS = ("transformer", "unet")
 # QDS_QUANT_BACKEND=auto: a backend and type per component from quantization/planning/.
 AUTO_BACKEND = "auto"
 # Set while `QuantSettings.unprepared` builds settings whose artifacts `prepare` will make.

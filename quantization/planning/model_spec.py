@@ -24,7 +24,8 @@ PUBLISHED_MODELS = {
         PUBLISHED_CONFIGS / "sd3-medium",
     ),
 }
-DENOISER_NAMES = ("transformer", "unet")
+# The components that denoise (Flux, SD3: transformer; SD 1.x / SDXL: unet): the one list.
+DENOISERS = ("transformer", "unet")
 
 Role = Literal["denoiser", "text_encoder", "vae", "other"]
 
@@ -41,7 +42,7 @@ class ComponentSpec:
 
     @property
     def role(self) -> Role:
-        if self.name in DENOISER_NAMES:
+        if self.name in DENOISERS:
             return "denoiser"
         if self.name.startswith("text_encoder"):
             return "text_encoder"
