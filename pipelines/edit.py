@@ -38,13 +38,13 @@ from pipelines.generate import (
     GenerationResult,
     call_kwargs,
     call_pipeline,
-    image_seeds,
     require_final,
     split_results,
 )
 from pipelines.generate import (
     resolve as fill_defaults,
 )
+from pipelines.seeds import image_seeds
 from pipelines.token_usage import count_usage
 
 if TYPE_CHECKING:

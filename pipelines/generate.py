@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.lora import activate as activate_lora
 from pipelines.lora import adapters_of
+from pipelines.seeds import image_seeds, random_seed, seeded_generators
 from pipelines.token_usage import TokenUsage, count_usage
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from pipelines.loader import LoadedPipeline, ModelDefaults
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -57,21 +56,6 @@ class GenerationResult:
     # Token counts (prompt, input images, output patches) for OpenAI's `usage`; filled where
     # the pipeline is (pipelines.token_usage), None from callers that do not count.
     usage: TokenUsage | None = None
-
-
-def image_seeds(seed: int, n: int) -> list[int]:
-    """Per-image seeds derived from the request seed: image i of a request uses seed + i.
-
-    So image i of a request equals image 0 of a request made with seed + i, which lets a
-    user reproduce any single image of a batch.
-    """
-    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
-
-
-def random_seed() -> int:
-    import secrets
-
-    return secrets.randbelow(2**31)
 
 
 def resolve(
@@ -107,14 +91,6 @@ def require_final(req: GenerationRequest) -> GenerationRequest:
             "pipelines.generate.resolve first"
         )
     return req
-
-
-def seeded_generators(seeds: Sequence[int]) -> list[Any]:
-    """One generator per image. On the CPU: the same seed gives the same initial noise on
-    every device and in every batch (so image i of a request is the same alone or batched)."""
-    import torch
-
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
 def _resolved_key(req: GenerationRequest) -> tuple[Any, ...]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.demo_checker import adheres as demo_adheres
+from pipelines.seeds import seeded_generators
 from quantization.planning.tables import DEFAULT_ADHERENCE_FLOOR, DEFAULT_PSNR_FLOOR
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ def generate(pipe: Any, probe: Probe) -> list[Image]:
             width=probe.size,
             num_inference_steps=probe.steps,
             guidance_scale=probe.guidance,
-            generator=[torch.Generator("cpu").manual_seed(s) for _, s in jobs],
+            generator=seeded_generators([s for _, s in jobs]),
             **kwargs,
         )
     return list(out.images)

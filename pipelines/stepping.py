@@ -34,11 +34,10 @@ from pipelines.generate import (
     GenerationResult,
     allows_inference_mode,
     grad_mode,
-    image_seeds,
     require_final,
-    seeded_generators,
 )
 from pipelines.previews import flux_preview, observe_decode
+from pipelines.seeds import image_seeds, seeded_generators
 from pipelines.token_usage import count_usage
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 
 from engine.telemetry import record_evicted, record_loaded
+from quantization.backends import BACKENDS
 from quantization.environment import detect_device, library_version
 from service.gpu_metrics import GpuMemoryCollector, GpuReadings
 
@@ -177,15 +178,9 @@ def build_labels() -> dict[str, str]:
         "python": platform.python_version(),
         "device": device.label,
     }
-    for dist in (
-        "torch",
-        "diffusers",
-        "transformers",
-        "bitsandbytes",
-        "gguf",
-        "optimum-quanto",
-        "torchao",
-        "nvidia-modelopt",
-    ):
+    # The stack, then every registered backend's library (from the registry: a new backend's
+    # library is listed without an edit here).
+    backend_dists = [b.distribution for b in BACKENDS.values() if b.distribution]
+    for dist in dict.fromkeys(["torch", "diffusers", "transformers", *backend_dists]):
         labels[dist.replace("-", "_")] = library_version(dist) or "absent"
     return labels

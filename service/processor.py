@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from engine.failures import ModelNotLoaded, ShuttingDown
 from pipelines import edit
-from pipelines.generate import GenerationRequest, image_seeds
+from pipelines.generate import GenerationRequest
 from pipelines.generate import resolve as fill_defaults
 from pipelines.lora import normalize_selection
+from pipelines.seeds import image_seeds
 from service.exceptions import InvalidValue, RequestTimeout
 from service.protocol import (
     MAX_PARTIAL_IMAGES,

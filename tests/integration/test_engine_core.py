@@ -41,8 +41,9 @@ from engine.batches import WholeCallBatch
 from engine.core import EngineConfig, EngineCore, EngineHooks
 from engine.keys import key_for
 from engine.telemetry import MetricsRecorder, apply
-from pipelines.generate import GenerationRequest, GenerationResult, image_seeds
+from pipelines.generate import GenerationRequest, GenerationResult
 from pipelines.loader import ModelDefaults
+from pipelines.seeds import image_seeds
 from quantization.backends import ModelLoadError
 from quantization.settings import QuantSettings
 from service.metrics import Metrics

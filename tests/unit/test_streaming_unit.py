@@ -19,7 +19,8 @@ from test_openai_schema import assert_openai
 from engine.failures import OutOfMemory
 from engine.keys import ModelKey
 from engine.messages import Preview, Progress
-from pipelines.generate import GenerationRequest, image_seeds
+from pipelines.generate import GenerationRequest
+from pipelines.seeds import image_seeds
 from pipelines.token_usage import TokenUsage
 from service.outputs import RequestHandle, StreamBuffer
 from service.processor import preview_steps
