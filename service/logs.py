@@ -88,3 +88,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # Third-party start-up notices that need no action (listed, with reasons, there).
+    from service.startup_noise import silence_startup_noise
+
+    silence_startup_noise()
