@@ -84,6 +84,14 @@ NOTICES: tuple[Notice, ...] = (
         r"requires torchvision \(not installed\); falling back to",
         logger="transformers.utils.import_utils",
     ),
+    # With QDS_LORAS: diffusers' LoRA loader looks for text-encoder layers in each adapter
+    # and says it found none. qdserve takes denoiser adapters only (it refuses a file with
+    # text-encoder layers at start-up), so there are never any.
+    Notice(
+        "diffusers LoRA without text-encoder layers",
+        r"^No LoRA keys associated to \w+ found with the prefix='text_encoder",
+        logger="diffusers.loaders.lora_base",
+    ),
 )
 
 

@@ -198,7 +198,28 @@
     for (const [k, v] of Object.entries(fields)) {
       form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
     }
-    return { url: "v1/images/edits", init: { method: "POST", headers: authHeaders(), body: form } };
+    return {
+      url: "v1/images/edits",
+      init: { method: "POST", headers: authHeaders(), body: form },
+      mask,
+    };
+  }
+
+  // The mask as sent, beside the results (transparent = the area the model redraws).
+  async function showMaskSent(mask) {
+    const box = $("mask-sent");
+    if (!mask) {
+      box.hidden = true;
+      return;
+    }
+    const src = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(mask);
+    });
+    box.querySelector("img").src = src;
+    box.hidden = false;
   }
 
   // Server-sent events from a fetch() body: yields {event, data} with data parsed as JSON.
@@ -296,6 +317,7 @@
       return;
     }
     const n = commonFields().n;
+    await showMaskSent(request.mask);
     const cells = resultCells(n);
     $("events").replaceChildren();
     $("stats").hidden = true;
