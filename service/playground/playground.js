@@ -330,6 +330,7 @@
     const ms = () => Math.round(performance.now() - start);
     const clock = { firstPartial: null, final: null };
     const done = [];
+    let partials = 0;
     try {
       const response = await fetch(request.url, { ...request.init, signal: controller.signal });
       if (!response.ok) {
@@ -349,12 +350,18 @@
           cell.caption.textContent = `${label} · seed ${data.seed}`;
           const thumb = el("img", { src, alt: label, title: label });
           cell.strip.append(thumb);
+          partials += 1;
+          say(`streaming… ${partials} partial image${partials > 1 ? "s" : ""} so far (+${ms()} ms)`, "busy");
           logEvent(`${name} image ${i} ${label} (+${ms()} ms)`);
         } else if (name.endsWith(".completed")) {
           cell.img.src = `data:image/${data.output_format};base64,${data.b64_json}`;
           cell.figure.dataset.state = "final";
           cell.figure.dataset.seed = String(data.seed);
           cell.caption.textContent = `final · seed ${data.seed}`;
+          if (!cell.strip.childElementCount && commonFields().partial_images > 0) {
+            // Edits (and pipelines without a step loop) run whole calls: no previews.
+            cell.caption.textContent += " · no partial images from this pipeline";
+          }
           cell.use.hidden = false;
           done.push(data);
           logEvent(`${name} image ${i} seed ${data.seed} (+${ms()} ms)`);
@@ -385,6 +392,7 @@
   async function setEditImage(blob, name) {
     const bitmap = await createImageBitmap(blob);
     state.edit = { blob, name, width: bitmap.width, height: bitmap.height };
+    $("edit-source").textContent = `input: ${name}, ${bitmap.width}x${bitmap.height}`;
     state.maskFile = null;
     const image = $("edit-canvas");
     const mask = $("mask-canvas");
@@ -405,8 +413,17 @@
     $("brush").value = String(Math.max(1, Math.round(Math.min(bitmap.width, bitmap.height) / 6)));
   }
 
+  // A data: URL's bytes (fetch() would be a connection, which the page's policy limits to
+  // this server).
+  function dataUrlBlob(src) {
+    const [head, data] = src.split(",", 2);
+    const type = head.slice(5).split(";")[0];
+    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+    return new Blob([bytes], { type });
+  }
+
   async function useAsInput(src, index) {
-    const blob = await (await fetch(src)).blob();
+    const blob = dataUrlBlob(src);
     $("mode-edit").checked = true;
     applyMode();
     await setEditImage(blob, `result-${index}.png`);

@@ -300,6 +300,11 @@ def test_playground_lora_and_n_match_the_api(page: Page) -> None:
         )
     assert r.status_code == 200, r.text
     assert [_png(s) for s in srcs] == [base64.b64decode(d["b64_json"]) for d in r.json()["data"]]
+    # A result becomes the input of an edit in one click.
+    p.click("figure.result[data-index='1'] button.use")
+    p.wait_for_selector("#canvas-wrap:not([hidden])")
+    assert p.is_checked("#mode-edit") and p.inner_text("#run") == "Edit"
+    assert p.evaluate("() => document.getElementById('edit-canvas').width") == 32
     assert page.console_errors == []
 
 
