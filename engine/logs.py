@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from engine.startup_noise import silence_startup_noise
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "qds_request_id", default=None
 )
@@ -88,3 +90,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # Third-party start-up notices that need no action (listed, with reasons, there).
+    silence_startup_noise()

@@ -14,10 +14,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from quantization.settings import QuantSettings
+from service.docs_assets import install_docs
 from service.engine import ServiceState
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.routes import ROUTERS
+from service.routes import playground as playground_routes
 from service.settings import ServiceSettings
 
 log = logging.getLogger("qdserve.app")
@@ -26,6 +28,11 @@ DESCRIPTION = """
 Image generation with Hugging Face diffusers pipelines quantized by the backend named in
 `QDS_QUANT_BACKEND`. `POST /v1/images/generations` is OpenAI compatible (use the official
 `openai` client); `POST /v1/generate` returns raw image bytes for curl.
+"""
+# Appended to DESCRIPTION when QDS_PLAYGROUND is on (a relative link: /docs is beside it).
+PLAYGROUND_LINK = """
+Try it in a browser: the [playground](playground) generates and edits images and shows the
+partial images as they stream.
 """
 
 
@@ -55,14 +62,22 @@ def create_app(
     app = FastAPI(
         title="qdserve",
         summary="Quantized diffusers pipelines over HTTP",
-        description=DESCRIPTION,
+        description=DESCRIPTION + (PLAYGROUND_LINK if service.playground else ""),
         version="0.1.0",
         lifespan=lifespan,
+        # /docs and /redoc come from service.docs_assets (no CDN); QDS_DOCS=false: no schema.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if service.docs else None,
     )
     app.state.qds = state
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    if service.docs:
+        install_docs(app)
+    if service.playground:
+        app.include_router(playground_routes.router)
     # Added last = outermost: the request context wraps the body limit, so a 413 carries
     # the request id and is logged and counted like any other answer.
     app.add_middleware(BodyLimitMiddleware, settings=service)

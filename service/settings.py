@@ -151,6 +151,18 @@ class ServiceSettings(BaseSettings):
         "(diffusers, kohya or PEFT format) or a hub repo id (repo:weight_name picks a file); a "
         "bare name is a shipped adapter (orange: the demo model's). Empty: none.",
     )
+    docs: bool = Field(
+        default=True,
+        description="Serve the API documentation: /docs (Swagger UI), /redoc and "
+        "/openapi.json, with their JavaScript and CSS from the installed package (no CDN: "
+        "they render offline); false leaves all three out.",
+    )
+    playground: bool = Field(
+        default=True,
+        description="Serve the playground page at /playground (and redirect / to it): "
+        "generate and edit from a browser, partial images shown as they stream; false "
+        "leaves it out.",
+    )
     shutdown_timeout: float = Field(
         default=30.0,
         ge=0,
