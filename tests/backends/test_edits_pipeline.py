@@ -100,9 +100,15 @@ def test_strength_defaults_and_key_separate_edits_from_generations(
     inpaint = edit.resolve(loaded.defaults, _request(mask=_left_mask()))
     assert (img2img.strength, inpaint.strength) == (0.6, 1.0)
     assert edit.edit_key(loaded, img2img) != edit.edit_key(loaded, inpaint)
-    assert edit.edit_key(loaded, img2img) == edit.edit_key(loaded, _request(seed=9, strength=0.6))
-    assert edit.edit_key(loaded, img2img) != edit.edit_key(loaded, _request(strength=0.5))
-    gen = GenerationRequest(prompt="x", num_inference_steps=4, seed=3, width=SIZE, height=SIZE)
+    same = edit.resolve(loaded.defaults, _request(seed=9, strength=0.6))
+    assert edit.edit_key(loaded, img2img) == edit.edit_key(loaded, same)
+    weaker = edit.resolve(loaded.defaults, _request(strength=0.5))
+    assert edit.edit_key(loaded, img2img) != edit.edit_key(loaded, weaker)
+    with pytest.raises(ValueError, match="not final"):  # the engine takes requests final
+        edit.edit_key(loaded, _request())
+    gen = GenerationRequest(
+        prompt="x", num_inference_steps=4, seed=3, width=SIZE, height=SIZE, guidance_scale=3.5
+    )
     assert edit.edit_key(loaded, img2img) != batch_key(loaded, gen)
 
 

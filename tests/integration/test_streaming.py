@@ -25,7 +25,8 @@ from test_openai_schema import assert_openai
 from test_service_support import Server, running_server
 from test_streaming_unit import parse_sse
 
-from service import streaming
+from service import engine as service_engine
+from service import outputs
 
 MODEL = "qdserve/embedded-flux"
 pytestmark = pytest.mark.timeout(180)
@@ -296,7 +297,7 @@ def test_a_reader_that_does_not_read_stalls_neither_the_engine_nor_others(
     buffers: list[Any] = []
 
     @dataclasses.dataclass
-    class Recorded(streaming.StreamBuffer):
+    class Recorded(outputs.StreamBuffer):
         settled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
         def __post_init__(self) -> None:
@@ -306,7 +307,12 @@ def test_a_reader_that_does_not_read_stalls_neither_the_engine_nor_others(
             super().on_done(future)
             self.settled.set()
 
-    monkeypatch.setattr(streaming, "StreamBuffer", Recorded)
+        def on_event(self, event: Any) -> None:
+            self.streamed = True  # only the streamed request's handle gets events
+            super().on_event(event)
+
+    # Each request's handle gets its buffer where ServiceState.submit makes one.
+    monkeypatch.setattr(service_engine, "StreamBuffer", Recorded)
     qds = server.qds
     loop = qds.engine._loop  # the server's event loop (the app runs there)
     body = json.dumps(
@@ -352,7 +358,7 @@ def test_a_reader_that_does_not_read_stalls_neither_the_engine_nor_others(
         with server.client() as http:
             other = http.post("/v1/generate", json={"prompt": "a star", "num_inference_steps": 2})
         assert other.status_code == 200
-        (buf,) = buffers
+        (buf,) = [b for b in buffers if getattr(b, "streamed", False)]
         # The engine finished the stalled stream's job: its result is in the buffer.
         assert buf.settled.wait(60)
         assert buf.final is not None and buf.error is None
