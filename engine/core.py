@@ -40,9 +40,9 @@ from engine.compiling import (
 from engine.failures import (
     BackendUnavailable,
     Failure,
-    ModelLoadFailed,
     ModelNotLoaded,
     ShuttingDown,
+    load_failed,
 )
 from engine.gpu_memory import local_readings
 from engine.keys import key_for
@@ -113,6 +113,8 @@ class EngineCore:
             metrics=self.metrics,
             on_loaded=self._on_loaded,
             on_evicted=self._on_evicted,
+            # On-demand loads never push out the model /readyz is about.
+            protected=frozenset({self.default_key}),
         )
         self.scheduler = Scheduler(
             max_batch=self.settings.max_batch,
@@ -202,7 +204,10 @@ class EngineCore:
                 # not at the next request.
                 self._telemetry_due = 0.0
                 self._flush()
-            wait([self.conn, self._wake_r])
+            # Idle, a sign of life once a period: the HTTP side's watchdog tells a stopped
+            # or deadlocked engine from an idle one by it (engine.client).
+            if not wait([self.conn, self._wake_r], timeout=TELEMETRY_PERIOD_S):
+                self._emit(m.Alive())
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
@@ -259,6 +264,7 @@ class EngineCore:
                 lease,
                 progress=msg.progress,
                 previews=tuple(msg.previews),
+                owner=msg.owner,
             )
             self.scheduler.enqueue(job)
             return
@@ -345,11 +351,11 @@ class EngineCore:
             log.error("default model failed to load: %s", message)
             self._startup = set()
             self._startup_done = True
-            self._status(f"loading {key.variant_id} failed: {message}")
+            # /readyz is unauthenticated: the cause (paths, hub URLs) stays in the log.
+            self._status(f"loading {key.variant_id} failed (the server log has the cause)")
             return
-        warning = f"preloading {key.variant_id} failed: {message}"
-        log.warning(warning)
-        self._warnings.append(warning)
+        log.warning("preloading %s failed: %s", key.variant_id, message)
+        self._warnings.append(f"preloading {key.variant_id} failed (the server log has the cause)")
         self._maybe_started()
 
     def _maybe_started(self) -> None:
@@ -412,9 +418,11 @@ class EngineCore:
             self._compile_and_warm(loaded)
         except Exception as exc:
             uncompile(loaded)
-            warning = f"QDS_COMPILE=auto: compiling failed, serving eager ({exc!r})"[:300]
-            log.warning(warning)
-            self._warnings.append(warning)
+            log.warning("QDS_COMPILE=auto: compiling failed, serving eager (%r)", exc)
+            self._warnings.append(
+                f"QDS_COMPILE=auto: compiling failed ({type(exc).__name__}), serving eager "
+                "(the server log has the cause)"
+            )
             return False
         return True
 
@@ -549,7 +557,7 @@ def _load_failure(key: ModelKey, exc: BaseException) -> Failure:
 
     if isinstance(exc, Unavailable):
         return BackendUnavailable(str(exc), param="quant_backend")
-    return ModelLoadFailed(f"loading {key.variant_id} failed: {str(exc) or type(exc).__name__}")
+    return load_failed(key.variant_id, str(exc) or type(exc).__name__)
 
 
 def _resident_bytes() -> int | None:

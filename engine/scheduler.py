@@ -26,7 +26,7 @@ import collections
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,7 @@ class Job:
     lease: Lease
     progress: bool = False
     previews: tuple[int, ...] = ()
+    owner: str = ""  # who sent it: the queue is served in turn across owners
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float = 0.0
     state: str = "queued"  # queued -> running -> done | failed | cancelled
@@ -88,6 +89,19 @@ class Job:
         if not self._closed:
             self._closed = True
             self.lease.release()
+
+
+def fair_order(queue: Iterable[Job]) -> list[Job]:
+    """The queue in turn across owners: each owner's first job (in the order the owners first
+    appear), then each one's second, and so on; FIFO within an owner. With one owner (no API
+    keys) this is the queue itself."""
+    by_owner: dict[str, list[Job]] = {}
+    for job in queue:
+        by_owner.setdefault(job.owner, []).append(job)
+    if len(by_owner) <= 1:
+        return list(queue)
+    lists = list(by_owner.values())
+    return [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
 
 
 @dataclass(eq=False)
@@ -228,12 +242,13 @@ class Scheduler:
 
     # -- the step boundary -----------------------------------------------------------------
     def admit(self) -> None:
-        """Move queued jobs into running batches (FIFO; a job that must wait keeps its place,
-        later ones of another kind may pass it)."""
+        """Move queued jobs into running batches (FIFO within an owner, in turn across owners:
+        one owner's long queue does not keep another's next job waiting behind it; a job that
+        must wait keeps its place, later ones of another kind may pass it)."""
         if not self.queue:
             return
         now = time.perf_counter()
-        for job in list(self.queue):
+        for job in fair_order(self.queue):
             try:
                 # One forward runs with one LoRA adapter set: it is part of every batch kind.
                 kind = (self.kind_of(job.loaded, job.request), job.request.lora)

@@ -141,11 +141,14 @@ class ServiceState:
             mode=self.settings.engine,
             metrics=self.metrics,
             max_queue=self.settings.max_queue,
+            max_queue_per_owner=self.settings.per_key_limit() if self.settings.api_keys else None,
         )
         # GPU gauges come from the engine's allocator, not this process's.
         self.metrics.gpu_source(self.engine.gpu_readings)
         # /v1/models and request checks read the engine's cache through this mirror.
         self.cache = self.engine.models
+        # Edit uploads decoded at once (service.routes.edits).
+        self.decodes = asyncio.Semaphore(self.settings.max_concurrent_decodes)
 
     # -- start-up / shut-down ----------------------------------------------------------
     def start(self) -> None:
@@ -191,6 +194,13 @@ class ServiceState:
 
     def queue_depth(self) -> int:
         return self.engine.depth()
+
+    def admit(self, request: Request) -> None:
+        """Raise QueueFull (429 + Retry-After) unless this request would be admitted now:
+        checked before any costly work (an upload's decoding), and again at submission."""
+        if not self.engine.accepting:
+            raise ShuttingDown()
+        self.engine.check_room(client_key(request))
 
     # -- the inline engine's internals (QDS_ENGINE=inline: tests, debugging) -------------
     @property
@@ -252,6 +262,10 @@ class ServiceState:
             raise self._not_loaded(key)
         if not self.engine.accepting:
             raise ShuttingDown()
+        owner = client_key(request)
+        # Refused before a model load is waited for (and, for edits, before the upload is
+        # decoded: routes.edits calls admit() itself).
+        self.engine.check_room(owner)
         try:
             defaults = await asyncio.wait_for(
                 self.engine.ensure_loaded(key, variant, allow_load=allowed),
@@ -271,7 +285,13 @@ class ServiceState:
 
             previews = preview_steps(int(gen.num_inference_steps or 0), partial_images)
         job = self.engine.submit(
-            key, variant, gen, allow_load=allowed, on_event=on_event, previews=previews
+            key,
+            variant,
+            gen,
+            allow_load=allowed,
+            on_event=on_event,
+            previews=previews,
+            owner=owner,
         )
         return Submitted(key, params, gen, job, deadline)
 
@@ -344,6 +364,11 @@ class ServiceState:
             f"(QDS_ALLOW_ON_DEMAND_LOAD); loaded: {', '.join(self.loaded_ids()) or 'none'}",
             param="quant_backend",
         )
+
+
+def client_key(request: Request) -> str:
+    """Who sent the request, for fair admission: an API key's position, "" without keys."""
+    return str(getattr(request.state, "client_key", "") or "")
 
 
 def torch_default_threads() -> int:

@@ -238,7 +238,7 @@ def _edit_size(
     scaled to fit QDS_MAX_PIXELS (`edit.auto_size`), a lone side completed by the input's
     aspect ratio; never the model's default size."""
     assert params.edit is not None
-    in_w, in_h = params.edit.image.size
+    in_w, in_h = params.edit.input_size
     multiple = defaults.size_multiple
     width, height = params.width, params.height
     if width is None and height is None:

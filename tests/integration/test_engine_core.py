@@ -498,7 +498,9 @@ def test_ready_after_default_and_preloads_with_a_warning_per_failed_preload(
         assert statuses[0].reason.startswith("loading ") and not statuses[0].ready
         assert sorted(loaded) == ["none", "quanto"]
         (warning,) = statuses[-1].warnings
-        assert "torchao:int8wo failed: injected: no kernels" in warning
+        # The cause goes to the log; /readyz (unauthenticated) names the variant only.
+        assert "preloading " in warning and "torchao:int8wo failed" in warning
+        assert "injected" not in warning
     finally:
         conn.close()
         thread.join(10)

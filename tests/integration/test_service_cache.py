@@ -107,8 +107,15 @@ def test_failed_load_reported_to_all_waiters_then_retry_succeeds(server: Server)
         for r in failed:
             assert r.status_code == 503
             err = r.json()["error"]
-            assert err["code"] == "model_load_failed" and "truncated" in err["message"]
+            assert err["code"] == "model_load_failed" and "server log" in err["message"]
+            assert "truncated" not in err["message"]  # the cause is the operator's
         assert not cache.is_loaded(key)  # not cached
+        assert server.qds.cache.is_loaded(server.qds.default_key)  # the default never evicted
+        # Remembered for the back-off: answered at once, no second load attempt.
+        again = _post(server, body)
+        assert again.status_code == 503 and again.json()["error"]["code"] == "model_load_failed"
+        assert cache.load_counts[key] == 1
+        cache._failed.clear()  # the back-off has passed
         retry = _post(server, body)
     finally:
         cache.loader = real
