@@ -53,6 +53,8 @@ EngineMode = Literal["process", "inline"]
 # next start (1 s, doubling up to MAX_RESTART_DELAY_S): a crash loop must not spin.
 YOUNG_DEATH_S = 60.0
 MAX_RESTART_DELAY_S = 30.0
+# How long a new engine process may take to say its first word (importing torch, diffusers).
+START_TIMEOUT_S = 120.0
 # Retry-After of the 503s a dead or hung engine answers with: about one restart (the demo model
 # is back in ~12 s on a CPU).
 RESTART_RETRY_AFTER_S = 10
@@ -238,12 +240,11 @@ class EngineClient:
         if self._alive and is_process and not self._stall:
             silent = now - self._last_word
             if not self._heard:
-                # Still importing torch and the pipelines: only the load limit applies.
-                if load_limit and silent > load_limit:
-                    why = (
-                        f"the engine process did not start in {silent:.0f} s "
-                        f"(QDS_MODEL_LOAD_TIMEOUT={load_limit:g})"
-                    )
+                # Still importing torch and the pipelines (seconds; more on a busy machine):
+                # a generous bound of its own.
+                start_limit = max(load_limit, limit, START_TIMEOUT_S)
+                if silent > start_limit:
+                    why = f"the engine process did not start in {silent:.0f} s"
             elif limit and silent > limit:
                 work = "with requests waiting" if self._jobs else "while idle"
                 why = (

@@ -91,16 +91,19 @@ class Job:
             self.lease.release()
 
 
-def fair_order(queue: Iterable[Job]) -> list[Job]:
-    """The queue in turn across owners: each owner's first job (in the order the owners first
-    appear), then each one's second, and so on; FIFO within an owner. With one owner (no API
-    keys) this is the queue itself."""
+def fair_order(queue: Iterable[Job], last_admitted: dict[str, int] | None = None) -> list[Job]:
+    """The queue in turn across owners: each owner's first job, then each one's second, and
+    so on; FIFO within an owner. Owners take their turns least recently served first
+    (`last_admitted`: owner -> a counter value at its last admission), then in the order they
+    first appear. With one owner (no API keys) this is the queue itself."""
     by_owner: dict[str, list[Job]] = {}
     for job in queue:
         by_owner.setdefault(job.owner, []).append(job)
     if len(by_owner) <= 1:
         return list(queue)
-    lists = list(by_owner.values())
+    served = last_admitted or {}
+    owners = sorted(by_owner, key=lambda o: served.get(o, -1))  # stable: first appearance
+    lists = [by_owner[o] for o in owners]
     return [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
 
 
@@ -148,6 +151,7 @@ class Scheduler:
         self.max_running = max_running
         self.queue: collections.deque[Job] = collections.deque()
         self.running: list[Running] = []
+        self._served: dict[str, int] = {}  # owner -> started_jobs at its last admission
         self._turn = 0
         self._stepping = False
         self._current: Running | None = None  # the batch being stepped
@@ -248,7 +252,7 @@ class Scheduler:
         if not self.queue:
             return
         now = time.perf_counter()
-        for job in fair_order(self.queue):
+        for job in fair_order(self.queue, self._served):
             try:
                 # One forward runs with one LoRA adapter set: it is part of every batch kind.
                 kind = (self.kind_of(job.loaded, job.request), job.request.lora)
@@ -354,6 +358,7 @@ class Scheduler:
         job.started_at = now
         run.jobs[job.job_id] = job
         self.started_jobs += 1
+        self._served[job.owner] = self.started_jobs
         queued = now - job.enqueued_at
         if self.metrics is not None:
             self.metrics.queue_wait.labels(job.key.backend).observe(queued)

@@ -145,12 +145,12 @@ class ServiceSettings(BaseSettings):
         "at least 2.",
     )
     model_load_timeout: float = Field(
-        default=900.0,
+        default=1800.0,
         ge=0,
-        description="Seconds one model load (download, quantization, compile and warm-up "
+        description="Seconds one model load (hub download, quantization, compile and warm-up "
         "included) may take before it is taken as hung: its waiters get 503 and the engine is "
         "restarted (loads run one at a time, so a hung one would block every later one); "
-        "0 turns it off.",
+        "raise it for a first download of a large model over a slow link; 0 turns it off.",
     )
     engine: Literal["process", "inline"] = Field(
         default="process",

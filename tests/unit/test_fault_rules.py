@@ -99,6 +99,9 @@ def test_queue_is_served_in_turn_across_keys() -> None:
     assert [j for j in order if j.startswith("h")] == [f"h{i}" for i in range(5)]  # FIFO
     single = [_job(str(i), "") for i in range(4)]
     assert fair_order(single) == single  # no keys: plain FIFO
+    # The owner served last waits for the others: the heavy key just had its turn.
+    order = [j.job_id for j in fair_order(queue, {"key1": 7, "key2": 3})]
+    assert order[:3] == ["m0", "l0", "h0"]
 
 
 def _client(max_queue: int, per_owner: int | None) -> EngineClient:
