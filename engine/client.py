@@ -166,6 +166,7 @@ class EngineClient:
         self._stall: str | None = None  # why the watchdog killed the current engine
         self._heard = False  # the current engine has sent something (it has started)
         self._loading_since: dict[ModelKey, float] = {}
+        self._pipe_closed = threading.Event()  # the current engine closed its end
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -301,6 +302,7 @@ class EngineClient:
         self._stall = None
         self._heard = False
         self._loading_since = {}
+        self._pipe_closed = threading.Event()
         outq: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._outq = outq
         threading.Thread(
@@ -327,12 +329,15 @@ class EngineClient:
             handle.join(timeout)
         elif handle is not None:
             handle.join(timeout)
-            if handle.is_alive():
+            if handle.is_alive() and not self._pipe_closed.is_set():
                 log.warning("the engine did not stop in %ss; cancelling its batches", timeout)
                 self._send(m.Stop(cancel_running=True))
                 handle.join(1)
             if handle.is_alive():
-                log.warning("the engine did not stop; killing it")
+                # Its pipe closed means its work is done; only the interpreter's exit
+                # (torch's and inductor's worker pools) is slow.
+                level = logging.INFO if self._pipe_closed.is_set() else logging.WARNING
+                log.log(level, "the engine process is still exiting; killing it")
                 handle.kill()
                 handle.join(1)
         if self._outq is not None:
@@ -471,6 +476,8 @@ class EngineClient:
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
+            if gen == self._generation:
+                self._pipe_closed.set()
         self._call(self._on_exit, gen, _describe_exit(handle))
 
     def _call(self, fn: Callable[..., None], *args: object) -> None:

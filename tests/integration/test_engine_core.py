@@ -750,8 +750,9 @@ def test_a_hung_engine_is_killed_answered_503_and_restarted(
         assert err["code"] == "engine_unavailable"
         assert "sent no sign of life for" in err["message"]
         assert "(QDS_ENGINE_STALL_TIMEOUT=2): it is stopped or hung" in err["message"]
+        # Answered when the stall is found, before the kill's exit status is known.
         assert "the engine was killed" in err["message"]
-        assert "signal 9, SIGKILL" in err["message"]
+        assert int(r.headers["retry-after"]) >= 1
         assert 2 < waited < 30
         with server.client() as c:
             wait_for(lambda: c.get("/readyz").status_code == 200, 90, "ready again")
