@@ -40,6 +40,7 @@ from engine.compiling import (
 from engine.failures import (
     BackendUnavailable,
     Failure,
+    ModelLoadFailed,
     ModelNotLoaded,
     ShuttingDown,
     load_failed,
@@ -329,7 +330,7 @@ class EngineCore:
                 self._emit(m.LoadFailed(key, failure))
                 for sub in pending.jobs:
                     self._emit(m.Failed(sub.job_id, failure))
-                self._load_failed(key, str(exc) or type(exc).__name__)
+                self._load_failed(key, str(exc) or type(exc).__name__, _public(exc))
 
     def _loaded_ok(self, key: ModelKey) -> None:
         if key in self._startup:
@@ -343,19 +344,21 @@ class EngineCore:
             # The default model failed at start-up and has now loaded on a request.
             self._set_ready()
 
-    def _load_failed(self, key: ModelKey, message: str) -> None:
+    def _load_failed(self, key: ModelKey, message: str, public: bool = False) -> None:
         if key not in self._startup:
             return
         self._startup.discard(key)
+        # /readyz is unauthenticated: the cause (paths, hub URLs) stays in the log, unless it
+        # is one of this package's own configuration refusals (`_public`).
+        cause = f": {message}" if public else " (the server log has the cause)"
         if key == self.default_key:
             log.error("default model failed to load: %s", message)
             self._startup = set()
             self._startup_done = True
-            # /readyz is unauthenticated: the cause (paths, hub URLs) stays in the log.
-            self._status(f"loading {key.variant_id} failed (the server log has the cause)")
+            self._status(f"loading {key.variant_id} failed{cause}")
             return
         log.warning("preloading %s failed: %s", key.variant_id, message)
-        self._warnings.append(f"preloading {key.variant_id} failed (the server log has the cause)")
+        self._warnings.append(f"preloading {key.variant_id} failed{cause}")
         self._maybe_started()
 
     def _maybe_started(self) -> None:
@@ -551,12 +554,23 @@ def _plan_card(plan: dict[str, Any] | None) -> dict[str, Any] | None:
     return plan_card(plan)
 
 
+def _public(exc: BaseException) -> bool:
+    """A load failure whose text is this package's own configuration refusal (a backend
+    this machine cannot run, QDS_LORAS on a backend without LoRA): no paths, no hosts, and
+    it says what to change, so clients and /readyz may see it."""
+    from quantization.backends import BackendUnavailable as Unavailable
+
+    return isinstance(exc, (Unavailable, lora.LoraUnsupported))
+
+
 def _load_failure(key: ModelKey, exc: BaseException) -> Failure:
     """A failed load as the typed failure its waiters get."""
     from quantization.backends import BackendUnavailable as Unavailable
 
     if isinstance(exc, Unavailable):
         return BackendUnavailable(str(exc), param="quant_backend")
+    if isinstance(exc, lora.LoraUnsupported):
+        return ModelLoadFailed(f"loading {key.variant_id} failed: {exc}")
     return load_failed(key.variant_id, str(exc) or type(exc).__name__)
 
 
