@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -472,7 +473,8 @@ def misconfigured_keys(log_dir: Path) -> dict[str, Any]:
 
 # -- the run ---------------------------------------------------------------------------------
 def main(argv: list[str], out: Path, quick: bool) -> dict[str, Any]:
-    log_dir = out / "faults-logs"
+    log_dir = Path(tempfile.mkdtemp(prefix="qds-faults-"))  # the servers' logs, not figures
+    print(f"faults: server logs in {log_dir}", flush=True)
     meta = run_meta("qdserve bench faults" + (" --quick" if quick else ""))
     stall = 5.0 if quick else 60.0  # the default (ServiceSettings.engine_stall_timeout)
     results: dict[str, Any] = {"meta": meta}
@@ -507,6 +509,10 @@ def main(argv: list[str], out: Path, quick: bool) -> dict[str, Any]:
     doc.write_text(render(results))
     print(f"faults: wrote {doc}", flush=True)
     return results
+
+
+def _d(counts: dict[Any, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "none"
 
 
 def _excerpt(text: str) -> str:
@@ -560,8 +566,8 @@ def render(r: dict[str, Any]) -> str:
         "|---|---|---|---|",
         (
             f"| one key floods the queue ({f['heavy_open']} open), another sends one at a "
-            f"time for {f['seconds']:g} s | light key: statuses {f['light']['statuses']}; "
-            f"heavy key: {f['heavy']['statuses']} | "
+            f"time for {f['seconds']:g} s | light key: statuses {_d(f['light']['statuses'])}; "
+            f"heavy key: {_d(f['heavy']['statuses'])} | "
             f"{f['light']['answered'] + f['heavy']['answered']} / "
             f"{f['light']['sent'] + f['heavy']['sent']} | light p99 {_s(f['light']['p99_s'])}"
             f", heavy p99 {_s(f['heavy']['p99_s'])} (ratio "
@@ -569,24 +575,26 @@ def render(r: dict[str, Any]) -> str:
         ),
         (
             f"| SIGKILL of the engine with {k['in_flight']} requests in flight | statuses "
-            f"{k['statuses']}, codes {k['error_codes']} | {k['answered']} / {k['sent']} | "
+            f"{_d(k['statuses'])}, codes {_d(k['error_codes'])} | {k['answered']} / {k['sent']} | "
             f"all answered {_s(k['answered_within_s'])} after the kill; ready again after "
             f"{_s(k['ready_again_s'])} |"
         ),
         (
             f"| SIGSTOP of the engine, one request queued (QDS_ENGINE_STALL_TIMEOUT="
-            f"{st['stall_timeout_s']:g}) | statuses {st['statuses']}, codes "
-            f"{st['error_codes']}, Retry-After {st['retry_after']}; engine replaced: "
+            f"{st['stall_timeout_s']:g}) | statuses {_d(st['statuses'])}, codes "
+            f"{_d(st['error_codes'])}, Retry-After {st['retry_after']}; engine replaced: "
             f"{st['engine_replaced']} | {st['answered']} / {st['sent']} | /readyz 503 after "
             f"{_s(st['readyz_503_after_s'])}, request answered after "
             f"{_s(st['request_answered_after_s'])}, ready again after "
-            f"{_s(st['ready_again_after_s'])} (before: never detected) |"
+            f"{_s(st['ready_again_after_s'])} (the issue's probe, before: never detected, "
+            "/readyz 200 until the request's 504 at 300 s) |"
         ),
         (
             f"| {up['uploads']} concurrent edit uploads, {up['image']}, output 32x32 | "
-            f"statuses {up['statuses']} | {up['answered']} / {up['sent']} | all the server's "
+            f"statuses {_d(up['statuses'])} | {up['answered']} / {up['sent']} | all the server's "
             f"processes: {up['rss_before_bytes'] / gib:.2f} GiB before, peak "
-            f"{up['rss_peak_bytes'] / gib:.2f} GiB (bound: 4 GiB; before the fix 4.86 GiB) |"
+            f"{up['rss_peak_bytes'] / gib:.2f} GiB (goal: at most 4 GiB; the issue's probe "
+            "measured 4.86 GiB before) |"
         ),
         (
             f"| SIGTERM with QDS_SHUTDOWN_TIMEOUT=0 and {sd['requests']} requests running, "
@@ -613,6 +621,11 @@ def render(r: dict[str, Any]) -> str:
                 for name, d in sd["requests_detail"].items()
             ],
         ),
+        "",
+        "Before (the issue's probes, same scenarios): the light key got 125 429s and 11 "
+        "answers (p99 2.17 s against the heavy key's 2.25 s); SIGTERM with "
+        'QDS_SHUTDOWN_TIMEOUT=0 gave all 6 requests a plain-text 500; `QDS_API_KEYS=" , "` '
+        "started with the API open.",
         "",
         "Not run here: an out-of-memory batch needs a GPU (the `gpu`-marked test in",
         "`tests/integration/test_engine_core.py` fails one batch with 503 `out_of_memory` and",
