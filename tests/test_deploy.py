@@ -293,6 +293,21 @@ def test_compose_schema() -> None:
     jsonschema.Draft201909Validator(schema).validate(_compose())
 
 
+def test_compose_grace_covers_the_shutdown_bound() -> None:
+    """docker stop waits stop_grace_period before SIGKILL: at least the service's whole
+    shutdown (QDS_SHUTDOWN_TIMEOUT's default in the file + SHUTDOWN_MARGIN_S)."""
+    from service.settings import SHUTDOWN_MARGIN_S
+
+    for name in ("qdserve", "qdserve-cpu"):
+        service = _compose()["services"][name]
+        grace = float(str(service["stop_grace_period"]).removesuffix("s"))
+        env = dict(e.split("=", 1) for e in service["environment"] if "=" in e)
+        shutdown = float(
+            re.sub(r"\$\{QDS_SHUTDOWN_TIMEOUT:-(\d+)\}", r"\1", env["QDS_SHUTDOWN_TIMEOUT"])
+        )
+        assert grace >= shutdown + SHUTDOWN_MARGIN_S, (name, grace, shutdown)
+
+
 def test_compose_schema_rejects_garbage() -> None:
     schema = json.loads((DEPLOY / "schemas" / "compose_spec.json").read_text())
     bad = _compose()
