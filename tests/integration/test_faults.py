@@ -182,11 +182,17 @@ def _raw_response(sock: socket.socket) -> bytes:
     return data
 
 
+LOAD_RELEASE = threading.Event()
+
+
 def slow_quanto_load(settings: Any) -> Any:
+    """The inline engine's loader: the quanto load waits until released, then fails (so its
+    thread is gone before the interpreter exits: torch aborts the exit otherwise)."""
     from pipelines.loader import load_pipeline
 
     if settings.quant_backend == "quanto":
-        time.sleep(30)
+        LOAD_RELEASE.wait(60)
+        raise RuntimeError("released by the test")
     return load_pipeline(settings)
 
 
@@ -244,6 +250,19 @@ def test_shutdown_answers_every_stage_with_an_openai_503(cache_dir: Path) -> Non
         server.thread.join(30)
         took = time.monotonic() - stop
         gate.event.set()
+        LOAD_RELEASE.set()
+        # The inline engine (held in its step until now) and the load thread finish, so no
+        # torch work is left running when the interpreter exits (torch aborts the exit).
+        wait_for(
+            lambda: (
+                not any(
+                    t.name == "qds-engine" or t.name.startswith("qds-load-")
+                    for t in threading.enumerate()
+                )
+            ),
+            60,
+            "the engine and load threads gone",
+        )
         pool.shutdown()
     for r in answers:
         assert r.status_code == 503, r.text
