@@ -3,8 +3,9 @@
 Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
 
 Subcommands: matrix, overhead, load, peer, batch-size, batching, compile, compile-serving,
-gpu-report, streaming, quality, lora, all. `all` clears docs/benchmarks/ (keeping the recorded
-GPU runs, `gpu-h*-run*/`, `peer-nvidia-*`) and regenerates everything.
+gpu-report, streaming, quality, lora, faults (docs/reliability.md), all. `all` clears
+docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h*-run*/`, `peer-nvidia-*`) and
+regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
 
@@ -75,6 +76,13 @@ def _quality(argv: list[str], out: Path, quick: bool) -> Any:
     return quality.main(argv)
 
 
+def _faults(argv: list[str], out: Path, quick: bool) -> Any:
+    # Writes docs/reliability.md (figures in out/faults.json).
+    from benchmarks import faults
+
+    return faults.main(argv, out, quick)
+
+
 def _lora(argv: list[str], out: Path, quick: bool) -> Any:
     # LoRA on quantized bases: the backend matrix, then switching adapters between requests
     # (`--switching` alone runs only that part).
@@ -99,6 +107,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "streaming": _streaming,
     "quality": _quality,
     "lora": _lora,
+    "faults": _faults,
 }
 
 

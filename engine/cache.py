@@ -5,8 +5,12 @@
 - An entry is leased while a request holds it (queued or running); leased entries are never
   evicted. Eviction calls `LoadedPipeline.release()`, which really frees the tensors.
 - Single flight: concurrent misses on one key share one load (a `concurrent.futures.Future`).
-- A failed load is set on that future (every waiter sees it) and is not cached, so the next
-  request starts a fresh load.
+- A failed load is set on that future (every waiter sees it) and is not cached; it is
+  remembered for `failure_backoff` seconds (60 by default), during which a request for it gets
+  the same failure at once instead of another load attempt; after that a request retries
+  (the protected default model is retried at once: readiness waits on it).
+- `protected` entries (the engine's default model) are never evicted: an on-demand load of
+  another variant makes room among the others, or goes over the limits if it cannot.
 - Loads run one at a time (two pipelines loading at once would double the peak memory), each
   on a thread of its own that exits when the load ends, never on the engine's step loop.
   Not a long-lived pool thread: a thread that ran torch ops keeps its OpenMP team alive, and
@@ -40,6 +44,9 @@ if TYPE_CHECKING:
     from service.metrics import Metrics
 
 log = logging.getLogger("qdserve.cache")
+
+# Seconds a failed load is remembered (answered at once) before a request may retry it.
+LOAD_FAILURE_BACKOFF_S = 60.0
 
 
 @dataclass
@@ -86,6 +93,8 @@ class ModelCache:
         metrics: Metrics | None = None,
         on_loaded: Callable[[ModelKey, LoadedPipeline], None] | None = None,
         on_evicted: Callable[[ModelKey, LoadedPipeline], None] | None = None,
+        protected: frozenset[ModelKey] = frozenset(),
+        failure_backoff: float = LOAD_FAILURE_BACKOFF_S,
     ) -> None:
         # `loader` is an attribute on purpose: tests wrap it to count or fail loads.
         self.loader = loader
@@ -94,6 +103,10 @@ class ModelCache:
         self.metrics = metrics
         self.on_loaded = on_loaded
         self.on_evicted = on_evicted
+        self.protected = protected
+        self.failure_backoff = failure_backoff
+        # key -> (time.monotonic() of the failure, its exception): the back-off.
+        self._failed: dict[ModelKey, tuple[float, BaseException]] = {}
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[ModelKey, Entry] = collections.OrderedDict()
         self._loading: dict[ModelKey, concurrent.futures.Future[Entry]] = {}
@@ -135,6 +148,14 @@ class ModelCache:
                 done: concurrent.futures.Future[Entry] = concurrent.futures.Future()
                 done.set_result(entry)
                 return done
+            failed = self._failed.get(key)
+            if failed is not None:
+                when, exc = failed
+                if time.monotonic() - when < self.failure_backoff:
+                    remembered: concurrent.futures.Future[Entry] = concurrent.futures.Future()
+                    remembered.set_exception(exc)
+                    return remembered
+                del self._failed[key]
             fut = self._loading.get(key)
             if fut is None:
                 fut = concurrent.futures.Future()
@@ -173,6 +194,10 @@ class ModelCache:
         except BaseException as exc:
             with self._lock:
                 self._loading.pop(key, None)
+                # The protected (default) model is retried on the next request: readiness
+                # depends on it, and the operator chose it.
+                if self.failure_backoff > 0 and key not in self.protected:
+                    self._failed[key] = (time.monotonic(), exc)
             if self.metrics:
                 self.metrics.model_loads.labels(key.backend, "failure").inc()
             seconds = time.perf_counter() - start
@@ -256,7 +281,10 @@ class ModelCache:
                     (
                         e
                         for k, e in self._entries.items()
-                        if e.in_use == 0 and k != protect and (reserve or k != newest)
+                        if e.in_use == 0
+                        and k != protect
+                        and k not in self.protected
+                        and (reserve or k != newest)
                     ),
                     None,
                 )

@@ -53,6 +53,11 @@ EngineMode = Literal["process", "inline"]
 # next start (1 s, doubling up to MAX_RESTART_DELAY_S): a crash loop must not spin.
 YOUNG_DEATH_S = 60.0
 MAX_RESTART_DELAY_S = 30.0
+# How long a new engine process may take to say its first word (importing torch, diffusers).
+START_TIMEOUT_S = 120.0
+# Retry-After of the 503s a dead or hung engine answers with: about one restart (the demo model
+# is back in ~12 s on a CPU).
+RESTART_RETRY_AFTER_S = 10
 
 
 @dataclass(eq=False)
@@ -64,6 +69,7 @@ class PendingJob:
     # Called on the event loop with the job's `Progress` and `Preview` events (streaming).
     on_event: Callable[[m.Progress | m.Preview], None] | None = None
     started: bool = False
+    owner: str = ""  # an API key's position ("" without keys)
 
 
 @dataclass
@@ -123,11 +129,14 @@ class EngineClient:
         mode: EngineMode,
         metrics: Metrics,
         max_queue: int,
+        max_queue_per_owner: int | None = None,
     ) -> None:
         self.config = config
         self.mode = mode
         self.metrics = metrics
         self.max_queue = max_queue
+        # Jobs one owner (API key) may have waiting; None: no bound beyond max_queue.
+        self.max_queue_per_owner = max_queue_per_owner
         self.models = ModelsView(self)
         self.loaded: dict[ModelKey, m.Loaded] = {}
         self.loading: set[ModelKey] = set()
@@ -155,6 +164,9 @@ class EngineClient:
         self._job_seconds = 1.0
         self._last_word = 0.0  # when the current engine last sent anything
         self._stall: str | None = None  # why the watchdog killed the current engine
+        self._heard = False  # the current engine has sent something (it has started)
+        self._loading_since: dict[ModelKey, float] = {}
+        self._pipe_closed = threading.Event()  # the current engine closed its end
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -169,6 +181,34 @@ class EngineClient:
         """Jobs submitted that have not started (the queue the HTTP side admits against)."""
         return sum(1 for j in self._jobs.values() if not j.started)
 
+    def depth_of(self, owner: str) -> int:
+        """Jobs of one owner submitted that have not started."""
+        return sum(1 for j in self._jobs.values() if not j.started and j.owner == owner)
+
+    def check_room(self, owner: str = "") -> None:
+        """Raise QueueFull (with Retry-After) unless a job of `owner` would be admitted now:
+        the queue has room, and the owner (an API key; "" = no keys) holds fewer than its
+        bound, so one key can never take the whole queue while others wait. Cheap: called
+        before an upload is decoded, and again at submission."""
+        depth = self.depth()
+        full = depth >= self.max_queue
+        per_owner = self.max_queue_per_owner
+        mine = self.depth_of(owner) if owner and per_owner else 0
+        if not full and not (owner and per_owner and mine >= per_owner):
+            return
+        # A rough wait: the queued jobs at the recent pace, batched, rounded up.
+        batch = max(1, self.config.settings.max_batch)
+        waits = ((depth if full else mine) + 1) / batch * self._job_seconds
+        retry = max(1, int(waits + 0.999))
+        if full:
+            message = f"the queue is full ({self.max_queue} waiting); retry after {retry}s"
+        else:
+            message = (
+                f"this API key has {mine} requests waiting, its share of the queue "
+                f"(QDS_MAX_QUEUE_PER_KEY={per_owner}); retry after {retry}s"
+            )
+        raise QueueFull(message, retry_after=retry)
+
     def in_use(self, key: ModelKey) -> int:
         return sum(1 for j in self._jobs.values() if j.key == key)
 
@@ -182,26 +222,59 @@ class EngineClient:
         self._watch_stalls()
 
     def _watch_stalls(self) -> None:
-        """Every few seconds: an engine process that has requests running and has said
-        nothing for QDS_ENGINE_STALL_TIMEOUT is hung (a step that never returns): kill it, so
-        the crash path answers its requests with 503 and starts a new one. A thread engine
+        """Every few seconds: an engine process that has said nothing for
+        QDS_ENGINE_STALL_TIMEOUT is hung (stopped, deadlocked, a step that never returns).
+        It reports in once a second while it has work and once a second when idle, so
+        silence means the same whether requests are queued, running or none at all. A load
+        older than QDS_MODEL_LOAD_TIMEOUT is hung too (loads run one at a time: it would block
+        every later one). Either way: readiness 503 at once, every waiting request 503 with
+        Retry-After, then the engine is killed and the crash path restarts it. A thread engine
         (inline mode) cannot be killed and is left alone."""
         limit = self.config.settings.engine_stall_timeout
-        if self._stopping or not limit or self.mode != "process":
+        load_limit = getattr(self.config.settings, "model_load_timeout", 0.0)
+        if self._stopping or (not limit and not load_limit) or self.mode != "process":
             return
-        running = any(j.started for j in self._jobs.values())
-        silent = time.monotonic() - self._last_word
         handle = self._handle
         is_process = handle is not None and not isinstance(handle, threading.Thread)
-        if running and self._alive and silent > limit and is_process:
-            self._stall = (
-                f"the engine made no progress for {silent:.0f} s with requests running "
-                f"(QDS_ENGINE_STALL_TIMEOUT={limit:g}) and was killed"
-            )
-            log.error("%s", self._stall)
-            with contextlib.suppress(OSError):
-                handle.kill()  # type: ignore[union-attr]
-        self._loop_().call_later(min(5.0, max(0.1, limit / 4)), self._watch_stalls)
+        now = time.monotonic()
+        why = None
+        if self._alive and is_process and not self._stall:
+            silent = now - self._last_word
+            if not self._heard:
+                # Still importing torch and the pipelines (seconds; more on a busy machine):
+                # a generous bound of its own.
+                start_limit = max(load_limit, limit, START_TIMEOUT_S)
+                if silent > start_limit:
+                    why = f"the engine process did not start in {silent:.0f} s"
+            elif limit and silent > limit:
+                work = "with requests waiting" if self._jobs else "while idle"
+                why = (
+                    f"the engine sent no sign of life for {silent:.0f} s {work} "
+                    f"(QDS_ENGINE_STALL_TIMEOUT={limit:g}): it is stopped or hung"
+                )
+            elif load_limit:
+                late = [k for k, t in self._loading_since.items() if now - t > load_limit]
+                if late:
+                    why = (
+                        f"loading {late[0].variant_id} took longer than "
+                        f"QDS_MODEL_LOAD_TIMEOUT={load_limit:g} s"
+                    )
+        if why is not None:
+            self._on_stall(why)
+        period = min(x for x in (limit, load_limit) if x) / 4
+        self._loop_().call_later(min(5.0, max(0.1, period)), self._watch_stalls)
+
+    def _on_stall(self, why: str) -> None:
+        """A hung engine: answer everything now (retryable), then kill it; `_on_exit` restarts."""
+        self._stall = f"{why}; the engine was killed"
+        self._alive = False  # readiness 503 and new requests 503 from here on
+        self.reason = f"{self._stall}; restarting"
+        log.error("engine stall: %s", self._stall)
+        self.metrics.engine_stalls.inc()
+        self._publish_ready()
+        self._fail_all(EngineUnavailable(self.reason, retry_after=RESTART_RETRY_AFTER_S))
+        with contextlib.suppress(OSError, AttributeError):
+            self._handle.kill()  # type: ignore[union-attr]
 
     def _spawn(self) -> None:
         self._generation += 1
@@ -227,6 +300,9 @@ class EngineClient:
         self._alive = True
         self._started_at = self._last_word = time.monotonic()
         self._stall = None
+        self._heard = False
+        self._loading_since = {}
+        self._pipe_closed = threading.Event()
         outq: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._outq = outq
         threading.Thread(
@@ -241,7 +317,9 @@ class EngineClient:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, let the engine finish its running batches (queued jobs get
-        `shutting_down`), and wait for it to exit; terminate it after `timeout` seconds."""
+        `shutting_down`), and wait for it to exit. Bounded: after `timeout` seconds the
+        running batches are cancelled, a second later the process is killed, so the whole
+        stop takes at most `timeout` + about 2 s."""
         self._stopping = True
         self.reason = "shutting down"
         self._publish_ready()
@@ -251,13 +329,17 @@ class EngineClient:
             handle.join(timeout)
         elif handle is not None:
             handle.join(timeout)
-            if handle.is_alive():
-                log.warning("the engine did not stop in %ss; terminating it", timeout)
+            if handle.is_alive() and not self._pipe_closed.is_set():
+                log.warning("the engine did not stop in %ss; cancelling its batches", timeout)
                 self._send(m.Stop(cancel_running=True))
-                handle.join(5)
+                handle.join(1)
             if handle.is_alive():
+                # Its pipe closed means its work is done; only the interpreter's exit
+                # (torch's and inductor's worker pools) is slow.
+                level = logging.INFO if self._pipe_closed.is_set() else logging.WARNING
+                log.log(level, "the engine process is still exiting; killing it")
                 handle.kill()
-                handle.join(5)
+                handle.join(1)
         if self._outq is not None:
             self._outq.put(None)
 
@@ -296,24 +378,18 @@ class EngineClient:
         allow_load: bool,
         on_event: Callable[[m.Progress | m.Preview], None] | None = None,
         previews: tuple[int, ...] = (),
+        owner: str = "",
     ) -> PendingJob:
         """Queue a resolved request in the engine. With `on_event`, the job's progress (each
         step) and previews (after the steps in `previews`) are passed to it on the loop."""
         if self._stopping:
             raise ShuttingDown()
         self._check_alive()
-        depth = self.depth()
-        if depth >= self.max_queue:
-            # A rough wait: the queued jobs at the recent pace, batched, rounded up.
-            batch = max(1, self.config.settings.max_batch)
-            waits = (depth + 1) / batch * self._job_seconds
-            retry = max(1, int(waits + 0.999))
-            raise QueueFull(
-                f"the queue is full ({self.max_queue} waiting); retry after {retry}s",
-                retry_after=retry,
-            )
+        self.check_room(owner)
         job_id = str(next(self._ids))
-        job = PendingJob(job_id, key, request.num_images, self._loop_().create_future(), on_event)
+        job = PendingJob(
+            job_id, key, request.num_images, self._loop_().create_future(), on_event, owner=owner
+        )
         self._jobs[job_id] = job
         self._send(
             m.Submit(
@@ -324,6 +400,7 @@ class EngineClient:
                 allow_load=allow_load,
                 progress=on_event is not None,
                 previews=previews if on_event is not None else (),
+                owner=owner,
             )
         )
         self.metrics.queue_depth.set(self.depth())
@@ -340,15 +417,20 @@ class EngineClient:
         return not job.started
 
     def abandon(self, message: str) -> int:
-        """Answer every request still waiting with ShuttingDown(message) and withdraw it from
-        the engine (at its next step boundary); on the event loop. The number answered."""
+        """Answer every request still waiting (queued, running, or waiting for a model load)
+        with ShuttingDown(message) and withdraw it from the engine (at its next step
+        boundary); on the event loop. The number of jobs and load waits answered."""
         jobs, self._jobs = self._jobs, {}
         for job in jobs.values():
             self._send(m.Cancel(job.job_id, "shutdown"))
             if not job.future.done():
                 job.future.set_exception(ShuttingDown(message))
+        waiters, self._load_waiters = self._load_waiters, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ShuttingDown(message))
         self.metrics.queue_depth.set(0)
-        return len(jobs)
+        return len(jobs) + len(waiters)
 
     async def query(self, timeout: float = 30.0) -> dict[str, Any]:
         """The engine's own accounting (scheduler counters, loads, prompt cache)."""
@@ -370,7 +452,7 @@ class EngineClient:
 
     def _check_alive(self) -> None:
         if not self._alive:
-            raise EngineUnavailable(self.reason)
+            raise EngineUnavailable(self.reason, retry_after=RESTART_RETRY_AFTER_S)
 
     def _send(self, msg: object) -> None:
         if self._outq is not None:
@@ -394,6 +476,8 @@ class EngineClient:
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
+            if gen == self._generation:
+                self._pipe_closed.set()
         self._call(self._on_exit, gen, _describe_exit(handle))
 
     def _call(self, fn: Callable[..., None], *args: object) -> None:
@@ -411,6 +495,7 @@ class EngineClient:
         if gen != self._generation:
             return  # a previous engine's last words
         self._last_word = time.monotonic()
+        self._heard = True
         for event in events:
             try:
                 self._on_event(event)
@@ -448,7 +533,9 @@ class EngineClient:
             self._publish_ready()
         elif isinstance(e, m.Loading):
             self.loading.add(e.key)
+            self._loading_since.setdefault(e.key, time.monotonic())
         elif isinstance(e, m.Loaded):
+            self._loading_since.pop(e.key, None)
             self.loaded[e.key] = e
             self.defaults[e.key] = e.defaults
             self.loading.discard(e.key)
@@ -456,6 +543,7 @@ class EngineClient:
             if waiter is not None and not waiter.done():
                 waiter.set_result(e)
         elif isinstance(e, m.LoadFailed):
+            self._loading_since.pop(e.key, None)
             self.loading.discard(e.key)
             waiter = self._load_waiters.pop(e.key, None)
             if waiter is not None and not waiter.done():
@@ -490,7 +578,7 @@ class EngineClient:
             how = f"{self._stall} ({how})"
         self.reason = f"{how}; restarting"
         log.error("%s", self.reason)
-        self._fail_all(EngineUnavailable(self.reason))
+        self._fail_all(EngineUnavailable(self.reason, retry_after=RESTART_RETRY_AFTER_S))
         self._publish_ready()
         self.metrics.engine_restarts.inc()
         young = time.monotonic() - self._started_at < YOUNG_DEATH_S

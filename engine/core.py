@@ -43,6 +43,7 @@ from engine.failures import (
     ModelLoadFailed,
     ModelNotLoaded,
     ShuttingDown,
+    load_failed,
 )
 from engine.gpu_memory import local_readings
 from engine.keys import key_for
@@ -113,6 +114,8 @@ class EngineCore:
             metrics=self.metrics,
             on_loaded=self._on_loaded,
             on_evicted=self._on_evicted,
+            # On-demand loads never push out the model /readyz is about.
+            protected=frozenset({self.default_key}),
         )
         self.scheduler = Scheduler(
             max_batch=self.settings.max_batch,
@@ -202,7 +205,10 @@ class EngineCore:
                 # not at the next request.
                 self._telemetry_due = 0.0
                 self._flush()
-            wait([self.conn, self._wake_r])
+            # Idle, a sign of life once a period: the HTTP side's watchdog tells a stopped
+            # or deadlocked engine from an idle one by it (engine.client).
+            if not wait([self.conn, self._wake_r], timeout=TELEMETRY_PERIOD_S):
+                self._emit(m.Alive())
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
@@ -259,6 +265,7 @@ class EngineCore:
                 lease,
                 progress=msg.progress,
                 previews=tuple(msg.previews),
+                owner=msg.owner,
             )
             self.scheduler.enqueue(job)
             return
@@ -323,7 +330,7 @@ class EngineCore:
                 self._emit(m.LoadFailed(key, failure))
                 for sub in pending.jobs:
                     self._emit(m.Failed(sub.job_id, failure))
-                self._load_failed(key, str(exc) or type(exc).__name__)
+                self._load_failed(key, str(exc) or type(exc).__name__, _public(exc))
 
     def _loaded_ok(self, key: ModelKey) -> None:
         if key in self._startup:
@@ -337,19 +344,21 @@ class EngineCore:
             # The default model failed at start-up and has now loaded on a request.
             self._set_ready()
 
-    def _load_failed(self, key: ModelKey, message: str) -> None:
+    def _load_failed(self, key: ModelKey, message: str, public: bool = False) -> None:
         if key not in self._startup:
             return
         self._startup.discard(key)
+        # /readyz is unauthenticated: the cause (paths, hub URLs) stays in the log, unless it
+        # is one of this package's own configuration refusals (`_public`).
+        cause = f": {message}" if public else " (the server log has the cause)"
         if key == self.default_key:
             log.error("default model failed to load: %s", message)
             self._startup = set()
             self._startup_done = True
-            self._status(f"loading {key.variant_id} failed: {message}")
+            self._status(f"loading {key.variant_id} failed{cause}")
             return
-        warning = f"preloading {key.variant_id} failed: {message}"
-        log.warning(warning)
-        self._warnings.append(warning)
+        log.warning("preloading %s failed: %s", key.variant_id, message)
+        self._warnings.append(f"preloading {key.variant_id} failed{cause}")
         self._maybe_started()
 
     def _maybe_started(self) -> None:
@@ -412,9 +421,11 @@ class EngineCore:
             self._compile_and_warm(loaded)
         except Exception as exc:
             uncompile(loaded)
-            warning = f"QDS_COMPILE=auto: compiling failed, serving eager ({exc!r})"[:300]
-            log.warning(warning)
-            self._warnings.append(warning)
+            log.warning("QDS_COMPILE=auto: compiling failed, serving eager (%r)", exc)
+            self._warnings.append(
+                f"QDS_COMPILE=auto: compiling failed ({type(exc).__name__}), serving eager "
+                "(the server log has the cause)"
+            )
             return False
         return True
 
@@ -543,13 +554,24 @@ def _plan_card(plan: dict[str, Any] | None) -> dict[str, Any] | None:
     return plan_card(plan)
 
 
+def _public(exc: BaseException) -> bool:
+    """A load failure whose text is this package's own configuration refusal (a backend
+    this machine cannot run, QDS_LORAS on a backend without LoRA): no paths, no hosts, and
+    it says what to change, so clients and /readyz may see it."""
+    from quantization.backends import BackendUnavailable as Unavailable
+
+    return isinstance(exc, (Unavailable, lora.LoraUnsupported))
+
+
 def _load_failure(key: ModelKey, exc: BaseException) -> Failure:
     """A failed load as the typed failure its waiters get."""
     from quantization.backends import BackendUnavailable as Unavailable
 
     if isinstance(exc, Unavailable):
         return BackendUnavailable(str(exc), param="quant_backend")
-    return ModelLoadFailed(f"loading {key.variant_id} failed: {str(exc) or type(exc).__name__}")
+    if isinstance(exc, lora.LoraUnsupported):
+        return ModelLoadFailed(f"loading {key.variant_id} failed: {exc}")
+    return load_failed(key.variant_id, str(exc) or type(exc).__name__)
 
 
 def _resident_bytes() -> int | None:

@@ -20,15 +20,25 @@ def _rebuild(cls: type[Failure], state: dict[str, Any]) -> Failure:
 
 
 class Failure(Exception):
-    """Base: a message for the client, the request field at fault, a machine-readable code."""
+    """Base: a message for the client, the request field at fault, a machine-readable code,
+    and `detail`: the full text behind it (torch's allocator line, a load's exception), for
+    the log only: the HTTP side logs it with the request id and never sends it."""
 
     default_code: str = "error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.detail = detail
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exception's own pickling replays positional args only: keep param, code and the
@@ -37,9 +47,14 @@ class Failure(Exception):
 
 
 class EngineUnavailable(Failure):
-    """The engine process died, hung or is restarting: requests in flight cannot finish."""
+    """The engine process died, hung or is restarting: requests in flight cannot finish.
+    Retryable: `retry_after` (seconds) becomes the 503's Retry-After."""
 
     default_code = "engine_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(Failure):
@@ -83,10 +98,21 @@ class EngineError(Exception):
 
 
 def out_of_memory(detail: str) -> OutOfMemory:
-    """A batch ran out of device memory; `detail` is torch's first line."""
+    """A batch ran out of device memory; `detail` is torch's first line (for the log: it
+    names devices and allocator figures)."""
     return OutOfMemory(
-        f"out of memory while generating ({detail}); memory was released and the service "
-        "keeps serving: retry with fewer images, a smaller size or a smaller quant type"
+        "out of memory while generating this batch; memory was released and the service "
+        "keeps serving: retry with fewer images, a smaller size or a smaller quant type",
+        detail=detail,
+    )
+
+
+def load_failed(variant_id: str, detail: str) -> ModelLoadFailed:
+    """A model load failed; `detail` (the exception's text: paths, hub URLs) is for the log."""
+    return ModelLoadFailed(
+        f"loading the model variant {variant_id} failed on the server; retry later, or use "
+        "another variant (the server log has the cause under this request's id)",
+        detail=detail,
     )
 
 

@@ -52,6 +52,9 @@ class Submit:
     progress: bool = False
     # Send a `Preview` of the latents after each of these steps (partial images).
     previews: tuple[int, ...] = ()
+    # Who sent it (an API key's position, "" without keys): queued jobs are admitted in turn
+    # across owners (engine.scheduler).
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,8 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Alive:
-    """The loop is turning with work in hand (sent once per telemetry period when nothing
-    else is): what the HTTP side's stall watchdog waits for."""
+    """The loop is turning (sent once per telemetry period when nothing else is, with work in
+    hand or idle): what the HTTP side's stall watchdog waits for."""
 
 
 @dataclass(frozen=True)

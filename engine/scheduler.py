@@ -26,7 +26,7 @@ import collections
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,7 @@ class Job:
     lease: Lease
     progress: bool = False
     previews: tuple[int, ...] = ()
+    owner: str = ""  # who sent it: the queue is served in turn across owners
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float = 0.0
     state: str = "queued"  # queued -> running -> done | failed | cancelled
@@ -88,6 +89,22 @@ class Job:
         if not self._closed:
             self._closed = True
             self.lease.release()
+
+
+def fair_order(queue: Iterable[Job], last_admitted: dict[str, int] | None = None) -> list[Job]:
+    """The queue in turn across owners: each owner's first job, then each one's second, and
+    so on; FIFO within an owner. Owners take their turns least recently served first
+    (`last_admitted`: owner -> a counter value at its last admission), then in the order they
+    first appear. With one owner (no API keys) this is the queue itself."""
+    by_owner: dict[str, list[Job]] = {}
+    for job in queue:
+        by_owner.setdefault(job.owner, []).append(job)
+    if len(by_owner) <= 1:
+        return list(queue)
+    served = last_admitted or {}
+    owners = sorted(by_owner, key=lambda o: served.get(o, -1))  # stable: first appearance
+    lists = [by_owner[o] for o in owners]
+    return [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
 
 
 @dataclass(eq=False)
@@ -134,6 +151,7 @@ class Scheduler:
         self.max_running = max_running
         self.queue: collections.deque[Job] = collections.deque()
         self.running: list[Running] = []
+        self._served: dict[str, int] = {}  # owner -> started_jobs at its last admission
         self._turn = 0
         self._stepping = False
         self._current: Running | None = None  # the batch being stepped
@@ -227,12 +245,13 @@ class Scheduler:
 
     # -- the step boundary -----------------------------------------------------------------
     def admit(self) -> None:
-        """Move queued jobs into running batches (FIFO; a job that must wait keeps its place,
-        later ones of another kind may pass it)."""
+        """Move queued jobs into running batches (FIFO within an owner, in turn across owners:
+        one owner's long queue does not keep another's next job waiting behind it; a job that
+        must wait keeps its place, later ones of another kind may pass it)."""
         if not self.queue:
             return
         now = time.perf_counter()
-        for job in list(self.queue):
+        for job in fair_order(self.queue, self._served):
             try:
                 # One forward runs with one LoRA adapter set: it is part of every batch kind.
                 kind = (self.kind_of(job.loaded, job.request), job.request.lora)
@@ -338,6 +357,7 @@ class Scheduler:
         job.started_at = now
         run.jobs[job.job_id] = job
         self.started_jobs += 1
+        self._served[job.owner] = self.started_jobs
         queued = now - job.enqueued_at
         if self.metrics is not None:
             self.metrics.queue_wait.labels(job.key.backend).observe(queued)

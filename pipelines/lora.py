@@ -57,6 +57,11 @@ class LoraError(RuntimeError):
     """An adapter cannot be declared, loaded or applied; the message says what to change."""
 
 
+class LoraUnsupported(LoraError):
+    """QDS_LORAS on a backend that cannot take a LoRA: a configuration refusal whose message
+    is this package's own text (no paths), so /readyz may show it."""
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """One `QDS_LORAS` entry: `name=source`, where source is a .safetensors file, a folder,
@@ -395,7 +400,7 @@ def check_declared(loras: str, backend: str, quant_type: str | None) -> None:
         return  # nothing declared, or "auto": checked per component once the plan is made
     if reason := BACKENDS[backend].lora_unsupported_reason(quant_type):
         what = f"{backend} {quant_type}" if quant_type else backend
-        raise LoraError(f"QDS_LORAS is set but backend {what} cannot take a LoRA: {reason}")
+        raise LoraUnsupported(f"QDS_LORAS is set but backend {what} cannot take a LoRA: {reason}")
 
 
 def refuse_unsupported(loaded: LoadedPipeline) -> None:
@@ -414,7 +419,9 @@ def refuse_unsupported(loaded: LoadedPipeline) -> None:
             continue  # "auto" itself: its components were added from the plan above
         if reason := backend.lora_unsupported_reason(qtype):
             what = f"{key} {qtype}" if qtype else key
-            raise LoraError(f"QDS_LORAS is set but backend {what} cannot take a LoRA: {reason}")
+            raise LoraUnsupported(
+                f"QDS_LORAS is set but backend {what} cannot take a LoRA: {reason}"
+            )
 
 
 def adapters_of(loaded: LoadedPipeline) -> LoraAdapters | None:

@@ -20,9 +20,12 @@ from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.routes import ROUTERS
 from service.routes import playground as playground_routes
-from service.settings import ServiceSettings
+from service.settings import SHUTDOWN_MARGIN_S, ServiceSettings
 
 log = logging.getLogger("qdserve.app")
+
+# The engine's share of SHUTDOWN_MARGIN_S (EngineClient.stop adds about 2 s to it).
+ENGINE_STOP_S = SHUTDOWN_MARGIN_S - 4
 
 DESCRIPTION = """
 Image generation with Hugging Face diffusers pipelines quantized by the backend named in
@@ -57,7 +60,10 @@ def create_app(
             # uvicorn has already waited for in-flight requests (timeout_graceful_shutdown);
             # anything still queued is answered 503, a running batch finishes, then the
             # engine exits.
-            await asyncio.to_thread(state.stop, service.shutdown_timeout)
+            # What was still running at the deadline was answered and cancelled
+            # (service.server), so the engine gets a short, fixed time: the whole shutdown
+            # stays within QDS_SHUTDOWN_TIMEOUT + SHUTDOWN_MARGIN_S.
+            await asyncio.to_thread(state.stop, ENGINE_STOP_S)
 
     app = FastAPI(
         title="qdserve",

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 from engine.client import EngineClient
 from engine.compiling import compile_denoiser, default_warmup
 from engine.core import EngineConfig, EngineHooks
+from engine.failures import ShuttingDown
 from engine.keys import ModelKey
 from pipelines.loader import load_pipeline
 from quantization.environment import resolve_device
 from quantization.settings import QuantSettings
+from service.auth import client_key
 from service.metrics import Metrics
 from service.outputs import Outcome, RequestHandle, StreamBuffer
 from service.processor import ImageParams, Processor
@@ -80,12 +82,15 @@ class ServiceState:
             mode=self.settings.engine,
             metrics=self.metrics,
             max_queue=self.settings.max_queue,
+            max_queue_per_owner=self.settings.per_key_limit() if self.settings.api_keys else None,
         )
         # GPU gauges come from the engine's allocator, not this process's.
         self.metrics.gpu_source(self.engine.gpu_readings)
         # /v1/models and request checks read the engine's cache through this mirror.
         self.cache = self.engine.models
         self.processor = Processor(self.settings, self.variants, self.engine)
+        # Edit uploads decoded at once (service.routes.edits).
+        self.decodes = asyncio.Semaphore(self.settings.max_concurrent_decodes)
 
     # -- start-up / shut-down ----------------------------------------------------------
     def start(self) -> None:
@@ -132,6 +137,13 @@ class ServiceState:
     def queue_depth(self) -> int:
         return self.engine.depth()
 
+    def admit(self, request: Request) -> None:
+        """Raise QueueFull (429 + Retry-After) unless this request would be admitted now:
+        checked before any costly work (an upload's decoding), and again at submission."""
+        if not self.engine.accepting:
+            raise ShuttingDown()
+        self.engine.check_room(client_key(request))
+
     # -- the inline engine's internals (QDS_ENGINE=inline: tests, debugging) -------------
     @property
     def core_cache(self) -> ModelCache:
@@ -160,12 +172,20 @@ class ServiceState:
 
     # -- the request path --------------------------------------------------------------
     async def submit(
-        self, params: ImageParams, *, stream: bool = False, partial_images: int = 0
+        self,
+        params: ImageParams,
+        *,
+        owner: str = "",
+        stream: bool = False,
+        partial_images: int = 0,
     ) -> RequestHandle:
         """Process a request into its job spec and queue it in the engine; errors here are
-        ordinary HTTP errors (4xx, the 429). With `stream`, the job's per-step progress and
-        its `partial_images` previews reach the handle's buffer too."""
-        spec = await self.processor.process(params, partial_images=partial_images if stream else 0)
+        ordinary HTTP errors (4xx, the 429). `owner` is who sent it (`client_key`: fair
+        admission across API keys). With `stream`, the job's per-step progress and its
+        `partial_images` previews reach the handle's buffer too."""
+        spec = await self.processor.process(
+            params, owner=owner, partial_images=partial_images if stream else 0
+        )
         buffer = StreamBuffer()
         job = self.engine.submit(
             spec.key,
@@ -174,6 +194,7 @@ class ServiceState:
             allow_load=spec.allow_load,
             on_event=buffer.on_event if stream else None,
             previews=spec.previews,
+            owner=spec.owner,
         )
         return RequestHandle(spec, job, self.engine.cancel, self.settings.request_timeout, buffer)
 
@@ -181,7 +202,7 @@ class ServiceState:
         """Serve one request in one piece, counted in qds_inflight_requests: submit it and
         await its encoded result (withdrawn if the client leaves or the deadline passes)."""
         with self.metrics.inflight.track_inprogress():
-            handle = await self.submit(params)
+            handle = await self.submit(params, owner=client_key(request))
             return await handle.result(request)
 
 

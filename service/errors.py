@@ -100,7 +100,12 @@ def to_api_error(exc: Failure) -> APIError:
         (HTTP_MAPPING[cls] for cls in type(exc).__mro__ if cls in HTTP_MAPPING),
         HttpMapping(500, "internal"),
     )
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+    if getattr(exc, "detail", ""):
+        # The full text (allocator dump, a load's exception) goes to the log, with the
+        # request id from the log context; the client gets the message alone.
+        log.error("%s: %s (detail: %s)", exc.code, exc.message, exc.detail)
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
     return APIError(
         mapping.status,
         exc.message,

@@ -148,6 +148,12 @@ class Metrics:
             "Times the engine process died and was started again",
             registry=r,
         )
+        self.engine_stalls = Counter(
+            "qds_engine_stalls",
+            "Times the watchdog found the engine hung (no sign of life for "
+            "QDS_ENGINE_STALL_TIMEOUT, or a load over QDS_MODEL_LOAD_TIMEOUT) and killed it",
+            registry=r,
+        )
         self.engine_memory = Gauge(
             "qds_engine_resident_memory_bytes",
             "Resident memory of the engine process (the pipelines live there)",

@@ -8,6 +8,7 @@ endpoint's client-disconnect detection.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ from engine.logs import request_id_var
 from service.outputs import ClientGone
 from service.protocol import error_body
 from service.settings import ServiceSettings
+from service.streaming import sse
 
 log = logging.getLogger("qdserve.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -45,20 +47,45 @@ class RequestContextMiddleware:
         token = request_id_var.set(rid)
         status = 500
         response_started = False
+        response_complete = False
+        event_stream = False
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, response_complete, event_stream
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = rid
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = rid
+                event_stream = headers.get("content-type", "").startswith("text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                response_complete = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except ClientGone:
             status = CLIENT_CLOSED
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when QDS_SHUTDOWN_TIMEOUT runs out (at once
+            # with 0): a request reading or decoding its upload, encoding its result, or any
+            # request uvicorn got to first. It would write a plain-text 500; answer in the API's
+            # shape instead, then let the task end quietly (uvicorn is only ending it).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if not response_started:
+                status = 503
+                await _send_json(send, 503, _shutting_down_body(rid), rid)
+            elif event_stream and not response_complete:
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": sse("error", _shutting_down_body(rid)),
+                        "more_body": False,
+                    }
+                )
         except Exception:
             log.exception("internal error (request id %s)", rid)
             state = getattr(scope.get("app"), "state", None)
@@ -104,6 +131,16 @@ class RequestContextMiddleware:
                     extra=extra,
                 )
             request_id_var.reset(token)
+
+
+def _shutting_down_body(rid: str) -> dict[str, Any]:
+    return error_body(
+        "the server is shutting down and this request could not finish in time "
+        "(QDS_SHUTDOWN_TIMEOUT); retry on another replica",
+        type="server_error",
+        code="shutting_down",
+        request_id=rid,
+    )
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], rid: str) -> None:

@@ -9,6 +9,7 @@ immutable `JobSpec` once, in the HTTP process. The engine takes it as final.
                                                 a round trip only for a variant still loading)
               resolve                          (size, steps, guidance, seed, strength filled)
               check_lora_variant, preview_steps
+              (and the queue's room for this client: the 429 before any wait)
          -> JobSpec                             (submitted as it is; nothing below fills it)
 
 Rules that hold whatever the configuration are in the pydantic protocol (so the OpenAPI
@@ -262,7 +263,7 @@ def _edit_size(
     scaled to fit QDS_MAX_PIXELS (`edit.auto_size`), a lone side completed by the input's
     aspect ratio; never the model's default size."""
     assert params.edit is not None
-    in_w, in_h = params.edit.image.size
+    in_w, in_h = params.edit.input_size
     multiple = defaults.size_multiple
     width, height = params.width, params.height
     if width is None and height is None:
@@ -297,6 +298,7 @@ class JobSpec:
     output_compression: int | None
     previews: tuple[int, ...]  # steps after which a streamed request gets a partial image
     deadline: float  # time.monotonic() by which it must be answered
+    owner: str = ""  # who sent it (an API key's position): fair admission across keys
 
     @property
     def seeds(self) -> list[int]:
@@ -311,7 +313,9 @@ class Processor:
         self.variants = variants
         self.engine = engine
 
-    async def process(self, params: ImageParams, *, partial_images: int = 0) -> JobSpec:
+    async def process(
+        self, params: ImageParams, *, owner: str = "", partial_images: int = 0
+    ) -> JobSpec:
         deadline = time.monotonic() + self.settings.request_timeout
         check_limits(params, self.settings)
         key, variant = self.variants.select(params.model, params.quant_backend, params.quant_type)
@@ -326,6 +330,9 @@ class Processor:
             raise self.not_loaded(key)
         if not self.engine.accepting:
             raise ShuttingDown()
+        # Refused (429) before a model load is waited for (and, for edits, before the upload
+        # is decoded: routes.edits checks the same room itself first).
+        self.engine.check_room(owner)
         try:
             defaults = await asyncio.wait_for(
                 self.engine.ensure_loaded(key, variant, allow_load=allowed),
@@ -349,6 +356,7 @@ class Processor:
             output_compression=params.output_compression,
             previews=preview_steps(int(request.num_inference_steps or 0), partial_images),
             deadline=deadline,
+            owner=owner,
         )
 
     def not_loaded(self, key: ModelKey) -> ModelNotLoaded:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,10 @@ import uvicorn
 from engine.logs import configure_logging
 from quantization.settings import QuantSettings
 from service.app import create_app
+from service.auth import no_auth_warning
 from service.settings import ServiceSettings
+
+log = logging.getLogger("qdserve.server")
 
 
 def uvicorn_config(app: Any, settings: ServiceSettings, *, host: str, port: int) -> uvicorn.Config:
@@ -45,8 +49,10 @@ class Server(uvicorn.Server):
     """uvicorn's server, except that requests still unfinished near the graceful-shutdown
     deadline get an OpenAI-shaped 503 `shutting_down` instead of the plain-text 500 uvicorn
     writes for the tasks it cancels. (uvicorn has no hook for this: its `shutdown` waits for
-    the tasks, then cancels them.) With QDS_SHUTDOWN_TIMEOUT=0 there is no time to answer:
-    uvicorn cancels at once."""
+    the tasks, then cancels them.) A request in a stage that waits on no engine job (an upload
+    being read or decoded, a result being encoded), or any request with
+    QDS_SHUTDOWN_TIMEOUT=0, is cancelled by uvicorn; `RequestContextMiddleware` answers those
+    with the same 503 (or an SSE `error` event when the stream had begun)."""
 
     def __init__(self, config: uvicorn.Config, on_deadline: Callable[[], object]) -> None:
         super().__init__(config)
@@ -58,6 +64,11 @@ class Server(uvicorn.Server):
         if timeout:
             delay = max(0.0, timeout - min(DEADLINE_MARGIN_S, timeout / 2))
             handle = asyncio.get_running_loop().call_later(delay, self.on_deadline)
+        else:
+            # No time to wait: answer what waits on the engine now (its handlers write their
+            # 503 while uvicorn closes the listeners); whatever uvicorn then cancels (uploads,
+            # encoding) is answered by the request middleware.
+            self.on_deadline()
         try:
             await super().shutdown(sockets)
         finally:
@@ -76,4 +87,8 @@ def serve(host: str, port: int) -> None:
     service = ServiceSettings()
     configure_logging(service.log_level, service.log_format)
     app = create_app(QuantSettings(), service)
+    warning = no_auth_warning(host, bool(service.api_keys))
+    if warning:
+        log.warning("%s", warning)
+        app.state.qds.warnings.append(warning)
     server_for(app, service, host=host, port=port).run()

@@ -10,7 +10,7 @@ import re
 from functools import cached_property
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quantization.planning.units import parse_bytes, parse_optional_bytes
@@ -33,6 +33,15 @@ class ServiceSettings(BaseSettings):
         default=32,
         ge=1,
         description="Requests admitted and waiting for the engine (beyond it: 429 + Retry-After).",
+    )
+    max_queue_per_key: int = Field(
+        default=0,
+        ge=0,
+        description="Requests one API key may have waiting (beyond it: 429 + Retry-After for "
+        "that key while others still have room); waiting requests reach the engine in turn "
+        "across keys. 0 = auto: three quarters of QDS_MAX_QUEUE, so one key can never hold "
+        "the whole queue. Applies only with QDS_API_KEYS (no keys: one client, the whole "
+        "queue).",
     )
     request_timeout: float = Field(
         default=300.0, gt=0, description="Seconds a request may wait + run before a 504."
@@ -75,7 +84,10 @@ class ServiceSettings(BaseSettings):
         default=None, ge=1, description="Steps when a request names none (model default if unset)."
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Comma list of accepted bearer keys; empty = no auth."
+        default_factory=list,
+        description="Comma list of accepted bearer keys; unset = no auth (a warning at start "
+        "on a non-loopback address, and on /readyz). Set but holding no key (empty, ' , ') "
+        "refuses to start.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR (WARNING hides access lines)."
@@ -103,13 +115,23 @@ class ServiceSettings(BaseSettings):
         "stream; not measured there).",
     )
     engine_stall_timeout: float = Field(
-        default=600.0,
+        default=60.0,
         ge=0,
-        description="Seconds the engine process may go without any sign of progress while "
-        "requests run before it is taken as hung: killed, its requests answered 503, and "
-        "restarted (like a crash). Must exceed the longest single denoising step (and, for "
-        "pipelines without step-level batching, a whole pipeline call); 0 turns it off, "
-        "otherwise at least 2 (the engine reports in once a second).",
+        description="Seconds the engine process may go without any sign of life (it reports "
+        "in once a second while it has work, every few seconds when idle) before it is taken "
+        "as hung (stopped, deadlocked, a step that never returns): readiness 503 at once, "
+        "waiting requests 503 engine_unavailable with Retry-After, the engine killed and "
+        "restarted. Must exceed the longest single denoising step (a first compile of a new "
+        "shape included) and be shorter than QDS_REQUEST_TIMEOUT; 0 turns it off, otherwise "
+        "at least 2.",
+    )
+    model_load_timeout: float = Field(
+        default=1800.0,
+        ge=0,
+        description="Seconds one model load (hub download, quantization, compile and warm-up "
+        "included) may take before it is taken as hung: its waiters get 503 and the engine is "
+        "restarted (loads run one at a time, so a hung one would block every later one); "
+        "raise it for a first download of a large model over a slow link; 0 turns it off.",
     )
     engine: Literal["process", "inline"] = Field(
         default="process",
@@ -167,7 +189,15 @@ class ServiceSettings(BaseSettings):
         default=30.0,
         ge=0,
         description="Seconds a graceful shutdown waits for running / queued requests; 0 = "
-        "do not wait (fractions allowed).",
+        "do not wait (fractions allowed). Whatever is still open then gets a 503 "
+        "shutting_down; the whole shutdown, engine stop included, takes at most this plus "
+        "10 s (the grace period of the manifests allows for that).",
+    )
+    max_concurrent_decodes: int = Field(
+        default=2,
+        ge=1,
+        description="Edit uploads decoded at the same time (each a full-resolution image in "
+        "memory until it is brought to the output size); more wait their turn.",
     )
 
     @field_validator("preload", "warmup_sizes", mode="before")
@@ -178,7 +208,14 @@ class ServiceSettings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys(cls, value: object) -> object:
-        return _split(value)
+        keys = _split(value)
+        if isinstance(value, str) and not keys:
+            # A Secret with an empty value, or a stray comma: keys were meant, none came.
+            raise ValueError(
+                f"QDS_API_KEYS is set but holds no key ({value!r}); set at least one key, or "
+                "unset QDS_API_KEYS to serve without authentication"
+            )
+        return keys
 
     @field_validator("cache_memory_budget", mode="before")
     @classmethod
@@ -228,6 +265,37 @@ class ServiceSettings(BaseSettings):
                 "(the engine reports in once a second)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _stall_below_request_timeout(self) -> ServiceSettings:
+        if "engine_stall_timeout" not in self.model_fields_set:
+            # The default follows a short QDS_REQUEST_TIMEOUT down (tests, small deployments):
+            # 60 s, at most half the request timeout, at least 2 s (off when even that is not
+            # shorter).
+            auto = min(60.0, max(2.0, self.request_timeout / 2))
+            self.engine_stall_timeout = auto if auto < self.request_timeout else 0.0
+            return self
+        stall = self.engine_stall_timeout
+        if stall and stall >= self.request_timeout:
+            raise ValueError(
+                f"QDS_ENGINE_STALL_TIMEOUT={stall:g} must be shorter than "
+                f"QDS_REQUEST_TIMEOUT={self.request_timeout:g}: otherwise a hung engine is "
+                "never detected (each request times out first and leaves the watchdog "
+                "nothing to act on)"
+            )
+        return self
+
+    def per_key_limit(self) -> int:
+        """QDS_MAX_QUEUE_PER_KEY resolved: auto is three quarters of QDS_MAX_QUEUE."""
+        if self.max_queue_per_key:
+            return min(self.max_queue_per_key, self.max_queue)
+        return max(1, (self.max_queue * 3) // 4)
+
+
+# How much longer than QDS_SHUTDOWN_TIMEOUT a shutdown may take: answering what is still open,
+# then stopping the engine (service.server, engine.client.stop); the manifests' grace period
+# allows for it.
+SHUTDOWN_MARGIN_S = 10.0
 
 
 # The `auto` batch limits: on a CPU 8 images per lane (docs/benchmarks/batch-size.md: one

@@ -40,6 +40,7 @@ from pydantic import BaseModel
 
 from engine.failures import Failure
 from engine.messages import Preview, Progress
+from service.auth import client_key
 from service.errors import to_api_error
 from service.outputs import Outcome, RequestHandle
 from service.protocol import (
@@ -210,7 +211,9 @@ async def stream_response(
 ) -> StreamingResponse:
     """Admit the request (errors before the first byte are ordinary HTTP errors), then answer
     with its event stream."""
-    handle = await qds.submit(params, stream=True, partial_images=partial_images)
+    handle = await qds.submit(
+        params, owner=client_key(request), stream=True, partial_images=partial_images
+    )
     request_id = getattr(request.state, "request_id", None)
     model_id = qds.public_id(handle.spec.key)
 

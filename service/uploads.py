@@ -70,10 +70,17 @@ class EditForm:
 
 @dataclass(frozen=True)
 class EditImages:
-    """Decoded, validated uploads: `image` RGB; `mask` "L", 255 where to edit, image-sized."""
+    """Decoded, validated uploads: `image` RGB; `mask` "L", 255 where to edit, image-sized.
+    Both already brought down to what the edit needs (`bound`), so no full-resolution
+    upload is kept here or pickled to the engine; `input_size` is the upload's own size."""
 
     image: Image.Image
     mask: Image.Image | None
+    input_size: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if self.input_size == (0, 0):
+            object.__setattr__(self, "input_size", self.image.size)
 
 
 async def read_edit_form(request: Request, max_upload_bytes: int) -> EditForm:
@@ -141,9 +148,18 @@ def _base(name: str) -> str:
     return name.removesuffix("[]")
 
 
-def decode_edit_images(form: EditForm, max_pixels: int) -> EditImages:
+def decode_edit_images(
+    form: EditForm,
+    max_pixels: int,
+    *,
+    output_size: tuple[int, int] | None = None,
+    fit_pixels: int | None = None,
+) -> EditImages:
     """The image to edit and the mask, decoded and checked (CPU work: call it in a thread
-    for large uploads)."""
+    for large uploads), then brought down to what the edit needs: to `output_size` when the
+    request names it (the pipeline resizes to it anyway), else to at most `fit_pixels`
+    (aspect kept; the output is never larger than QDS_MAX_PIXELS). The full-resolution
+    decode lives only inside this call."""
     if not form.images:
         raise InvalidValue(
             "image is required: the image to edit, as a file part named image (or image[])",
@@ -158,10 +174,30 @@ def decode_edit_images(form: EditForm, max_pixels: int) -> EditImages:
             code="too_many_images",
         )
     image = decode(form.images[0], "image", max_pixels)
+    input_size = image.size
+    target = bound(input_size, output_size, fit_pixels)
     mask = None
     if form.mask is not None:
-        mask = edit_area(decode(form.mask, "mask", max_pixels), image.size)
-    return EditImages(image=flatten(image), mask=mask)
+        mask = edit_area(decode(form.mask, "mask", max_pixels), input_size)
+        if mask.size != target:
+            mask = mask.resize(target, Image.Resampling.NEAREST)  # stays 0 / 255
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.LANCZOS)
+    return EditImages(image=flatten(image), mask=mask, input_size=input_size)
+
+
+def bound(
+    size: tuple[int, int], output_size: tuple[int, int] | None, fit_pixels: int | None
+) -> tuple[int, int]:
+    """The size an upload is kept at: the output size when known, else its own size scaled
+    down (aspect kept) to at most `fit_pixels`; never larger than the upload."""
+    width, height = size
+    if output_size is not None and output_size[0] * output_size[1] < width * height:
+        return output_size
+    if fit_pixels and width * height > fit_pixels:
+        scale = (fit_pixels / (width * height)) ** 0.5
+        return max(1, int(width * scale)), max(1, int(height * scale))
+    return size
 
 
 def decode(data: bytes, field: str, max_pixels: int) -> Image.Image:

@@ -191,13 +191,14 @@ def lora_cards(declared: Sequence[LoraSpec], entry: Any) -> list[dict[str, Any]]
     error = getattr(entry, "lora_error", "")
     out = []
     for spec in declared:
-        card: dict[str, Any] = {"name": spec.name, "source": spec.describe_source()}
+        # No "source": file paths and hub ids are the operator's (QDS_LORAS), not clients'.
+        card: dict[str, Any] = {"name": spec.name}
         if entry is None:
             card["state"] = "not loaded"
         elif error:
             card.update(state="unsupported", reason=error)
         else:
-            card.update(loaded.get(spec.name, {}))
+            card.update({k: v for k, v in loaded.get(spec.name, {}).items() if k != "source"})
             card["state"] = "loaded" if spec.name in loaded else "not loaded"
         out.append(card)
     return out

@@ -293,6 +293,21 @@ def test_compose_schema() -> None:
     jsonschema.Draft201909Validator(schema).validate(_compose())
 
 
+def test_compose_grace_covers_the_shutdown_bound() -> None:
+    """docker stop waits stop_grace_period before SIGKILL: at least the service's whole
+    shutdown (QDS_SHUTDOWN_TIMEOUT's default in the file + SHUTDOWN_MARGIN_S)."""
+    from service.settings import SHUTDOWN_MARGIN_S
+
+    for name in ("qdserve", "qdserve-cpu"):
+        service = _compose()["services"][name]
+        grace = float(str(service["stop_grace_period"]).removesuffix("s"))
+        env = dict(e.split("=", 1) for e in service["environment"] if "=" in e)
+        shutdown = float(
+            re.sub(r"\$\{QDS_SHUTDOWN_TIMEOUT:-(\d+)\}", r"\1", env["QDS_SHUTDOWN_TIMEOUT"])
+        )
+        assert grace >= shutdown + SHUTDOWN_MARGIN_S, (name, grace, shutdown)
+
+
 def test_compose_schema_rejects_garbage() -> None:
     schema = json.loads((DEPLOY / "schemas" / "compose_spec.json").read_text())
     bad = _compose()
@@ -564,7 +579,13 @@ def test_k8s_deployment_production_settings() -> None:
     drain = float(config["data"]["QDS_SHUTDOWN_TIMEOUT"])
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert drain >= timeout
-    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
+    # The whole shutdown takes at most QDS_SHUTDOWN_TIMEOUT + SHUTDOWN_MARGIN_S (engine stop
+    # included): the grace period covers it, and is not far above (a hung pod goes sooner).
+    from service.settings import SHUTDOWN_MARGIN_S
+
+    needed = drain + pre_stop + SHUTDOWN_MARGIN_S
+    assert needed <= pod["terminationGracePeriodSeconds"] <= needed + 30
+    assert float(config["data"]["QDS_ENGINE_STALL_TIMEOUT"]) < timeout
     keys = [e for e in container["env"] if e["name"] == "QDS_API_KEYS"]
     assert keys and keys[0]["valueFrom"]["secretKeyRef"]["name"] == "qdserve-api-keys"
     assert "QDS_API_KEYS" not in config["data"]

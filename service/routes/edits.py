@@ -105,10 +105,31 @@ async def _parse(request: Request, model: type[M]) -> tuple[M, EditImages]:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from None
+    # Admission before decoding: a request that would be refused (429) costs no decode.
+    qds.admit(request)
     # Always in a thread: a few KiB of PNG can hold QDS_MAX_UPLOAD_PIXELS pixels, so the
-    # bytes do not bound the decoding time, and the loop must not wait on it.
-    images = await asyncio.to_thread(decode_edit_images, form, qds.settings.max_upload_pixels)
+    # bytes do not bound the decoding time, and the loop must not wait on it. At most
+    # QDS_MAX_CONCURRENT_DECODES at once: each holds a full-resolution image until it is
+    # brought down to the output size (service.uploads.bound).
+    async with qds.decodes:
+        images = await asyncio.to_thread(
+            decode_edit_images,
+            form,
+            qds.settings.max_upload_pixels,
+            output_size=_output_size(body),
+            fit_pixels=qds.settings.max_pixels,
+        )
     return body, images
+
+
+def _output_size(body: BaseModel) -> tuple[int, int] | None:
+    """The output size the request names (both sides), else None (decided from the input)."""
+    size = getattr(body, "size", None)
+    if size is not None:
+        width, height = parse_size(size)
+    else:
+        width, height = getattr(body, "width", None), getattr(body, "height", None)
+    return (int(width), int(height)) if width and height else None
 
 
 def _params(
@@ -132,7 +153,7 @@ def _params(
 
 
 def _log_fields(images: EditImages) -> dict[str, object]:
-    w, h = images.image.size
+    w, h = images.input_size
     return {"edit": "inpaint" if images.mask is not None else "img2img", "input_size": f"{w}x{h}"}
 
 

@@ -29,6 +29,7 @@ async def readyz(request: Request) -> JSONResponse:
         "model": qds.default_key.variant_id,
         "loaded": qds.loaded_ids(),
         "queue_depth": qds.queue_depth(),
+        "auth": "on" if qds.settings.api_keys else "off",
         "warnings": qds.all_warnings(),
     }
     return JSONResponse(body, status_code=200 if qds.ready else 503)

@@ -159,7 +159,7 @@ def test_models_list_the_declared_adapters(server: Server) -> None:
         card = c.get("/v1/models").json()["data"][0]
     (adapter,) = card["loras"]
     assert adapter["name"] == "orange" and adapter["state"] == "loaded"
-    assert adapter["source"].endswith("demo_weights/lora/orange.safetensors")
+    assert "source" not in adapter  # the adapter's path is the operator's, not clients'
     assert adapter["rank"] == 8 and adapter["components"] == ["transformer"]
     assert 0 < adapter["bytes"] < card["storage_bytes"]
 

@@ -107,8 +107,15 @@ def test_failed_load_reported_to_all_waiters_then_retry_succeeds(server: Server)
         for r in failed:
             assert r.status_code == 503
             err = r.json()["error"]
-            assert err["code"] == "model_load_failed" and "truncated" in err["message"]
+            assert err["code"] == "model_load_failed" and "server log" in err["message"]
+            assert "truncated" not in err["message"]  # the cause is the operator's
         assert not cache.is_loaded(key)  # not cached
+        assert server.qds.cache.is_loaded(server.qds.default_key)  # the default never evicted
+        # Remembered for the back-off: answered at once, no second load attempt.
+        again = _post(server, body)
+        assert again.status_code == 503 and again.json()["error"]["code"] == "model_load_failed"
+        assert cache.load_counts[key] == 1
+        cache._failed.clear()  # the back-off has passed
         retry = _post(server, body)
     finally:
         cache.loader = real
@@ -173,10 +180,11 @@ def test_lru_eviction_under_memory_budget(small: Server) -> None:
     try:
         assert _post(small, {"prompt": "a", "quant_backend": "torchao"}).status_code == 200
         assert _post(small, {"prompt": "a", "quant_backend": "quanto"}).status_code == 200
-        # none was least recently used: evicted to fit quanto under the budget.
-        assert cache.loaded_keys() == [torchao_key, quanto_key]
+        # none was least recently used, but it is the default model: never evicted for an
+        # on-demand load. torchao, the least recently used of the others, made room.
+        assert cache.loaded_keys() == [none_key, quanto_key]
         assert cache.total_bytes() <= cache.memory_budget
-        assert cache.evictions[-1] == none_key
+        assert cache.evictions[-1] == torchao_key
     finally:
         cache.max_entries = 2
         cache.memory_budget = None

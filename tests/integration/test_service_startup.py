@@ -114,9 +114,11 @@ def test_auto_compile_that_fails_serves_eager_with_a_warning(
 
     with running_server(cache_dir, setup=setup, compile="auto") as server, server.client() as c:
         body = c.get("/readyz").json()
+        # The exception's type on /readyz (unauthenticated), its text only in the log.
         assert any(
-            "compiling failed, serving eager" in w and "injected" in w for w in body["warnings"]
+            "compiling failed (RuntimeError), serving eager" in w for w in body["warnings"]
         ), body
+        assert not any("injected" in w for w in body["warnings"]), body
         r = c.post(IMG, json={"prompt": "x", "size": "32x32"})
         assert r.status_code == 200, r.text
 
@@ -141,7 +143,8 @@ def test_failed_startup_load_then_request_retries(cache_dir: Path) -> None:
         while "failed" not in body["reason"]:
             assert time.monotonic() < deadline
             body = c.get("/readyz").json()
-        assert "model_index.json" in body["reason"]
+        # The cause (a path here) is in the log only: /readyz is unauthenticated.
+        assert "model_index.json" not in body["reason"] and "server log" in body["reason"]
         # The failure is not cached: the next request loads again, and succeeds.
         r = c.post(IMG, json={"prompt": "x"})
         assert r.status_code == 200, r.text

@@ -168,10 +168,76 @@ def test_max_batch_auto_resolves_per_device(monkeypatch: pytest.MonkeyPatch) -> 
 def test_engine_stall_timeout_is_off_or_at_least_two_seconds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert ServiceSettings().engine_stall_timeout == 600
+    assert ServiceSettings().engine_stall_timeout == 60
     for ok in ("0", "2", "30.5"):
         monkeypatch.setenv("QDS_ENGINE_STALL_TIMEOUT", ok)
         assert ServiceSettings().engine_stall_timeout == float(ok)
     monkeypatch.setenv("QDS_ENGINE_STALL_TIMEOUT", "1")
     with pytest.raises(ValidationError, match=r"use 0 \(off\) or at least 2 seconds"):
         ServiceSettings()
+
+
+def test_stall_timeout_must_be_shorter_than_the_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stall limit at or over QDS_REQUEST_TIMEOUT never fires (every request times out
+    first): refused with both variables named. Left unset, it follows a short request
+    timeout down."""
+    defaults = ServiceSettings()
+    assert defaults.engine_stall_timeout < defaults.request_timeout
+    assert defaults.engine_stall_timeout <= 60  # a hung engine is found in about a minute
+    monkeypatch.setenv("QDS_ENGINE_STALL_TIMEOUT", "600")
+    with pytest.raises(ValidationError) as info:
+        ServiceSettings()
+    assert "QDS_ENGINE_STALL_TIMEOUT=600 must be shorter than QDS_REQUEST_TIMEOUT=300" in str(
+        info.value
+    )
+    monkeypatch.delenv("QDS_ENGINE_STALL_TIMEOUT")
+    assert ServiceSettings(request_timeout=20).engine_stall_timeout == 10
+    assert ServiceSettings(request_timeout=3).engine_stall_timeout == 2
+    assert ServiceSettings(request_timeout=1).engine_stall_timeout == 0  # too short to tell
+
+
+@pytest.mark.parametrize("value", ["", " , ", ",,"])
+def test_api_keys_set_but_empty_refuse_to_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """An empty Secret or a stray comma must not turn authentication off silently."""
+    monkeypatch.setenv("QDS_API_KEYS", value)
+    with pytest.raises(ValidationError) as info:
+        ServiceSettings()
+    assert "QDS_API_KEYS is set but holds no key" in str(info.value)
+    monkeypatch.delenv("QDS_API_KEYS")
+    assert ServiceSettings().api_keys == []  # unset: no auth, by choice
+
+
+def test_serve_refuses_empty_keys_naming_the_variable(tmp_path: Path) -> None:
+    env = {"QDS_API_KEYS": " , ", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid QDS_API_KEYS" in proc.stderr and "holds no key" in proc.stderr
+
+
+def test_per_key_queue_share() -> None:
+    assert ServiceSettings(max_queue=32).per_key_limit() == 24
+    assert ServiceSettings(max_queue=1).per_key_limit() == 1
+    assert ServiceSettings(max_queue=32, max_queue_per_key=4).per_key_limit() == 4
+    assert ServiceSettings(max_queue=8, max_queue_per_key=40).per_key_limit() == 8
+
+
+def test_no_auth_warning_only_off_loopback() -> None:
+    from service.auth import no_auth_warning
+
+    assert no_auth_warning("127.0.0.1", False) is None
+    assert no_auth_warning("::1", False) is None
+    assert no_auth_warning("localhost", False) is None
+    assert no_auth_warning("0.0.0.0", True) is None
+    warning = no_auth_warning("0.0.0.0", False)
+    assert warning is not None and "QDS_API_KEYS" in warning and "0.0.0.0" in warning
