@@ -42,6 +42,7 @@ from pipelines.generate import (
 from pipelines.generate import (
     resolve as fill_defaults,
 )
+from pipelines.step_cache import whole_call_cache
 from pipelines.token_usage import count_usage
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ def edit_key(loaded: LoadedPipeline, req: EditRequest) -> tuple[Any, ...]:
         r.strength,
         r.guidance_scale,
         r.negative_prompt is not None,
+        r.step_cache,  # diffusers' hooks hold one state for the whole call
     )
 
 
@@ -236,7 +238,9 @@ def edit_batch(
             # As generate_batch: Flux's negative prompt only acts through true CFG.
             kwargs["true_cfg_scale"] = max(guidance, 1.5)
 
-    call = call_pipeline(pipe, kwargs, accepts, step_callback)
+    # diffusers' FirstBlockCache hooks for the call (pipelines.step_cache.whole_call_cache).
+    with whole_call_cache(pipe, first.step_cache):
+        call = call_pipeline(pipe, kwargs, accepts, step_callback)
     out_images = call.images
 
     results = []

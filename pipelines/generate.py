@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.lora import activate as activate_lora
 from pipelines.lora import adapters_of
+from pipelines.step_cache import whole_call_cache
 from pipelines.token_usage import TokenUsage, count_usage
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ class GenerationRequest:
     # normalize_selection` orders them: part of every batch key, since one forward runs with
     # one adapter set.
     lora: tuple[tuple[str, float], ...] = ()
+    # Step caching for this request (`pipelines.step_cache`: "off" or e.g. "fbcache:0.2", in
+    # canonical form); the service fills QDS_STEP_CACHE when the request names none. Per
+    # sample in the step loop (not part of its step key); part of the whole-call batch key.
+    step_cache: str = "off"
 
 
 @dataclass
@@ -93,6 +98,7 @@ def _resolved_key(req: GenerationRequest) -> tuple[Any, ...]:
         req.guidance_scale,
         req.negative_prompt is not None,
         req.lora,
+        req.step_cache,
     )
 
 
@@ -234,7 +240,9 @@ def generate_batch(
             # through true CFG, so turn it on when one is given.
             kwargs["true_cfg_scale"] = max(guidance, 1.5)
 
-    call = call_pipeline(pipe, kwargs, accepts, step_callback)
+    # diffusers' hooks: one call is one batch whose samples start and end together.
+    with whole_call_cache(pipe, first.step_cache):
+        call = call_pipeline(pipe, kwargs, accepts, step_callback)
     images = call.images
 
     results = []
