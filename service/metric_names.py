@@ -25,6 +25,7 @@ COUNTERS = (
     "qds_prompt_cache_hits_total",
     "qds_prompt_cache_misses_total",
     "qds_engine_restarts_total",
+    "qds_step_cache_blocks_total",  # outcome: computed, skipped
 )
 GAUGES = (
     "qds_queue_depth",

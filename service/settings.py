@@ -170,6 +170,14 @@ class ServiceSettings(BaseSettings):
         "(diffusers, kohya or PEFT format) or a hub repo id (repo:weight_name picks a file); a "
         "bare name is a shipped adapter (orange: the demo model's). Empty: none.",
     )
+    step_cache: str = Field(
+        default="off",
+        description="Step caching (a request's `step_cache` field overrides it per call): "
+        "`off`, or `fbcache:<threshold>` (first-block cache, threshold `0`..`1`; e.g. "
+        "`fbcache:0.2`): per sample in the Flux step loop, diffusers' FirstBlockCache hooks "
+        "for whole-call pipelines and edits (not applied where the denoiser is compiled). "
+        "Speed and quality per threshold: docs/quality.md.",
+    )
     shutdown_timeout: float = Field(
         default=30.0,
         ge=0,
@@ -215,6 +223,13 @@ class ServiceSettings(BaseSettings):
         from pipelines.lora import parse_loras
 
         return [spec.name for spec in parse_loras(self.loras)]
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache(cls, value: str) -> str:
+        from pipelines.step_cache import canonical
+
+        return canonical(value)  # raises ValueError naming the grammar
 
     @field_validator("warmup_sizes")
     @classmethod
