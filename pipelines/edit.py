@@ -239,7 +239,7 @@ def edit_batch(
             kwargs["true_cfg_scale"] = max(guidance, 1.5)
 
     # diffusers' FirstBlockCache hooks for the call (pipelines.step_cache.whole_call_cache).
-    with whole_call_cache(pipe, first.step_cache):
+    with whole_call_cache(pipe, first.step_cache, cfg=first.negative_prompt is not None):
         call = call_pipeline(pipe, kwargs, accepts, step_callback)
     out_images = call.images
 

@@ -241,7 +241,7 @@ def generate_batch(
             kwargs["true_cfg_scale"] = max(guidance, 1.5)
 
     # diffusers' hooks: one call is one batch whose samples start and end together.
-    with whole_call_cache(pipe, first.step_cache):
+    with whole_call_cache(pipe, first.step_cache, cfg=first.negative_prompt is not None):
         call = call_pipeline(pipe, kwargs, accepts, step_callback)
     images = call.images
 

@@ -308,14 +308,17 @@ def cached_forward(
         state.skipped += images - done
         counts.computed += images * HEAD_BLOCKS + done * n_tail
         counts.skipped += (images - done) * n_tail
-    return _part(transformer, "out")(transformer, final, temb)
+    # Contiguous whichever way `final` was built: the tail's own output is a view into the
+    # single blocks' joint text+image sequence, and a compiled part guards on strides (a
+    # recompile at the first mixed step was measured without this).
+    return _part(transformer, "out")(transformer, final.contiguous(), temb)
 
 
 # -- whole-call pipelines -------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def whole_call_cache(pipe: Any, setting: str | None) -> Iterator[None]:
+def whole_call_cache(pipe: Any, setting: str | None, *, cfg: bool = False) -> Iterator[None]:
     """diffusers' own FirstBlockCache hooks around one whole pipeline call (SD3, SDXL's UNet
     has none: left uncached; Flux edits): a call's samples start and end together, which is
     what the hooks' single state per module assumes. Removed after the call, so the next
@@ -335,11 +338,26 @@ def whole_call_cache(pipe: Any, setting: str | None) -> Iterator[None]:
         )
         yield
         return
+    # The hooks keep their state per cache context. FluxPipeline and SD3's pipeline set one per
+    # forward kind ("cond", "uncond"); diffusers 0.42's Flux img2img / inpaint set none (the
+    # hooks then refuse to run), so the call gets one context of its own here, which is only
+    # right when there is one forward kind: with true CFG (a negative prompt) it runs uncached.
+    own_contexts = _sets_cache_context(pipe)
+    if not own_contexts and cfg:
+        log.warning(
+            "step cache %s not applied to this %s call: it sets no cache context per forward "
+            "kind and a negative prompt adds a second one; the call runs uncached",
+            spec,
+            type(pipe).__name__,
+        )
+        yield
+        return
     from diffusers.hooks import FirstBlockCacheConfig
 
     denoiser.enable_cache(FirstBlockCacheConfig(threshold=spec.threshold))
     try:
-        yield
+        with contextlib.nullcontext() if own_contexts else denoiser.cache_context("call"):
+            yield
     finally:
         denoiser.disable_cache()
 
@@ -347,3 +365,13 @@ def whole_call_cache(pipe: Any, setting: str | None) -> Iterator[None]:
 def _is_compiled(module: Any) -> bool:
     """nn.Module.compile() on the module itself or on any block (either QDS_COMPILE_SCOPE)."""
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+def _sets_cache_context(pipe: Any) -> bool:
+    """Whether the pipeline's __call__ opens the denoiser's cache contexts itself."""
+    import inspect
+
+    try:
+        return "cache_context" in inspect.getsource(type(pipe).__call__)
+    except (OSError, TypeError):
+        return False

@@ -42,7 +42,9 @@ def loaded() -> LoadedPipeline:
     return load_pipeline(QuantSettings(quant_backend="none", device="cpu"))
 
 
-def _req(loaded: LoadedPipeline, prompt: str, seed: int, steps: int, **kw: Any) -> GenerationRequest:
+def _req(
+    loaded: LoadedPipeline, prompt: str, seed: int, steps: int, **kw: Any
+) -> GenerationRequest:
     return resolve(
         loaded.defaults,
         GenerationRequest(prompt, seed=seed, num_inference_steps=steps, **kw),
@@ -226,3 +228,34 @@ def test_compiled_cache_meets_no_compile_after_warm_up() -> None:
         assert counters["frames"]["total"] == frames, "a sub-batch met a compile after warm-up"
     finally:
         compiling.uncompile(loaded)
+
+
+def test_edits_use_diffusers_hooks_for_the_call(loaded: LoadedPipeline) -> None:
+    """Whole-call edits: diffusers' FirstBlockCache for the call, removed after it (threshold
+    0 computes every step: the uncached image; the next uncached call is unchanged)."""
+    from PIL import Image
+
+    from pipelines import edit
+
+    image = Image.new("RGB", (32, 32), (255, 255, 255))
+    req = edit.resolve(
+        loaded.defaults,
+        edit.EditRequest(
+            prompt="a blue square on the left",
+            image=image,
+            num_inference_steps=12,
+            seed=3,
+            width=32,
+            height=32,
+            strength=1.0,
+        ),
+    )
+
+    def run(cache: str) -> GenerationResult:
+        return edit.edit_batch(loaded, [replace(req, step_cache=cache)])[0]
+
+    base = run("off")
+    assert _diff(run("fbcache:0"), base) == 0
+    assert _diff(run("fbcache:1"), base) > 0
+    assert _diff(run("off"), base) == 0
+    assert edit.edit_key(loaded, req) != edit.edit_key(loaded, replace(req, step_cache="fbcache:1"))
