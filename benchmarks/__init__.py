@@ -3,8 +3,8 @@
 Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
 
 Subcommands: matrix, overhead, load, peer, batch-size, batching, compile, compile-serving,
-gpu-report, streaming, quality, lora, all. `all` clears docs/benchmarks/ (keeping the recorded
-GPU runs, `gpu-h*-run*/`, `peer-nvidia-*`) and regenerates everything.
+gpu-report, streaming, quality, lora, step-cache, all. `all` clears docs/benchmarks/ (keeping
+the recorded GPU runs, `gpu-h*-run*/`, `peer-nvidia-*`) and regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
 
@@ -86,6 +86,12 @@ def _lora(argv: list[str], out: Path, quick: bool) -> Any:
     return lora.main([*argv, "--switching", "--rounds", "2" if quick else "20"], out)
 
 
+def _step_cache(argv: list[str], out: Path, quick: bool) -> Any:
+    from benchmarks import step_cache
+
+    return step_cache.main(argv, out, quick)
+
+
 COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "matrix": _matrix,
     "overhead": _serving("overhead"),
@@ -99,6 +105,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "streaming": _streaming,
     "quality": _quality,
     "lora": _lora,
+    "step-cache": _step_cache,
 }
 
 
