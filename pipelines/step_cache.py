@@ -295,14 +295,19 @@ def cached_forward(
         if stream.tail_residual is None:
             stream.head_residual = residual[rows_].clone()
             stream.tail_residual = final[rows_] - hidden[rows_]
+        elif bool(mask.all()):
+            stream.head_residual = residual[rows_].clone()
+            stream.tail_residual = final[rows_] - hidden[rows_]
         else:
-            for i in range(images):
-                row = start + i
-                if mask[i]:
-                    stream.head_residual[i] = residual[row]
-                    stream.tail_residual[i] = final[row] - hidden[row]
-                else:
-                    final[row] = hidden[row] + stream.tail_residual[i]
+            # Computed rows take the new residuals, skipped rows keep theirs and reuse the
+            # cached tail residual (whole-tensor selects: no per-row Python loop).
+            keep = mask.to(hidden.device).view(-1, *([1] * (hidden.dim() - 1)))
+            if bool(mask.any()):
+                stream.head_residual = torch.where(keep, residual[rows_], stream.head_residual)
+                stream.tail_residual = torch.where(
+                    keep, final[rows_] - hidden[rows_], stream.tail_residual
+                )
+            final[rows_] = torch.where(keep, final[rows_], hidden[rows_] + stream.tail_residual)
         done = int(mask.sum())
         state.computed += done
         state.skipped += images - done
