@@ -292,10 +292,7 @@ def cached_forward(
             continue
         mask = compute[start : start + images]
         rows_ = slice(start, start + images)
-        if stream.tail_residual is None:
-            stream.head_residual = residual[rows_].clone()
-            stream.tail_residual = final[rows_] - hidden[rows_]
-        elif bool(mask.all()):
+        if stream.tail_residual is None or bool(mask.all()):
             stream.head_residual = residual[rows_].clone()
             stream.tail_residual = final[rows_] - hidden[rows_]
         else:

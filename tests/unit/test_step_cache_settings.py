@@ -16,7 +16,7 @@ DEFAULTS = ModelDefaults(size=32, steps=4, guidance=3.5, size_multiple=16)
 
 
 def test_setting_is_validated_and_canonical(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ServiceSettings().step_cache == "off"
+    assert ServiceSettings.model_fields["step_cache"].default == "fbcache:0.2"
     assert ServiceSettings(step_cache="FBCache:0.20").step_cache == "fbcache:0.2"
     monkeypatch.setenv("QDS_STEP_CACHE", "fbcache:0.1")
     assert ServiceSettings().step_cache == "fbcache:0.1"
@@ -44,7 +44,8 @@ def test_resolve_takes_the_request_value_else_the_setting() -> None:
         body = ImageGenerationRequest.model_validate({"prompt": "x", "step_cache": asked})
         assert resolve(ImageParams.from_body(body), settings, DEFAULTS).step_cache == asked
     plain = ImageGenerationRequest.model_validate({"prompt": "x"})
-    assert resolve(ImageParams.from_body(plain), ServiceSettings(), DEFAULTS).step_cache == "off"
+    off = ServiceSettings(step_cache="off")
+    assert resolve(ImageParams.from_body(plain), off, DEFAULTS).step_cache == "off"
 
 
 def test_model_card_has_the_setting() -> None:
