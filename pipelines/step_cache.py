@@ -333,10 +333,10 @@ def whole_call_cache(pipe: Any, setting: str | None, *, cfg: bool = False) -> It
     if _is_compiled(denoiser):
         # Hooks swapped into a compiled denoiser would recompile it at request time (and
         # again after they are removed): refused, said in the log, the call runs uncached.
-        log.warning(
-            "step cache %s not applied to this whole pipeline call: its denoiser is compiled "
-            "(QDS_COMPILE); the call runs uncached",
-            spec,
+        _warn_once(
+            (type(pipe).__name__, "compiled"),
+            f"step cache {spec} not applied to {type(pipe).__name__} calls: the denoiser is "
+            "compiled (QDS_COMPILE); they run uncached",
         )
         yield
         return
@@ -346,11 +346,10 @@ def whole_call_cache(pipe: Any, setting: str | None, *, cfg: bool = False) -> It
     # right when there is one forward kind: with true CFG (a negative prompt) it runs uncached.
     own_contexts = _sets_cache_context(pipe)
     if not own_contexts and cfg:
-        log.warning(
-            "step cache %s not applied to this %s call: it sets no cache context per forward "
-            "kind and a negative prompt adds a second one; the call runs uncached",
-            spec,
-            type(pipe).__name__,
+        _warn_once(
+            (type(pipe).__name__, "cfg"),
+            f"step cache {spec} not applied to {type(pipe).__name__} calls with a negative "
+            "prompt: the pipeline sets no cache context per forward kind; they run uncached",
         )
         yield
         return
@@ -377,3 +376,13 @@ def _sets_cache_context(pipe: Any) -> bool:
         return "cache_context" in inspect.getsource(type(pipe).__call__)
     except (OSError, TypeError):
         return False
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    """A refusal is logged once per pipeline class and reason, not on every call."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
