@@ -187,13 +187,16 @@ def test_lora_with_the_cache_on(loaded: LoadedPipeline) -> None:
         lora_mod.activate(loaded, ())
 
 
-def test_compiled_cache_meets_no_compile_after_warm_up() -> None:
-    """QDS_COMPILE (whole denoiser) with QDS_STEP_CACHE on: the warm-up compiles the split
-    forward's parts; then sub-batches of every size compute without a compile, and the
-    images stay within TOL of the eager cached loop."""
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_cache_meets_no_compile_after_warm_up(scope: str) -> None:
+    """QDS_COMPILE (either scope) with QDS_STEP_CACHE on: the warm-up compiles the split
+    forward (its parts for the whole-model scope, the blocks otherwise); then sub-batches of
+    every size compute without a compile, on the main thread and on two lanes, and the images
+    stay within TOL of the eager cached loop."""
     from torch._dynamo.utils import counters
 
     from engine import compiling
+    from engine.lanes import Lanes
 
     loaded = load_pipeline(QuantSettings(quant_backend="none", device="cpu"))
     reqs = [
@@ -207,10 +210,10 @@ def test_compiled_cache_meets_no_compile_after_warm_up() -> None:
     ]
     eager = [_alone(loaded, r) for r in reqs]
     loaded.extra["step_cache"] = CACHE
-    compiling.compile_denoiser(loaded, "model")
+    compiling.compile_denoiser(loaded, scope)
     size = loaded.defaults.size
-    compiling.default_warmup(loaded, [(size, size)])
-    assert step_cache.parts_compiled(loaded.pipeline.transformer)
+    compiling.default_warmup(loaded, [(size, size)], lanes=2)
+    assert step_cache.parts_compiled(loaded.pipeline.transformer) == (scope == "model")
     frames = counters["frames"]["total"]
     try:
         batch = StepBatch(loaded, max_images=8)
@@ -225,6 +228,17 @@ def test_compiled_cache_meets_no_compile_after_warm_up() -> None:
         for i, ref in enumerate(eager[:3]):
             assert _diff(out[str(i)], ref) <= TOL, i
         assert out["0"].timings["cache_skipped"] > 0
+        # Two lanes at once, cached and uncached samples mixed, other batch sizes.
+        pair = [StepBatch(loaded, max_images=8) for _ in range(2)]
+        for i, b in enumerate(pair):
+            b.add_many(
+                [
+                    (f"{i}a", replace(reqs[i], num_images=2 + i)),
+                    (f"{i}b", replace(reqs[2 + i], step_cache="off")),
+                ]
+            )
+        while len(pair[0]) or len(pair[1]):
+            Lanes.get(2).run_or_raise([b.step for b in pair if len(b)])
         assert counters["frames"]["total"] == frames, "a sub-batch met a compile after warm-up"
     finally:
         compiling.uncompile(loaded)
