@@ -306,11 +306,27 @@ def render(data: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def headline(data: dict[str, Any], cache: str = "fbcache:0.2") -> str:
+    """The default setting's row at 28 steps, for docs/benchmarks/README.md."""
+    run = data["runs"].get(GOAL_STEPS)
+    if run is None or cache not in run["throughput"]:
+        return ""
+    t, q = run["throughput"][cache], run["quality"][cache]
+    points = (q["adherence"] - run["quality"]["off"]["adherence"]) * 100
+    return (
+        f"{cache} at {GOAL_STEPS} steps: x{fmt(t['1']['speedup_vs_off'], 2)} img/s at c1, "
+        f"x{fmt(t['16']['speedup_vs_off'], 2)} at c16, adherence {points:+.1f} points, "
+        f"mean PSNR {fmt(q['psnr_mean_db'], 1)} dB"
+    )
+
+
 def rerender(json_path: Path) -> None:
-    """Rewrite a run's .md from its .json (after a change to the rendering)."""
+    """Rewrite a run's .md (and headline) from its .json (after a change to the rendering)."""
     import json
 
     data = json.loads(json_path.read_text())
+    data["headline"] = headline(data)
+    write_json(json_path, data)
     json_path.with_suffix(".md").write_text(render(data))
 
 
@@ -346,6 +362,7 @@ def main(argv: list[str], out: Path, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qds-step-cache-") as tmp:
         meta = run_meta("qdserve bench step-cache" + (" --quick" if quick else ""))
         data = {"meta": meta, **measure(out, quick, Path(tmp))}
+    data["headline"] = headline(data)
     write_json(out / "step-cache.json", data)
     (out / "step-cache.md").write_text(render(data))
     if not quick and out.resolve() == (REPO / "docs" / "benchmarks").resolve():
