@@ -119,6 +119,7 @@ def uncompile(loaded: LoadedPipeline) -> None:
                 # What nn.Module.compile() sets, on the denoiser (model) or on each block.
                 if getattr(sub, "_compiled_call_impl", None) is not None:
                     sub._compiled_call_impl = None
+            step_cache.forget_parts(module)  # the step cache's split forward, if compiled
     torch._dynamo.reset()
 
 

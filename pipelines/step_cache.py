@@ -223,6 +223,11 @@ def compile_parts(transformer: Any) -> None:
     }
 
 
+def forget_parts(transformer: Any) -> None:
+    """Back to eager parts (the engine's fallback when a compile or warm-up failed)."""
+    _COMPILED.pop(transformer, None)
+
+
 def parts_compiled(transformer: Any) -> bool:
     return transformer in _COMPILED
 

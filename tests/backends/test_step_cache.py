@@ -242,6 +242,7 @@ def test_compiled_cache_meets_no_compile_after_warm_up(scope: str) -> None:
         assert counters["frames"]["total"] == frames, "a sub-batch met a compile after warm-up"
     finally:
         compiling.uncompile(loaded)
+    assert not step_cache.parts_compiled(loaded.pipeline.transformer)  # eager fallback: all
 
 
 def test_edits_use_diffusers_hooks_for_the_call(loaded: LoadedPipeline) -> None:
