@@ -3,8 +3,8 @@
 Not part of the installed package: run from a qdserve checkout (`--out` picks another folder).
 
 Subcommands: matrix, overhead, load, peer, batch-size, batching, compile, compile-serving,
-gpu-report, streaming, quality, lora, faults (docs/reliability.md), all. `all` clears
-docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h*-run*/`, `peer-nvidia-*`) and
+gpu-report, streaming, quality, lora, faults (docs/reliability.md), step-cache, all. `all`
+clears docs/benchmarks/ (keeping the recorded GPU runs, `gpu-h*-run*/`, `peer-nvidia-*`) and
 regenerates everything.
 Every output carries the machine, versions and date of the run that produced it.
 """
@@ -94,6 +94,12 @@ def _lora(argv: list[str], out: Path, quick: bool) -> Any:
     return lora.main([*argv, "--switching", "--rounds", "2" if quick else "20"], out)
 
 
+def _step_cache(argv: list[str], out: Path, quick: bool) -> Any:
+    from benchmarks import step_cache
+
+    return step_cache.main(argv, out, quick)
+
+
 COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "matrix": _matrix,
     "overhead": _serving("overhead"),
@@ -108,6 +114,7 @@ COMMANDS: dict[str, Callable[[list[str], Path, bool], Any]] = {
     "quality": _quality,
     "lora": _lora,
     "faults": _faults,
+    "step-cache": _step_cache,
 }
 
 

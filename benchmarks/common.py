@@ -390,6 +390,9 @@ def qdserve_server(name: str, log_dir: Path, **env: str) -> Server:
         "QDS_TORCH_THREADS": str(TORCH_THREADS),
         "QDS_MAX_QUEUE": "256",
         "QDS_REQUEST_TIMEOUT": "300",
+        # These benches compare serving with direct uncached calls and with each other; the
+        # step cache (on by default) is measured by `bench step-cache`, which asks for it.
+        "QDS_STEP_CACHE": "off",
         "HF_HUB_OFFLINE": "1",
     }
     server = Server(

@@ -173,6 +173,9 @@ def qdserve_env(settings: Any, threads: int | None) -> dict[str, str]:
     """qdserve's environment: the pipeline and quantization settings, nothing else unless
     pinned. (The bench's own QDS_* variables are not passed on: defaults mean defaults.)"""
     env = {"QDS_MODEL": str(settings.model), "QDS_QUANT_BACKEND": settings.quant_backend}
+    # The peer and the direct call run the uncached pipeline: the same work, the same images
+    # (step caching, on by default, is measured against uncached by `bench step-cache`).
+    env["QDS_STEP_CACHE"] = "off"
     if settings.quant_type:
         env["QDS_QUANT_TYPE"] = settings.quant_type
     if settings.gguf_file:

@@ -20,6 +20,7 @@ SECTIONS = [
     ("gpu", "GPU (NVIDIA H200) denoiser numbers next to the published H100 anchors"),
     ("streaming", "Streaming: overhead at partial_images=2, preview cost, disconnect to free"),
     ("lora", "LoRA on quantized bases: which backends take the demo LoRA; switching cost"),
+    ("step-cache", "Step caching: img/s, PSNR and adherence per threshold (28 and 50 steps)"),
 ]
 
 

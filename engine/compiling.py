@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 from engine.batches import uses_stepping
-from pipelines import lora
+from pipelines import lora, step_cache
 from pipelines.generate import GenerationRequest, backend_choices, generate
 from quantization.backends import ModelLoadError, get_backend
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qdserve.compile")
 
 WARMUP_STEPS = 2
+WARMUP_CACHE = "fbcache:0"  # the split forward, every sample computing
 # Graphs per compiled module: grad mode x thread count (main, lane) x batch (static 1, dynamic) x
 # sizes, LoRA slot on/off. Dynamo's default limit (8) was reached with lanes and two sizes;
 # past it dynamo silently runs the module eagerly.
@@ -117,6 +119,7 @@ def uncompile(loaded: LoadedPipeline) -> None:
                 # What nn.Module.compile() sets, on the denoiser (model) or on each block.
                 if getattr(sub, "_compiled_call_impl", None) is not None:
                     sub._compiled_call_impl = None
+            step_cache.forget_parts(module)  # the step cache's split forward, if compiled
     torch._dynamo.reset()
 
 
@@ -134,11 +137,26 @@ def default_warmup(
         return
     from engine.lanes import Lanes
 
+    # QDS_STEP_CACHE on (the engine notes it in loaded.extra): the split forward requests
+    # will run is warmed up too. A denoiser compiled as one graph cannot run split, so its
+    # parts are compiled as graphs of their own (step_cache.compile_parts); at threshold 0
+    # every sample computes, so each part meets one and two images, as the whole model does,
+    # and dynamo makes their batch dimension dynamic: a sub-batch of any size meets no compile.
+    cached = step_cache.parse(loaded.extra.get("step_cache")) is not None
+    transformer = loaded.pipeline.transformer
+    if cached and getattr(transformer, "_compiled_call_impl", None) is not None:
+        step_cache.compile_parts(transformer)
+
     def loop() -> None:
         for width, height in sizes:
             start = time.perf_counter()
             for images in (1, 2):
                 _run_steps(loaded, _request(width, height, images, adapters))
+                if cached:
+                    _run_steps(
+                        loaded,
+                        replace(_request(width, height, images, adapters), step_cache=WARMUP_CACHE),
+                    )
             log.info("warm-up %dx%d took %.1fs", width, height, time.perf_counter() - start)
 
     lora.activate(loaded, adapters)

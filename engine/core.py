@@ -383,6 +383,8 @@ class EngineCore:
                 lora.parse_loras(self.settings.loras),
                 required=key_for(settings) == self.default_key,
             )
+            # QDS_STEP_CACHE: the warm-up also compiles the split forward it runs on.
+            loaded.extra["step_cache"] = getattr(self.settings, "step_cache", "off")
             compiled, why = compile_decision(self.settings.compile, loaded)
             if compiled:
                 why += f"; scope {compile_scope(self.settings.compile_scope, loaded)}"

@@ -451,6 +451,7 @@ class Scheduler:
         labels = (key.model, key.backend, key.quant_type or "")
         if self.metrics is not None and not getattr(run.batch, "reports_steps", False):
             self.metrics.step_duration.labels(*labels).observe(elapsed)
+        self._count_cache_blocks(run.batch)
         now = time.perf_counter()
         for job_id, result in finished:
             job = run.jobs.pop(job_id, None)
@@ -472,6 +473,16 @@ class Scheduler:
                 self._report_progress(run, job)
         if not run.jobs and run in self.running:
             self.running.remove(run)
+
+    def _count_cache_blocks(self, batch: Batch) -> None:
+        """The step cache's block runs of the step just run (pipelines.step_cache.Counts)."""
+        counts = getattr(batch, "cache_counts", None)
+        if counts is None:
+            return
+        computed, skipped = counts.take()
+        if self.metrics is not None and (computed or skipped):
+            self.metrics.step_cache_blocks.labels("computed").inc(computed)
+            self.metrics.step_cache_blocks.labels("skipped").inc(skipped)
 
     def _report_progress(self, run: Running, job: Job) -> None:
         done, total = run.batch.progress(job.job_id)

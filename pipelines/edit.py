@@ -45,6 +45,7 @@ from pipelines.generate import (
     resolve as fill_defaults,
 )
 from pipelines.seeds import image_seeds
+from pipelines.step_cache import whole_call_cache
 from pipelines.token_usage import count_usage
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ def edit_key(loaded: LoadedPipeline, req: EditRequest) -> tuple[Any, ...]:
         r.strength,
         r.guidance_scale,
         r.negative_prompt is not None,
+        r.step_cache,  # diffusers' hooks hold one state for the whole call
     )
 
 
@@ -199,7 +201,9 @@ def edit_batch(
     kwargs["strength"] = strength
     if first.kind == "inpaint":
         kwargs["mask_image"] = [r.mask for r in requests for _ in range(r.num_images)]
-    call = call_pipeline(pipe, kwargs, accepts, step_callback)
+    # diffusers' FirstBlockCache hooks for the call (pipelines.step_cache.whole_call_cache).
+    with whole_call_cache(pipe, first.step_cache, cfg=first.negative_prompt is not None):
+        call = call_pipeline(pipe, kwargs, accepts, step_callback)
     return split_results(
         requests,
         seeds_per_req,

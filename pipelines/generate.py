@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.lora import activate as activate_lora
 from pipelines.lora import adapters_of
 from pipelines.seeds import image_seeds, random_seed, seeded_generators
+from pipelines.step_cache import whole_call_cache
 from pipelines.token_usage import TokenUsage, count_usage
 
 if TYPE_CHECKING:
@@ -42,6 +43,10 @@ class GenerationRequest:
     # normalize_selection` orders them: part of every batch key, since one forward runs with
     # one adapter set.
     lora: tuple[tuple[str, float], ...] = ()
+    # Step caching for this request (`pipelines.step_cache`: "off" or e.g. "fbcache:0.2", in
+    # canonical form); the service fills QDS_STEP_CACHE when the request names none. Per
+    # sample in the step loop (not part of its step key); part of the whole-call batch key.
+    step_cache: str = "off"
 
 
 @dataclass
@@ -101,6 +106,7 @@ def _resolved_key(req: GenerationRequest) -> tuple[Any, ...]:
         req.guidance_scale,
         req.negative_prompt is not None,
         req.lora,
+        req.step_cache,
     )
 
 
@@ -269,7 +275,10 @@ def generate_batch(
     accepts = set(inspect.signature(pipe.__call__).parameters)
     seeds_per_req = [image_seeds(int(r.seed or 0), r.num_images) for r in requests]
     kwargs = call_kwargs(loaded, accepts, requests, seeds_per_req)
-    call = call_pipeline(pipe, kwargs, accepts, step_callback)
+    first = requests[0]
+    # diffusers' hooks: one call is one batch whose samples start and end together.
+    with whole_call_cache(pipe, first.step_cache, cfg=first.negative_prompt is not None):
+        call = call_pipeline(pipe, kwargs, accepts, step_callback)
     return split_results(
         requests,
         seeds_per_req,

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipelines import step_cache
 from pipelines.generate import (
     GenerationRequest,
     GenerationResult,
@@ -107,6 +108,9 @@ class _Job:
     batch_images_sum: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     usage: Any = None  # counted at add (tokenizers on the driving thread, not in a lane)
+    # Per-sample step cache state (pipelines.step_cache), None when the request runs uncached:
+    # it lives here so that it joins and leaves the batch with the request.
+    cache: step_cache.SampleCache | None = None
 
     @property
     def images(self) -> int:
@@ -187,6 +191,8 @@ class StepBatch:
         self.max_images = max_images
         self.variant = variant or variant_id(loaded)
         self.steps_run = 0  # transformer steps run by this batch (CFG's second forward not counted)
+        # Block runs of cached samples since the engine last took them (metrics).
+        self.cache_counts = step_cache.Counts()
         # Decided once: every step enters the mode (on whichever lane thread runs it).
         self._inference_mode = allows_inference_mode(loaded)
         facts = _facts(self.pipe, loaded.defaults.max_sequence_length)
@@ -282,6 +288,7 @@ class StepBatch:
                         "prepare_seconds": time.perf_counter() - started,
                     },
                     usage=count_usage(self.loaded, req),
+                    cache=_sample_cache(req),
                 )
                 self._key = step_key(self.loaded, req)
         self._stacked = None
@@ -498,8 +505,26 @@ class StepBatch:
             )
         stacked = self._stack(jobs)
         text_ids = jobs[0].embeds[2]
+        # Step caching per sample (pipelines.step_cache) once any member asks for it: the
+        # forward runs split in two, the uncached members always computing.
+        cached = any(j.cache is not None for j in jobs)
+        rows = [(j.cache, j.images) for j in jobs]
 
         def forward(kind: str, embeds: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor) -> Any:
+            if cached:
+                return step_cache.cached_forward(
+                    transformer,
+                    kind,
+                    rows,
+                    self.cache_counts,
+                    hidden_states=latents,
+                    encoder_hidden_states=embeds[0],
+                    pooled_projections=embeds[1],
+                    timestep=timestep / 1000,
+                    guidance=guidance,
+                    txt_ids=ids,
+                    img_ids=self._img_ids,
+                )
             with _cache_context(transformer, kind):
                 return transformer(
                     hidden_states=latents,
@@ -571,12 +596,25 @@ class StepBatch:
                                 "step_seconds_mean": job.forward_seconds / job.total,
                                 "batch_images": job.batch_images_sum / job.total,
                                 "decode_seconds": done - start,
+                                **_cache_timings(job),
                             },
                             usage=job.usage,
                         ),
                     )
                 )
         return results
+
+
+def _cache_timings(job: _Job) -> dict[str, float]:
+    """Sample-steps that ran / reused the remaining blocks (cached requests only)."""
+    if job.cache is None:
+        return {}
+    return {"cache_computed": float(job.cache.computed), "cache_skipped": float(job.cache.skipped)}
+
+
+def _sample_cache(req: GenerationRequest) -> step_cache.SampleCache | None:
+    spec = step_cache.parse(req.step_cache)
+    return step_cache.SampleCache(spec) if spec is not None else None
 
 
 def _cache_context(transformer: Any, name: str) -> Any:

@@ -26,6 +26,7 @@ COUNTERS = (
     "qds_prompt_cache_misses_total",
     "qds_engine_restarts_total",
     "qds_engine_stalls_total",  # the watchdog found the engine hung (then a restart)
+    "qds_step_cache_blocks_total",  # outcome: computed, skipped
 )
 GAUGES = (
     "qds_queue_depth",

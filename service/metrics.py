@@ -143,6 +143,13 @@ class Metrics:
         self.prompt_cache_bytes = Gauge(
             "qds_prompt_cache_bytes", "Bytes of prompt embeddings held by the cache", registry=r
         )
+        self.step_cache_blocks = Counter(
+            "qds_step_cache_blocks",
+            "Transformer block runs of step-cached samples (one sample through one block), by "
+            "outcome: computed, or skipped (the cached residual reused); step loop only",
+            ["outcome"],
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "qds_engine_restarts",
             "Times the engine process died and was started again",

@@ -75,6 +75,8 @@ class ImageParams:
     # The request's `lora` list as (name, scale) pairs, in request order (checked and
     # normalized by `check_limits` / `generation`).
     lora: tuple[tuple[str, float], ...] = ()
+    # The request's `step_cache` (canonical), None: QDS_STEP_CACHE.
+    step_cache: str | None = None
 
     @classmethod
     def from_body(cls, body: ImageGenerationRequest | GenerateRequest) -> ImageParams:
@@ -112,6 +114,7 @@ class ImageParams:
             quant_type=body.quant_type,
             size_field=size_field,
             lora=lora_pairs(body.lora),
+            step_cache=getattr(body, "step_cache", None),
             **extra,
         )
 
@@ -234,6 +237,7 @@ def resolve(
     if params.edit is not None:
         params = _edit_size(params, settings, defaults)
     gen = fill_defaults(defaults, params.generation(), default_steps=settings.default_steps)
+    gen = replace(gen, step_cache=params.step_cache or settings.step_cache)
     width, height = int(gen.width or 0), int(gen.height or 0)
     multiple = defaults.size_multiple
     for value, side in ((width, "width"), (height, "height")):

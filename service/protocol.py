@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.lora import DEFAULT_SCALE as LORA_DEFAULT_SCALE
 from pipelines.lora import MAX_SCALE as LORA_MAX_SCALE
 from pipelines.lora import MIN_SCALE as LORA_MIN_SCALE
 from pipelines.lora import NAME_PATTERN as LORA_NAME_PATTERN
+from pipelines.step_cache import canonical as step_cache_canonical
 from pipelines.token_usage import TokenUsage
 from quantization.backends import BACKENDS
 
@@ -153,12 +154,24 @@ class _Common(BaseModel):
         "Previews of the latents at evenly spread step boundaries; fewer when a request has "
         "too few steps or its pipeline cannot preview.",
     )
+    step_cache: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Extension: step caching for this call, `off` or `fbcache:<threshold>` "
+        "(0..1, e.g. `fbcache:0.2`); QDS_STEP_CACHE (GET /v1/models shows it) if omitted. "
+        "Faster, and further from the uncached image the higher the threshold.",
+    )
     lora: list[LoraRef] | None = Field(
         default=None,
         max_length=MAX_LORAS,
         description="LoRA adapters to apply, each declared in QDS_LORAS, with a scale; none: "
         "the base model (bit-exact). Requests batch only with the same adapters and scales.",
     )
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache(cls, value: str | None) -> str | None:
+        return None if value is None else step_cache_canonical(value)
 
 
 class ImageGenerationRequest(_Common):
@@ -442,6 +455,8 @@ class ModelCard(BaseModel):
     # QDS_QUANT_BACKEND=auto: the plan this variant was loaded by (backend and type per
     # component, bytes, budget, priority); absent otherwise.
     plan: dict[str, Any] | None = None
+    # QDS_STEP_CACHE: the step caching requests get when they name none.
+    step_cache: str = "off"
 
 
 class ModelList(BaseModel):

@@ -89,6 +89,9 @@ def running_server(
     # QDS_COMPILE=auto compiles on this CPU (seconds of warm-up per server start); the tests
     # that are about compiling ask for it, the rest run the eager blocks.
     service.setdefault("compile", False)
+    # QDS_STEP_CACHE's default (fbcache:0.2) is off here: tests compare served images with the
+    # pipeline's own uncached call of the same seed; tests about the cache ask for it.
+    service.setdefault("step_cache", "off")
     settings = ServiceSettings(**service)
     app = create_app(QuantSettings(cache_dir=cache_dir, **(quant or {})), settings)
     if setup is not None:

@@ -252,15 +252,24 @@ SECTION_BEGIN = "<!-- lora:begin -->"
 SECTION_END = "<!-- lora:end -->"
 
 
+# Likewise the step cache's rows (`qdserve bench step-cache`).
+KEPT_SECTIONS = (
+    (SECTION_BEGIN, SECTION_END),
+    ("<!-- step-cache:begin -->", "<!-- step-cache:end -->"),
+)
+
+
 def kept_section(md_path: Path) -> list[str]:
-    """The marked section of the current file (with a blank line before it), or nothing."""
+    """The marked sections of the current file (each with a blank line before it)."""
     if not md_path.exists():
         return []
     text = md_path.read_text()
-    start, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
-    if start < 0 or end < start:
-        return []
-    return ["", text[start : end + len(SECTION_END)]]
+    out: list[str] = []
+    for begin, finish in KEPT_SECTIONS:
+        start, end = text.find(begin), text.find(finish)
+        if 0 <= start < end:
+            out += ["", text[start : end + len(finish)]]
+    return out
 
 
 def report(

@@ -14,7 +14,8 @@ router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
 def _cards(qds: ServiceState) -> list[ModelCard]:
     declared = parse_loras(qds.settings.loras)
-    return qds.variants.cards(qds.cache.entries(), qds.preload_variants, declared)
+    cards = qds.variants.cards(qds.cache.entries(), qds.preload_variants, declared)
+    return [c.model_copy(update={"step_cache": qds.settings.step_cache}) for c in cards]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)

@@ -280,6 +280,7 @@ def test_peer_servers_get_the_same_pipeline_and_threads_only_when_pinned(
         "QDS_MODEL": str(tmp_path),
         "QDS_QUANT_BACKEND": "quanto",
         "QDS_QUANT_TYPE": "int8",
+        "QDS_STEP_CACHE": "off",  # the peer runs the uncached pipeline
     }
     assert qdserve_env(settings, 1)["QDS_TORCH_THREADS"] == "1"
     argv = litserve_argv(tmp_path / "s.json", None, litserve_batch("defaults", 8))

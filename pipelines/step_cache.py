@@ -1,0 +1,393 @@
+"""Step caching per sample in the continuous batch (`QDS_STEP_CACHE`, the `step_cache` field).
+
+First-block cache (FBCache; ParaAttention's "first block cache", diffusers'
+`hooks/first_block_cache.py`): at each step the first transformer block runs for every
+sample; a sample whose first-block residual changed little since the last step it computed
+(relative L1, below the threshold) skips the remaining blocks and reuses their residual from
+that step (output = first-block output + cached residual, then the output norm and
+projection); the samples that compute run the remaining blocks as ONE sub-batch.
+
+The math is diffusers' FirstBlockCache (`FBCHeadBlockHook._should_compute_remaining_blocks`
+and the tail residual of `FBCBlockHook`); where this loop differs, and why:
+
+- per sample, not per batch: diffusers keeps one state per module and takes one `.mean()`
+  over the whole batch, so one decision for all samples. In a continuous batch the samples
+  sit at different steps of their own schedules (a sample that just joined has no previous
+  residual at all), so each image row keeps its own residuals (`SampleCache`, held by the
+  sample's job in `pipelines.stepping`, so it joins and leaves with the sample) and decides
+  from its own relative L1;
+- the state moves with the batch order: the computed rows are gathered into a sub-batch and
+  their results scattered back, instead of hooks skipping whole block calls;
+- only the image stream's tail residual is kept: diffusers also keeps the text stream's, but
+  Flux's output (`norm_out` / `proj_out`) reads the image stream only;
+- the previous first-block residual is updated only on the steps the sample computes, as
+  diffusers does (a sample that keeps skipping compares with its last computed step, so the
+  drift adds up and it eventually recomputes).
+
+Whole-call pipelines (SD3, SDXL, edits) use diffusers' own hooks (`whole_call_cache`): one
+pipeline call is one batch that starts and ends together, which is what their single state
+assumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("qdserve.step_cache")
+
+OFF = "off"
+METHODS = ("fbcache",)
+# The threshold range a request or QDS_STEP_CACHE may give. 0 computes every step (the cache
+# then only costs its bookkeeping: the warm-up uses it to compile the split forward).
+MAX_THRESHOLD = 1.0
+GRAMMAR = "`off` or `fbcache:<threshold>` (threshold 0..1, e.g. `fbcache:0.2`)"
+
+
+@dataclass(frozen=True)
+class StepCacheSpec:
+    """A parsed step cache setting: the method and its parameters."""
+
+    method: str
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.threshold:g}"
+
+
+def parse(text: str | None) -> StepCacheSpec | None:
+    """`off` (or empty / None) -> None; `fbcache:<threshold>` -> a spec. ValueError names the
+    accepted grammar."""
+    value = (text or "").strip().lower()
+    if value in ("", OFF, "none", "false", "0"):
+        return None
+    method, _, params = value.partition(":")
+    if method not in METHODS:
+        raise ValueError(f"unknown step cache method {method!r}; expected {GRAMMAR}")
+    if not params:
+        raise ValueError(f"{method} needs a threshold; expected {GRAMMAR}")
+    try:
+        threshold = float(params)
+    except ValueError:
+        raise ValueError(f"threshold {params!r} is not a number; expected {GRAMMAR}") from None
+    if not 0.0 <= threshold <= MAX_THRESHOLD:
+        raise ValueError(f"threshold {threshold:g} is outside 0..{MAX_THRESHOLD:g}")
+    return StepCacheSpec(method, threshold)
+
+
+def canonical(text: str | None) -> str:
+    """The setting in its one written form (`off`, `fbcache:0.2`): requests compare equal."""
+    spec = parse(text)
+    return OFF if spec is None else str(spec)
+
+
+# -- per-sample state ---------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    """One forward kind's state ("cond", or "uncond" with a negative prompt), rows = images."""
+
+    head_residual: torch.Tensor | None = None  # first-block residual at the last computed step
+    tail_residual: torch.Tensor | None = None  # remaining blocks' residual at that step
+
+
+@dataclass
+class SampleCache:
+    """The cache state of one request's images; lives in its job, so it joins and leaves
+    with the request."""
+
+    spec: StepCacheSpec
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    computed: int = 0  # sample-steps that ran the remaining blocks
+    skipped: int = 0  # sample-steps that reused them
+
+
+@dataclass
+class Counts:
+    """Block runs of the cached samples: one sample through one block is one run."""
+
+    computed: int = 0
+    skipped: int = 0
+
+    def take(self) -> tuple[int, int]:
+        out = (self.computed, self.skipped)
+        self.computed = self.skipped = 0
+        return out
+
+
+# -- the split forward ----------------------------------------------------------------------
+
+HEAD_BLOCKS = 1  # dual-stream blocks in the head (FBCache: the first one)
+
+
+def tail_blocks(transformer: Any) -> int:
+    return (
+        len(transformer.transformer_blocks)
+        - HEAD_BLOCKS
+        + len(transformer.single_transformer_blocks)
+    )
+
+
+def _head(
+    transformer: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    timestep: torch.Tensor,
+    guidance: torch.Tensor | None,
+    txt_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """FluxTransformer2DModel.forward (diffusers 0.42) up to and including the first block:
+    the same operations in the same order (no controlnet / IP-adapter inputs: the step loop
+    passes none). Returns (hidden, encoder, temb, cos, sin, first-block residual)."""
+    import torch
+
+    t = transformer
+    hidden = t.x_embedder(hidden_states)
+    timestep = timestep.to(hidden.dtype) * 1000
+    if guidance is not None:
+        guidance = guidance.to(hidden.dtype) * 1000
+    temb = (
+        t.time_text_embed(timestep, pooled_projections)
+        if guidance is None
+        else t.time_text_embed(timestep, guidance, pooled_projections)
+    )
+    encoder = t.context_embedder(encoder_hidden_states)
+    rotary = t.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+    before = hidden
+    for block in t.transformer_blocks[:HEAD_BLOCKS]:
+        encoder, hidden = block(
+            hidden_states=hidden,
+            encoder_hidden_states=encoder,
+            temb=temb,
+            image_rotary_emb=rotary,
+            joint_attention_kwargs={},
+        )
+    return hidden, encoder, temb, rotary[0], rotary[1], hidden - before
+
+
+def _tail(
+    transformer: Any,
+    hidden: torch.Tensor,
+    encoder: torch.Tensor,
+    temb: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """The remaining blocks for the rows that compute: the image stream after the last one."""
+    t = transformer
+    rotary = (cos, sin)
+    for block in list(t.transformer_blocks[HEAD_BLOCKS:]) + list(t.single_transformer_blocks):
+        encoder, hidden = block(
+            hidden_states=hidden,
+            encoder_hidden_states=encoder,
+            temb=temb,
+            image_rotary_emb=rotary,
+            joint_attention_kwargs={},
+        )
+    return hidden
+
+
+def _out(transformer: Any, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    return transformer.proj_out(transformer.norm_out(hidden, temb))
+
+
+# Compiled parts per transformer: set by `compile_parts` (the engine's warm-up, when the
+# denoiser was compiled as one graph). Otherwise the parts run as the modules are: eager, or
+# through their compiled blocks (QDS_COMPILE_SCOPE=blocks).
+_COMPILED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def compile_parts(transformer: Any) -> None:
+    """Compile the head, the tail and the output as graphs of their own (the whole-model
+    graph cannot serve a forward split in two). Their batch dimension becomes dynamic after
+    the warm-up has run them at two sizes (dynamo's automatic dynamic shapes, as for the whole
+    model), so a sub-batch of any other size meets no compile."""
+    import torch
+
+    if transformer in _COMPILED:
+        return
+    _COMPILED[transformer] = {
+        "head": torch.compile(_head),
+        "tail": torch.compile(_tail),
+        "out": torch.compile(_out),
+    }
+
+
+def forget_parts(transformer: Any) -> None:
+    """Back to eager parts (the engine's fallback when a compile or warm-up failed)."""
+    _COMPILED.pop(transformer, None)
+
+
+def parts_compiled(transformer: Any) -> bool:
+    return transformer in _COMPILED
+
+
+def _part(transformer: Any, name: str) -> Any:
+    compiled = _COMPILED.get(transformer)
+    if compiled is not None:
+        return compiled[name]
+    return {"head": _head, "tail": _tail, "out": _out}[name]
+
+
+def _rel_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """diffusers' `_should_compute_remaining_blocks` measure, per row: mean |r - r_prev| over
+    mean |r_prev| (diffusers takes both means over the whole batch)."""
+    dims = tuple(range(1, current.dim()))
+    return (current - previous).abs().mean(dim=dims) / previous.abs().mean(dim=dims)
+
+
+def cached_forward(
+    transformer: Any,
+    kind: str,
+    rows: list[tuple[SampleCache | None, int]],
+    counts: Counts,
+    **inputs: Any,
+) -> torch.Tensor:
+    """One denoiser forward for the batch with per-sample first-block caching.
+
+    `rows` lists the batch's requests in order: (their cache state or None when the request
+    runs uncached, their image count). `inputs` are the transformer's keyword inputs for the
+    whole batch (hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance,
+    txt_ids, img_ids). Returns the prediction, (batch, tokens, channels)."""
+    import torch
+
+    head = _part(transformer, "head")
+    hidden, encoder, temb, cos, sin, residual = head(transformer, **inputs)
+    batch = hidden.shape[0]
+    compute = torch.ones(batch, dtype=torch.bool)
+    offset = 0
+    per_request: list[tuple[SampleCache | None, _Stream | None, int]] = []
+    for state, images in rows:
+        stream = None
+        if state is not None:
+            stream = state.streams.setdefault(kind, _Stream())
+            if stream.head_residual is not None and stream.tail_residual is not None:
+                diff = _rel_l1(residual[offset : offset + images], stream.head_residual)
+                # diffusers: compute when diff > threshold (a skip needs diff <= threshold).
+                compute[offset : offset + images] = diff.cpu() > state.spec.threshold
+        per_request.append((state, stream, offset))
+        offset += images
+    idx = compute.nonzero().flatten()
+    # The image stream after the last block: computed rows from the tail itself (so a row
+    # that computes gets what the uncached forward gives it), skipped rows as the first-block
+    # output plus their cached residual (diffusers' FBCHeadBlockHook).
+    final = hidden.clone() if len(idx) < batch else hidden
+    if len(idx) == batch:
+        final = _part(transformer, "tail")(transformer, hidden, encoder, temb, cos, sin)
+    elif len(idx):
+        # The rows that compute, as one sub-batch. The rotary embedding is per position,
+        # shared by every row; temb and both streams are per row.
+        sub = idx.to(hidden.device)
+        final[sub] = _part(transformer, "tail")(
+            transformer, hidden[sub], encoder[sub], temb[sub], cos, sin
+        )
+    n_tail = tail_blocks(transformer)
+    for (state, stream, start), (_, images) in zip(per_request, rows, strict=True):
+        if state is None or stream is None:
+            continue
+        mask = compute[start : start + images]
+        rows_ = slice(start, start + images)
+        if stream.tail_residual is None or bool(mask.all()):
+            stream.head_residual = residual[rows_].clone()
+            stream.tail_residual = final[rows_] - hidden[rows_]
+        else:
+            # Computed rows take the new residuals, skipped rows keep theirs and reuse the
+            # cached tail residual (whole-tensor selects: no per-row Python loop).
+            keep = mask.to(hidden.device).view(-1, *([1] * (hidden.dim() - 1)))
+            if bool(mask.any()):
+                stream.head_residual = torch.where(keep, residual[rows_], stream.head_residual)
+                stream.tail_residual = torch.where(
+                    keep, final[rows_] - hidden[rows_], stream.tail_residual
+                )
+            final[rows_] = torch.where(keep, final[rows_], hidden[rows_] + stream.tail_residual)
+        done = int(mask.sum())
+        state.computed += done
+        state.skipped += images - done
+        counts.computed += images * HEAD_BLOCKS + done * n_tail
+        counts.skipped += (images - done) * n_tail
+    # Contiguous whichever way `final` was built: the tail's own output is a view into the
+    # single blocks' joint text+image sequence, and a compiled part guards on strides (a
+    # recompile at the first mixed step was measured without this).
+    return _part(transformer, "out")(transformer, final.contiguous(), temb)
+
+
+# -- whole-call pipelines -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def whole_call_cache(pipe: Any, setting: str | None, *, cfg: bool = False) -> Iterator[None]:
+    """diffusers' own FirstBlockCache hooks around one whole pipeline call (SD3, SDXL's UNet
+    has none: left uncached; Flux edits): a call's samples start and end together, which is
+    what the hooks' single state per module assumes. Removed after the call, so the next
+    call (maybe another setting) starts clean."""
+    spec = parse(setting)
+    denoiser = getattr(pipe, "transformer", None)
+    if spec is None or denoiser is None or not hasattr(denoiser, "enable_cache"):
+        yield
+        return
+    if _is_compiled(denoiser):
+        # Hooks swapped into a compiled denoiser would recompile it at request time (and
+        # again after they are removed): refused, said in the log, the call runs uncached.
+        _warn_once(
+            (type(pipe).__name__, "compiled"),
+            f"step cache {spec} not applied to {type(pipe).__name__} calls: the denoiser is "
+            "compiled (QDS_COMPILE); they run uncached",
+        )
+        yield
+        return
+    # The hooks keep their state per cache context. FluxPipeline and SD3's pipeline set one per
+    # forward kind ("cond", "uncond"); diffusers 0.42's Flux img2img / inpaint set none (the
+    # hooks then refuse to run), so the call gets one context of its own here, which is only
+    # right when there is one forward kind: with true CFG (a negative prompt) it runs uncached.
+    own_contexts = _sets_cache_context(pipe)
+    if not own_contexts and cfg:
+        _warn_once(
+            (type(pipe).__name__, "cfg"),
+            f"step cache {spec} not applied to {type(pipe).__name__} calls with a negative "
+            "prompt: the pipeline sets no cache context per forward kind; they run uncached",
+        )
+        yield
+        return
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    denoiser.enable_cache(FirstBlockCacheConfig(threshold=spec.threshold))
+    try:
+        with contextlib.nullcontext() if own_contexts else denoiser.cache_context("call"):
+            yield
+    finally:
+        denoiser.disable_cache()
+
+
+def _is_compiled(module: Any) -> bool:
+    """nn.Module.compile() on the module itself or on any block (either QDS_COMPILE_SCOPE)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+def _sets_cache_context(pipe: Any) -> bool:
+    """Whether the pipeline's __call__ opens the denoiser's cache contexts itself."""
+    import inspect
+
+    try:
+        return "cache_context" in inspect.getsource(type(pipe).__call__)
+    except (OSError, TypeError):
+        return False
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    """A refusal is logged once per pipeline class and reason, not on every call."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
