@@ -9,14 +9,19 @@ OpenAI images JSON (b64 PNG) at the same seeds, at concurrency 1, 4 and 16.
 Two tables:
 
 - defaults (the headline): every server as a user starts it, torch at its default thread
-  count, qdserve with no QDS_* tuning, LitServe with only its batching example set;
+  count, qdserve with no QDS_* tuning, LitServe with only its batching example set, and a
+  second peer, LitServe + compile (`--peers`): the same LitServe server with the one line a
+  user would add, `pipe.transformer.compile()` in `setup`, warmed up at batch sizes 1..4
+  before it reports ready;
 - pinned: the same with both servers pinned to `--pinned-threads` torch threads (default 1).
   Pinning hides how a server shares the cores with its own HTTP work, which is why it is the
   second table, not the first.
 
 Each table also has a ceiling row: a direct in-process pipeline call (no HTTP) at batch 1 and
 batch 4 with the table's thread count. Rounds are interleaved (A, B, B, A, ...) with the
-server not being measured paused (SIGSTOP), so drift on shared CPUs hits both alike.
+server not being measured paused (SIGSTOP), so drift on shared CPUs hits both alike. Every
+request carries its own prompt (`request_prompt`: the same for every server), so no server's
+prompt-embedding cache helps it.
 """
 
 from __future__ import annotations
@@ -59,7 +64,14 @@ TABLES = ("defaults", "pinned", "equal-batch")
 # LitServe's batching as its documentation's typical example sets it.
 LITSERVE_MAX_BATCH = 4
 LITSERVE_BATCH_TIMEOUT_S = 0.025
-SERVERS = ("qdserve", "litserve")
+# The peers a table may serve beside qdserve: plain LitServe, and LitServe with its denoiser
+# compiled (the defaults table only; `--peers` picks).
+LITSERVE = "litserve"
+LITSERVE_COMPILED = "litserve-compiled"
+PEERS = (LITSERVE, LITSERVE_COMPILED)
+SERVERS = ("qdserve", *PEERS)
+# Start-up limit of the compiled peer: compiling and warming 4 batch sizes on a shared CPU.
+COMPILED_START_TIMEOUT_S = 1800.0
 # The third contender at concurrency 1: a direct batch-1 call in the bench process.
 DIRECT = "direct"
 # Enough requests that a level always ends by time (`--seconds`), never by count.
@@ -74,6 +86,7 @@ class PeerOptions:
     concurrency: tuple[int, ...] = (1, 4, 16)
     pinned_threads: int = 1
     tables: tuple[str, ...] = TABLES
+    peers: tuple[str, ...] = PEERS
     direct_calls: int = 10
     pairs: int = 30
     rates: tuple[float, ...] = (8.0,)
@@ -126,6 +139,13 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         help="comma list of defaults (headline), pinned (equal pinned torch threads), "
         "equal-batch (LitServe's max_batch_size set to qdserve's batch limit on the device)",
     )
+    p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma list of the defaults table's peers: litserve (plain), litserve-compiled "
+        "(pipe.transformer.compile() in setup, warmed up); the other tables serve plain "
+        "litserve",
+    )
     p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
     p.add_argument(
         "--rates",
@@ -151,6 +171,11 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
     tables = tuple(t for t in args.tables.split(",") if t)
     if unknown := set(tables) - set(TABLES):
         p.error(f"unknown table(s) {sorted(unknown)}; choose from {', '.join(TABLES)}")
+    peers = tuple(x for x in args.peers.split(",") if x)
+    if unknown := set(peers) - set(PEERS):
+        p.error(f"unknown peer(s) {sorted(unknown)}; choose from {', '.join(PEERS)}")
+    if not peers:
+        p.error("--peers needs at least one peer")
     return PeerOptions(
         variant=args.variant,
         rounds=args.rounds,
@@ -158,6 +183,7 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         concurrency=tuple(int(c) for c in args.concurrency.split(",") if c),
         pinned_threads=args.pinned_threads,
         tables=tables,
+        peers=peers,
         direct_calls=args.direct_calls,
         pairs=args.pairs,
         rates=tuple(float(r) for r in args.rates.split(",") if r),
@@ -202,7 +228,30 @@ def litserve_batch(table: str, qdserve_batch: int) -> int:
     return qdserve_batch if table == "equal-batch" else LITSERVE_MAX_BATCH
 
 
-def litserve_argv(settings_path: Path, threads: int | None, max_batch: int) -> list[str]:
+def table_peers(table: str, peers: Sequence[str]) -> tuple[str, ...]:
+    """The peers of a table: `--peers` in the defaults (headline) table, plain LitServe in
+    the others (their question is threads or batch size, not compile)."""
+    return tuple(peers) if table == "defaults" else (LITSERVE,)
+
+
+def request_prompt(seed: int) -> str:
+    """The prompt of the request with `seed`: distinct per request, so a prompt-embedding
+    cache never helps, the same for every server and the direct call."""
+    return f"{PROMPT}, variation {seed}"
+
+
+def litserve_argv(
+    settings_path: Path,
+    threads: int | None,
+    max_batch: int,
+    compiled: bool = False,
+    size: int = 32,
+    steps: int | None = None,
+) -> list[str]:
+    # The compiled peer warms up at the bench's size and steps, batch 1..max_batch.
+    warm = ["--compile", "--warmup-size", str(size)] if compiled else []
+    if compiled and steps is not None:
+        warm += ["--warmup-steps", str(steps)]
     return [
         sys.executable,
         "-m",
@@ -217,6 +266,7 @@ def litserve_argv(settings_path: Path, threads: int | None, max_batch: int) -> l
         str(LITSERVE_BATCH_TIMEOUT_S),
         "--torch-threads",
         str(threads or 0),
+        *warm,
     ]
 
 
@@ -227,7 +277,9 @@ def start_servers(
     log_dir: Path,
     table: str,
     litserve_max: int,
+    opts: PeerOptions | None = None,
 ) -> dict[str, Server]:
+    opts = opts or PeerOptions()
     qdserve = Server(
         f"qdserve-{table}",
         [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"],
@@ -235,17 +287,28 @@ def start_servers(
         "/readyz",
         inherit_qds=False,
     )
-    litserve = Server(
-        f"litserve-{table}",
-        litserve_argv(settings_path, threads, litserve_max),
-        {"HF_HUB_OFFLINE": "1"},
-        "/health",
-        inherit_qds=False,
-    )
+    peers = {
+        name: Server(
+            f"{name}-{table}",
+            litserve_argv(
+                settings_path,
+                threads,
+                litserve_max,
+                compiled=name == LITSERVE_COMPILED,
+                size=opts.side,
+                steps=opts.steps,
+            ),
+            {"HF_HUB_OFFLINE": "1"},
+            "/health",
+            inherit_qds=False,
+        )
+        for name in table_peers(table, opts.peers)
+    }
     servers: dict[str, Server] = {}
     try:
-        for name, server in (("qdserve", qdserve), ("litserve", litserve)):
-            servers[name] = server.start(log_dir)
+        for name, server in (("qdserve", qdserve), *peers.items()):
+            timeout = COMPILED_START_TIMEOUT_S if name == LITSERVE_COMPILED else 180.0
+            servers[name] = server.start(log_dir, timeout=timeout)
             server.pause()  # idle until measured: its start-up work must not slow the other
     except BaseException:
         for server in servers.values():
@@ -257,9 +320,13 @@ def start_servers(
 def same_requests(
     opts: PeerOptions, round_index: int, level: int
 ) -> Callable[[int], dict[str, Any]]:
-    """The i-th request of a round and level: identical for both servers."""
+    """The i-th request of a round and level: identical for every server, its own prompt."""
     base = 100_000 * (round_index + 1) + 1_000 * level
-    return lambda i: image_body(base + i, opts.side, opts.steps)
+
+    def body(i: int) -> dict[str, Any]:
+        return {**image_body(base + i, opts.side, opts.steps), "prompt": request_prompt(base + i)}
+
+    return body
 
 
 def open_level(rate: float) -> str:
@@ -420,7 +487,11 @@ def direct_request(opts: PeerOptions, seed: int, defaults: Any) -> Any:
     return resolve(
         defaults,
         GenerationRequest(
-            PROMPT, seed=seed, width=opts.side, height=opts.side, num_inference_steps=opts.steps
+            request_prompt(seed),
+            seed=seed,
+            width=opts.side,
+            height=opts.side,
+            num_inference_steps=opts.steps,
         ),
     )
 
@@ -529,7 +600,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         table_batch = auto_batch(device, direct_threads)
         litserve_max = litserve_batch(table, table_batch)
         servers = start_servers(
-            settings, settings_path, threads, work / "logs", table, litserve_max
+            settings, settings_path, threads, work / "logs", table, litserve_max, opts
         )
         lone = lone_direct_call(loaded, direct_threads, opts) if loaded is not None else None
         try:
@@ -551,10 +622,11 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         direct = direct_calls(loaded, direct_threads, opts, table_batch)
         if lone_rounds:
             direct["1"]["in_rounds"] = merge(lone_rounds)
+        server_threads = f"torch default ({default_threads})" if threads is None else threads
         tables[table] = {
             "torch_threads": {
-                "qdserve": f"torch default ({default_threads})" if threads is None else threads,
-                "litserve": f"torch default ({default_threads})" if threads is None else threads,
+                "qdserve": server_threads,
+                **{name: server_threads for name in servers if name != "qdserve"},
                 "direct": direct_threads,
             },
             "levels": levels,
@@ -578,28 +650,49 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
             "code": "benchmarks/peer_server.py",
             "max_batch_size": LITSERVE_MAX_BATCH,
             "batch_timeout_s": LITSERVE_BATCH_TIMEOUT_S,
+            "peers": list(opts.peers),
+            "compiled": {
+                "line": "pipe.transformer.compile()",
+                "where": "DiffusersAPI.setup, then one call at each batch size 1..max_batch_size "
+                "(bench size and steps) before ready",
+                "tables": ["defaults"],
+            },
         },
         "tables": tables,
         "torch_threads_default": default_threads,
+        "distinct_prompts": True,
     }
 
 
+def peer_key(peer: str) -> str:
+    """A peer's part of a ratio's key: litserve, litserve_compiled."""
+    return peer.replace("-", "_")
+
+
 def ratios(levels: dict[str, dict[str, Any]], direct: dict[str, Any]) -> dict[str, Any]:
+    """qdserve over each peer per level: `*_qdserve_over_litserve` (the keys older reports
+    have) and `*_qdserve_over_litserve_compiled` where the compiled peer ran."""
     out: dict[str, Any] = {}
     for conc, q in levels["qdserve"].items():
-        p = levels["litserve"][conc]
-        q_lat, p_lat = q["latency_seconds"] or {}, p["latency_seconds"] or {}
-        out[conc] = {
-            "images_per_second_qdserve_over_litserve": ratio(
-                q["images_per_second"], p["images_per_second"]
-            ),
-            "p50_qdserve_over_litserve": ratio(q_lat.get("p50"), p_lat.get("p50")),
-            "p99_qdserve_over_litserve": ratio(q_lat.get("p99"), p_lat.get("p99")),
-        }
+        q_lat = q["latency_seconds"] or {}
+        out[conc] = {}
+        call = lone_p50(direct["1"]) if conc == "1" else None
         if conc == "1":
-            call = lone_p50(direct["1"])
             out[conc]["p50_qdserve_over_direct_batch1"] = ratio(q_lat.get("p50"), call)
-            out[conc]["p50_litserve_over_direct_batch1"] = ratio(p_lat.get("p50"), call)
+        for peer in PEERS:
+            if conc not in levels.get(peer, {}):
+                continue
+            p = levels[peer][conc]
+            p_lat, key = p["latency_seconds"] or {}, peer_key(peer)
+            out[conc] |= {
+                f"images_per_second_qdserve_over_{key}": ratio(
+                    q["images_per_second"], p["images_per_second"]
+                ),
+                f"p50_qdserve_over_{key}": ratio(q_lat.get("p50"), p_lat.get("p50")),
+                f"p99_qdserve_over_{key}": ratio(q_lat.get("p99"), p_lat.get("p99")),
+            }
+            if conc == "1":
+                out[conc][f"p50_{key}_over_direct_batch1"] = ratio(p_lat.get("p50"), call)
     return out
 
 
@@ -641,7 +734,15 @@ def level_row(name: str, level: str, r: dict[str, Any], batch: str | None = None
 
 
 def table_rows(t: dict[str, Any]) -> list[list[str]]:
-    rows = [level_row(name, conc, r) for name in SERVERS for conc, r in t["levels"][name].items()]
+    # Level by level, each server in turn: qdserve, litserve, litserve-compiled.
+    names = [n for n in SERVERS if n in t["levels"]]
+    levels = list(t["levels"]["qdserve"])
+    rows = [
+        level_row(name, conc, t["levels"][name][conc])
+        for conc in levels
+        for name in names
+        if conc in t["levels"][name]
+    ]
     lone = t["direct"].get("1", {}).get("in_rounds")
     if lone:
         name = "direct pipeline call, batch 1, in the concurrency-1 rounds"
@@ -697,17 +798,30 @@ def time_notes(t: dict[str, Any]) -> list[str]:
     return notes
 
 
+def table_peer_names(t: dict[str, Any]) -> list[str]:
+    return [n for n in PEERS if n in t["levels"]]
+
+
+def ratio_header(t: dict[str, Any]) -> list[str]:
+    cols = ["concurrency"]
+    for peer in table_peer_names(t):
+        cols += [f"img/s qdserve/{peer}", f"p50 qdserve/{peer}", f"p99 qdserve/{peer}"]
+    return [*cols, "p50 qdserve / direct batch 1"]
+
+
 def ratio_rows(t: dict[str, Any]) -> list[list[str]]:
-    return [
-        [
-            conc,
-            fmt(r["images_per_second_qdserve_over_litserve"], 2),
-            fmt(r["p50_qdserve_over_litserve"], 2),
-            fmt(r["p99_qdserve_over_litserve"], 2),
-            fmt(r.get("p50_qdserve_over_direct_batch1"), 3),
-        ]
-        for conc, r in t["ratios"].items()
-    ]
+    rows = []
+    for conc, r in t["ratios"].items():
+        row = [conc]
+        for peer in table_peer_names(t):
+            key = peer_key(peer)
+            row += [
+                fmt(r.get(f"images_per_second_qdserve_over_{key}"), 2),
+                fmt(r.get(f"p50_qdserve_over_{key}"), 2),
+                fmt(r.get(f"p99_qdserve_over_{key}"), 2),
+            ]
+        rows.append([*row, fmt(r.get("p50_qdserve_over_direct_batch1"), 3)])
+    return rows
 
 
 def render(data: dict[str, Any]) -> str:
@@ -719,6 +833,8 @@ def render(data: dict[str, Any]) -> str:
     request = f"{opts.get('size') or 32}x{opts.get('size') or 32}, " + (
         f"{opts['steps']} steps" if opts.get("steps") else "the model's default steps"
     )
+    # Reports from before distinct prompts sent one prompt to every request.
+    prompts = ", a distinct prompt per request" if data.get("distinct_prompts") else ""
     parts = [
         f"# qdserve vs LitServe, side by side ({'unquantized' if variant == 'none' else variant})",
         meta_line(data["meta"]),
@@ -732,7 +848,16 @@ def render(data: dict[str, Any]) -> str:
         f"example (max_batch_size {peer['max_batch_size']}, batch_timeout "
         f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
         "(`torch.set_num_threads` only in the pinned table).\n"
-        "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP: a plain "
+        + (
+            "- **litserve-compiled**: the same LitServe server with the one line a user would "
+            "add to compile the denoiser, `pipe.transformer.compile()` in `setup`, then one "
+            f"call at every batch size 1..{peer['max_batch_size']} at the bench's size and "
+            "steps before it reports ready (its compile time is start-up, not measured; "
+            "defaults table only).\n"
+            if any(LITSERVE_COMPILED in t["levels"] for t in data["tables"].values())
+            else ""
+        )
+        + "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP: a plain "
         "diffusers call (text encoders on every call, `no_grad`; qdserve's engine keeps a "
         "prompt-embedding cache and runs under `inference_mode`), at "
         f"batch 1, {LITSERVE_MAX_BATCH} and qdserve's `QDS_MAX_BATCH` ({auto}; a table says "
@@ -749,7 +874,7 @@ def render(data: dict[str, Any]) -> str:
         f"Device: {device['kind']} ({device['name']}).",
         f"Both servers load the same pipeline folder (`{data['model_folder']}`) with the same "
         f"quantization (`{variant}`) and get the same requests (OpenAI images JSON, b64 PNG, "
-        f"same seeds, {request}): concurrency {', '.join(map(str, opts['concurrency']))}; "
+        f"same seeds, {request}{prompts}): concurrency {', '.join(map(str, opts['concurrency']))}; "
         "per level "
         f"{opts['rounds']} interleaved round(s) of {opts['seconds']:g} s per server after an "
         "untimed warm-up, the server not being measured paused (SIGSTOP). img/s: images "
@@ -765,9 +890,12 @@ def render(data: dict[str, Any]) -> str:
     ]
     for name, t in data["tables"].items():
         threads = t["torch_threads"]
+        peer_threads = "".join(
+            f", {n} {threads.get(n, threads['litserve'])}" for n in table_peer_names(t)
+        )
         parts += [
             f"## {TITLES[name]}",
-            f"torch threads: qdserve {threads['qdserve']}, litserve {threads['litserve']}, "
+            f"torch threads: qdserve {threads['qdserve']}{peer_threads}, "
             f"direct call {threads['direct']}. LitServe max_batch_size "
             f"{t.get('litserve_max_batch', peer['max_batch_size'])}; qdserve "
             f"`QDS_MAX_BATCH` at its default (auto: "
@@ -775,17 +903,8 @@ def render(data: dict[str, Any]) -> str:
             f" on {device['kind']}).",
             md_table(HEADER, table_rows(t)),
             *time_notes(t),
-            "Ratios (qdserve / litserve: img/s > 1 and latency < 1 favour qdserve):",
-            md_table(
-                [
-                    "concurrency",
-                    "img/s qdserve/litserve",
-                    "p50 qdserve/litserve",
-                    "p99 qdserve/litserve",
-                    "p50 qdserve / direct batch 1",
-                ],
-                ratio_rows(t),
-            ),
+            "Ratios (qdserve / peer: img/s > 1 and latency < 1 favour qdserve):",
+            md_table(ratio_header(t), ratio_rows(t)),
             "Start-up and memory: "
             + "; ".join(
                 f"{n} {fmt(i['start_to_ready_seconds'], 1)} s to ready, "
@@ -805,12 +924,18 @@ def render(data: dict[str, Any]) -> str:
 def headline(data: dict[str, Any]) -> str:
     parts = []
     for name, t in data["tables"].items():
-        ratios_ = ", ".join(
-            f"c{c} {fmt(r['images_per_second_qdserve_over_litserve'], 2)}"
-            for c, r in t["ratios"].items()
-            if c.isdigit()  # open-loop levels run at a set rate: latency is their result
-        )
-        parts.append(f"{name}: img/s qdserve/litserve {ratios_}")
+        per_peer = []
+        for peer in PEERS:
+            key = f"images_per_second_qdserve_over_{peer_key(peer)}"
+            ratios_ = ", ".join(
+                f"c{c} {fmt(r[key], 2)}"
+                for c, r in t["ratios"].items()
+                # open-loop levels run at a set rate: latency is their result
+                if c.isdigit() and key in r
+            )
+            if ratios_:
+                per_peer.append(f"img/s qdserve/{peer} {ratios_}")
+        parts.append(f"{name}: " + "; ".join(per_peer))
     return f"{data['variant']}: " + "; ".join(parts)
 
 

@@ -8,6 +8,11 @@ except the batching of its docs' typical example (`max_batch_size` / `batch_time
 command line) and one worker on one device; torch keeps its default thread count unless
 `--torch-threads` pins it.
 
+`--compile` is the second peer, "LitServe + compile": the one line a user would add to
+`setup` (`pipe.transformer.compile()`), then a warm-up of batch sizes 1..max_batch_size at the
+bench's size and steps (`--warmup-size`, `--warmup-steps`) before LitServe reports ready, as a
+user would warm up too: its compile time is start-up, not part of the measured window.
+
 Run from the checkout:
 `python -m benchmarks.peer_server --port 8100 --settings settings.json --max-batch-size 4
 --batch-timeout 0.025` (settings.json: a QuantSettings dump; without it, the service's
@@ -33,10 +38,20 @@ PATH = "/v1/images/generations"
 class DiffusersAPI(ls.LitAPI):
     """decode -> (LitServe batches) -> one generate_batch call -> PNG base64 per request."""
 
-    def __init__(self, torch_threads: int, settings: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        torch_threads: int,
+        settings: dict[str, Any],
+        compile_denoiser: bool = False,
+        warmup: tuple[int, int | None, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.torch_threads = torch_threads
         self.settings = settings
+        self.compile_denoiser = compile_denoiser
+        # (size, steps or None for the model's default, largest batch) of the warm-up.
+        self.warmup = warmup
 
     def setup(self, device: str) -> None:
         import torch
@@ -47,6 +62,34 @@ class DiffusersAPI(ls.LitAPI):
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         self.loaded = load_pipeline(QuantSettings(**self.settings))
+        if self.compile_denoiser:
+            # The one line a user would add to compile the denoiser:
+            self.loaded.pipeline.transformer.compile()
+        if self.warmup:
+            self.warm_up(*self.warmup)
+
+    def warm_up(self, size: int, steps: int | None, max_batch: int) -> None:
+        """One call at every batch size LitServe may form (1..max_batch), at the served size
+        and steps, inside `setup`: LitServe's /health answers ready only after it."""
+        from pipelines.generate import GenerationRequest, generate_batch, resolve
+
+        for batch in range(1, max_batch + 1):
+            generate_batch(
+                self.loaded,
+                [
+                    resolve(
+                        self.loaded.defaults,
+                        GenerationRequest(
+                            prompt=f"warm-up {j}",
+                            seed=j,
+                            width=size,
+                            height=size,
+                            num_inference_steps=steps,
+                        ),
+                    )
+                    for j in range(batch)
+                ],
+            )
 
     # LitServe reads this signature to build its route: a request without an annotation is
     # the raw Starlette request's JSON body.
@@ -106,11 +149,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--batch-timeout", type=float, default=0.025)
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="call pipe.transformer.compile() in setup and warm up batch sizes "
+        "1..max-batch-size before serving",
+    )
+    parser.add_argument("--warmup-size", type=int, default=32, help="warm-up image side")
+    parser.add_argument("--warmup-steps", type=int, help="warm-up steps (default: the model's)")
     args = parser.parse_args(argv)
     settings = json.loads(args.settings.read_text()) if args.settings else {}
     api = DiffusersAPI(
         args.torch_threads,
         settings,
+        compile_denoiser=args.compile,
+        warmup=(
+            (args.warmup_size, args.warmup_steps, args.max_batch_size) if args.compile else None
+        ),
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
         api_path=PATH,

@@ -368,6 +368,79 @@ def test_peer_report_says_which_server_is_which_in_every_table(tmp_path: Path) -
     assert "quanto:int8: defaults: img/s" in index
 
 
+def test_the_compiled_litserve_peer_is_the_headline_tables_second_peer(tmp_path: Path) -> None:
+    """`--peers` (default: both) puts LitServe + `pipe.transformer.compile()` beside plain
+    LitServe in the defaults table only; its argv asks the peer server to compile and warm up
+    at the bench's size and steps; ratios and the report carry both peers, level by level."""
+    from benchmarks.peer import (
+        LITSERVE_COMPILED,
+        PeerOptions,
+        litserve_argv,
+        parse_options,
+        ratios,
+        render,
+        request_prompt,
+        same_requests,
+        table_peers,
+    )
+    from benchmarks.peer_server import main as peer_main
+
+    assert parse_options([]).peers == ("litserve", "litserve-compiled")
+    assert parse_options(["--peers", "litserve"]).peers == ("litserve",)
+    with pytest.raises(SystemExit):
+        parse_options(["--peers", "triton"])
+    assert table_peers("defaults", ("litserve", LITSERVE_COMPILED)) == (
+        "litserve",
+        LITSERVE_COMPILED,
+    )
+    assert table_peers("pinned", ("litserve", LITSERVE_COMPILED)) == ("litserve",)
+    plain = litserve_argv(tmp_path / "s.json", None, 4)
+    assert "--compile" not in plain
+    compiled = litserve_argv(tmp_path / "s.json", None, 4, compiled=True, size=1024, steps=4)
+    assert compiled[compiled.index("--warmup-size") + 1] == "1024"
+    assert compiled[compiled.index("--warmup-steps") + 1] == "4"
+    assert "--compile" in compiled
+    with pytest.raises(SystemExit):  # the peer server knows the flags (--help exits)
+        peer_main(["--compile", "--warmup-size", "32", "--help"])
+    # Distinct prompts: every request its own, the same one for every server.
+    body = same_requests(PeerOptions(), 0, 4)
+    assert body(1)["prompt"] != body(2)["prompt"] == request_prompt(body(2)["seed"])
+
+    data = json.loads(PEER_FIXTURE.read_text())
+    t = data["tables"]["defaults"]
+    # The fixture predates the second peer: give it one, half as fast as plain LitServe.
+    t["levels"][LITSERVE_COMPILED] = {
+        c: {**r, "images_per_second": r["images_per_second"] / 2}
+        for c, r in t["levels"]["litserve"].items()
+    }
+    t["ratios"] = ratios(t["levels"], t["direct"])
+    r4 = t["ratios"]["4"]
+    assert r4["images_per_second_qdserve_over_litserve_compiled"] == pytest.approx(
+        2 * r4["images_per_second_qdserve_over_litserve"]
+    )
+    assert "p99_qdserve_over_litserve_compiled" in r4
+    assert "p50_litserve_compiled_over_direct_batch1" in t["ratios"]["1"]
+    text = render(data)
+    assert "- **litserve-compiled**: the same LitServe server" in text
+    assert "`pipe.transformer.compile()` in `setup`" in text
+    assert "| concurrency | img/s qdserve/litserve | p50 qdserve/litserve | p99 " in text
+    assert "| img/s qdserve/litserve-compiled | p50 qdserve/litserve-compiled |" in text
+    # Level by level: qdserve, litserve, litserve-compiled at 1, then at 4.
+    rows = [line.split(" | ")[0:2] for line in text.splitlines() if line.startswith("| ")]
+    head = [r for r in rows if r[0].lstrip("| ") in ("qdserve", "litserve", LITSERVE_COMPILED)]
+    assert [(r[0].lstrip("| "), r[1]) for r in head[:6]] == [
+        ("qdserve", "1"),
+        ("litserve", "1"),
+        (LITSERVE_COMPILED, "1"),
+        ("qdserve", "4"),
+        ("litserve", "4"),
+        (LITSERVE_COMPILED, "4"),
+    ]
+    from benchmarks.peer import headline
+
+    assert "; img/s qdserve/litserve-compiled c1 " in headline(data)
+
+
 GPU_PEER = REPO / "docs" / "benchmarks" / "peer-nvidia-h200.json"
 
 
