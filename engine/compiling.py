@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.batches import uses_stepping
 from pipelines import lora
@@ -86,15 +86,21 @@ def compile_scope(setting: str, loaded: LoadedPipeline) -> Scope:
     return "model" if str(loaded.device).startswith("cpu") else "blocks"
 
 
+def denoiser_of(loaded: LoadedPipeline) -> Any:
+    """The pipeline's denoiser module (transformer or unet)."""
+    pipe = loaded.pipeline
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if denoiser is None:
+        raise ModelLoadError("QDS_COMPILE is on but this pipeline has no denoiser to compile")
+    return denoiser
+
+
 def compile_denoiser(loaded: LoadedPipeline, scope: str = "auto") -> None:
     """Compile the denoiser: as one graph (`model`), or one repeated block compiled once and
     reused for all of them (`blocks`, regional compilation)."""
     import torch
 
-    pipe = loaded.pipeline
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if denoiser is None:
-        raise ModelLoadError("QDS_COMPILE is on but this pipeline has no denoiser to compile")
+    denoiser = denoiser_of(loaded)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     if compile_scope(scope, loaded) == "model":

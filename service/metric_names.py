@@ -25,6 +25,7 @@ COUNTERS = (
     "qds_prompt_cache_hits_total",
     "qds_prompt_cache_misses_total",
     "qds_engine_restarts_total",
+    "qds_denoiser_forwards_total",  # path: compiled, eager
 )
 GAUGES = (
     "qds_queue_depth",
@@ -35,6 +36,7 @@ GAUGES = (
     "qds_model_load_seconds",  # model, backend
     "qds_prompt_cache_bytes",
     "qds_engine_resident_memory_bytes",
+    "qds_serving_mode",  # mode: eager, compiling, compiled (1 for the current one)
 )
 # Read at scrape time by a custom collector; absent (not zero) without CUDA.
 GPU_GAUGES = (

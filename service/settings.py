@@ -153,6 +153,14 @@ class ServiceSettings(BaseSettings):
         "regional compilation: a shorter first compile). auto: model on a CPU, blocks "
         "elsewhere (a whole Flux-size compile on a GPU was not measured).",
     )
+    compile_background: bool = Field(
+        default=True,
+        description="With QDS_COMPILE on and the whole denoiser compiled (scope model): "
+        "ready as soon as the model is loaded, serving eager while a background thread "
+        "compiles every warm-up shape (and any shape first seen later); requests switch to a "
+        "compiled graph once it exists and never wait on a compile (/readyz `mode`, "
+        "qds_serving_mode). false: compile and warm up before /readyz turns 200.",
+    )
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."
     )

@@ -35,7 +35,7 @@ def _one_fake_cuda_device() -> Iterator[None]:
 
     props = mock.Mock(total_memory=0)
     with (
-        mock.patch("service.gpu_metrics._cuda_devices", return_value=[0]),
+        mock.patch("engine.gpu_memory._cuda_devices", return_value=[0]),
         mock.patch.object(torch.cuda, "memory_allocated", return_value=0),
         mock.patch.object(torch.cuda, "memory_reserved", return_value=0),
         mock.patch.object(torch.cuda, "max_memory_allocated", return_value=0),
