@@ -151,9 +151,6 @@ class EngineCore:
     # -- life cycle --------------------------------------------------------------------------
     def run(self) -> None:
         self._main = threading.get_ident()
-        chosen = configure_compile_cache(getattr(self.config.quant, "cache_dir", None))
-        if chosen:
-            log.info("compile caches: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
         if self.settings.torch_threads:
             import torch
 
@@ -443,7 +440,10 @@ class EngineCore:
             "serving mode of %s: %s%s",
             key.variant_id,
             compiler.mode,
-            f" ({seconds:.1f}s of background compile)" if seconds is not None else "",
+            f" ({seconds:.1f}s of background compile; inductor cache: {compiler.cache_hits} "
+            f"hit(s), {compiler.cache_misses} miss(es))"
+            if seconds is not None
+            else "",
         )
         self._mode_of(key, compiler.mode)
 
@@ -654,6 +654,11 @@ def run_engine(config: EngineConfig, conn: Connection) -> None:
     from engine.logs import configure_logging
 
     configure_logging(config.settings.log_level, config.settings.log_format)
+    # The engine process's own environment (not the HTTP process's: QDS_ENGINE=inline keeps
+    # whatever the host process set).
+    chosen = configure_compile_cache(getattr(config.quant, "cache_dir", None))
+    if chosen:
+        log.info("compile caches: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
     core = EngineCore(config, conn)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _sig, _frame: core.on_sigterm())

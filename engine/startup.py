@@ -190,6 +190,8 @@ class BackgroundCompiler:
         self.started_at = 0.0
         self.compiled_at: float | None = None
         self.forwards = {"compiled": 0, "eager": 0}
+        self.cache_hits = 0
+        self.cache_misses = 0
         self.module._compiled_call_impl = self
 
     # -- serving threads -------------------------------------------------------------------
@@ -268,6 +270,7 @@ class BackgroundCompiler:
             "forwards": dict(self.forwards),
             "serving_compiles": BackgroundCompiler.serving_compiles,
             "compile_seconds": list(self.compile_seconds),
+            "inductor_cache": {"hits": self.cache_hits, "misses": self.cache_misses},
             "seconds_to_compiled": (
                 None if self.compiled_at is None else self.compiled_at - self.started_at
             ),
@@ -336,6 +339,9 @@ class BackgroundCompiler:
         if job.state != self.state():
             job.tries += 1
             return "retry" if job.tries < STATE_RETRIES else "skipped"
+        from torch._dynamo.utils import counters
+
+        hits, misses = _cache_counts(counters)
         start = time.perf_counter()
         torch.set_num_threads(job.threads)
         try:
@@ -348,9 +354,25 @@ class BackgroundCompiler:
             torch.set_num_threads(default_threads)
         seconds = time.perf_counter() - start
         label = _label(job)
+        hits_after, misses_after = _cache_counts(counters)
+        self.cache_hits += hits_after - hits
+        self.cache_misses += misses_after - misses
         self.compile_seconds.append((label, round(seconds, 2)))
-        log.info("compiled %s in %.1fs (background)", label, seconds)
+        log.info(
+            "compiled %s in %.1fs (background; inductor cache: %d hit(s), %d miss(es))",
+            label,
+            seconds,
+            hits_after - hits,
+            misses_after - misses,
+        )
         return "done"
+
+
+def _cache_counts(counters: Any) -> tuple[int, int]:
+    """Inductor's FX graph cache hits and misses so far in this process (a miss compiles
+    kernels; a hit loads them from TORCHINDUCTOR_CACHE_DIR)."""
+    inductor = counters["inductor"]
+    return int(inductor["fxgraph_cache_hit"]), int(inductor["fxgraph_cache_miss"])
 
 
 def _label(job: _Job) -> str:
