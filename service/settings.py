@@ -140,9 +140,10 @@ class ServiceSettings(BaseSettings):
     )
     compile: Literal["auto"] | bool = Field(
         default="auto",
-        description="torch.compile the denoiser (QDS_COMPILE_SCOPE; warmed up before ready). "
-        "auto: on for Flux step batching on a CPU with a C++ compiler (inductor needs one; "
-        "the container has none) and a backend measured faster compiled as served "
+        description="torch.compile the denoiser (QDS_COMPILE_SCOPE; in the background or "
+        "before ready: QDS_COMPILE_BACKGROUND). auto: on for Flux step batching on a CPU with a "
+        "C++ compiler (inductor needs one; the images have g++) and a backend measured faster "
+        "compiled as served "
         "(`compiles_by_default`); off on GPUs and whole-call pipelines; true / false force it.",
     )
     compile_scope: Literal["auto", "model", "blocks"] = Field(
