@@ -67,13 +67,28 @@ def configure_compile_cache(cache_dir: str | os.PathLike[str] | None) -> dict[st
     if not cache_dir:
         return {}
     root = Path(cache_dir)
+    default = _inductor_default()  # first: importing inductor may rewrite the variables
     chosen: dict[str, str] = {}
     caches = (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"))
     for variable, folder in caches:
-        if not os.environ.get(variable):
+        value = os.environ.get(variable)
+        # torch writes its default into TORCHINDUCTOR_CACHE_DIR the first time anything asks
+        # for the cache (here: in the HTTP process, whose environment the engine inherits);
+        # that default is not the operator's choice.
+        if not value or (default and value.startswith(default)):
             os.environ[variable] = str(root / folder)
             chosen[variable] = os.environ[variable]
     return chosen
+
+
+def _inductor_default() -> str | None:
+    """Inductor's own default cache folder (/tmp/torchinductor_<user>)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return default_cache_dir()
+    except Exception:
+        return None
 
 
 # -- which path served -----------------------------------------------------------------------

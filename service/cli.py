@@ -77,6 +77,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_declared(svc.loras, quant.quant_backend, quant.resolved_quant_type)
     except Exception as exc:
         return _settings_error(exc)
+    from engine.startup import configure_compile_cache
+
+    # Before anything asks torch for its cache folder (torch then writes its default into the
+    # environment the engine process inherits); the engine process checks again.
+    configure_compile_cache(quant.cache_dir)
     from service.server import serve
 
     serve(args.host or svc.host, args.port or svc.port)
