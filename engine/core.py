@@ -47,7 +47,12 @@ from engine.failures import (
 from engine.gpu_memory import local_readings
 from engine.keys import key_for
 from engine.scheduler import BatchFactory, Job, KindOf, Scheduler
-from engine.startup import BackgroundCompiler, compiler_of, configure_compile_cache
+from engine.startup import (
+    BackgroundCompiler,
+    compiler_of,
+    configure_compile_cache,
+    stop_all,
+)
 from engine.telemetry import MetricsRecorder
 from pipelines import lora
 from pipelines.loader import load_pipeline
@@ -67,6 +72,8 @@ log = logging.getLogger("qdserve.engine_core")
 # or eviction, and when the engine goes idle.
 TELEMETRY_PERIOD_S = 1.0
 DEFAULT_PROMPT_CACHE_BYTES = 64 * 2**20
+# At close, how long to wait for a background compile that is under way.
+COMPILE_STOP_WAIT_S = 2.0
 
 
 @dataclass
@@ -147,6 +154,7 @@ class EngineCore:
         self._telemetry_due = 0.0
         self._telemetry_stale = False
         self._prompt_seen = (0, 0)
+        self.compiles_done = True
 
     # -- life cycle --------------------------------------------------------------------------
     def run(self) -> None:
@@ -183,6 +191,8 @@ class EngineCore:
         return not self._closed
 
     def _close(self) -> None:
+        # Background compiles stop first (one mid-compile finishes on its own; see run_engine).
+        self.compiles_done = stop_all(COMPILE_STOP_WAIT_S)
         self.scheduler.fail_queued(ShuttingDown())
         self.scheduler.cancel_running("shutdown")
         with contextlib.suppress(Exception):
@@ -663,3 +673,10 @@ def run_engine(config: EngineConfig, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _sig, _frame: core.on_sigterm())
     core.run()
+    if not core.compiles_done:
+        # A background compile is still running: the interpreter's exit would abort under it
+        # (C++ threads alive at static destruction), so leave without one. The pipe is closed
+        # and every request answered by now.
+        log.info("exiting during a background compile")
+        logging.shutdown()
+        os._exit(0)

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,6 +56,7 @@ STATE_RETRY_S = 1.0
 STATE_RETRIES = 30
 
 _tls = threading.local()
+_live: weakref.WeakSet[BackgroundCompiler] = weakref.WeakSet()
 
 
 # -- compile caches ------------------------------------------------------------------------
@@ -208,6 +210,7 @@ class BackgroundCompiler:
         self.cache_hits = 0
         self.cache_misses = 0
         self.module._compiled_call_impl = self
+        _live.add(self)
 
     # -- serving threads -------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -261,6 +264,10 @@ class BackgroundCompiler:
             self._stopped = True
             self._queue.clear()
             self._wake.notify()
+
+    def alive(self) -> bool:
+        """The compile thread is still running (mid-compile after a stop)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until every signature seen so far is compiled (tests, `qdserve warmup`)."""
@@ -397,6 +404,22 @@ def _label(job: _Job) -> str:
         if shape is not None:
             return f"{'x'.join(map(str, shape))} on {job.threads} thread(s)"
     return f"on {job.threads} thread(s)"
+
+
+def stop_all(timeout: float) -> bool:
+    """Stop every background compiler in this process and wait up to `timeout` seconds for
+    their threads; False when one is still mid-compile (a compile cannot be interrupted, and
+    an interpreter that exits under it aborts: "terminate called without an active
+    exception"), so the engine process then leaves with os._exit."""
+    compilers = list(_live)
+    for compiler in compilers:
+        compiler.stop()
+    deadline = time.monotonic() + timeout
+    for compiler in compilers:
+        thread = compiler._thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(c.alive() for c in compilers)
 
 
 def compiler_of(loaded: LoadedPipeline) -> BackgroundCompiler | None:
