@@ -189,7 +189,7 @@ class ServiceState:
     @property
     def mode(self) -> str:
         """Which denoiser serves the default model: eager, compiling or compiled."""
-        return self.engine.mode
+        return self.engine.serving_mode
 
     def all_warnings(self) -> list[str]:
         return [*self.warnings, *self.engine.warnings]
