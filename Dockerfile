@@ -70,8 +70,7 @@ ARG EXTRAS=gpu
 # The dependencies come from pyproject.toml alone (a stub project with empty packages), so
 # editing the source or the README does not reinstall them. torch first and pinned, then the
 # rest pinned through the constraints file (pip's -c, which hadolint cannot see). torch's C++
-# headers and static archives only serve extension builds, which need the compiler the
-# runtime does not have.
+# headers stay: inductor's CPU kernels include them (QDS_COMPILE); its static archives go.
 COPY pyproject.toml constraints.txt /tmp/stub/
 # hadolint ignore=DL3013
 RUN pip install --upgrade pip \
@@ -80,7 +79,7 @@ RUN pip install --upgrade pip \
     && touch /tmp/stub/README.md \
     && pip install -c /tmp/stub/constraints.txt "/tmp/stub${EXTRAS:+[$EXTRAS]}" \
     && pip uninstall -y -q qdserve \
-    && rm -rf /tmp/stub "$VIRTUAL_ENV"/lib/python3*/site-packages/torch/include \
+    && rm -rf /tmp/stub \
     && find "$VIRTUAL_ENV" -name '*.a' -delete
 
 ########################################################################################
@@ -102,21 +101,26 @@ FROM ${BASE_IMAGE} AS runtime
 
 ARG APP_UID=10001
 
-# python3 only (the venv brings everything else). No g++: quanto's int4/int2 kernels compile a
-# C++ extension on first use and need g++ + ninja (use quanto int8 or another backend, or
-# build a derived image with g++).
+# python3 (the venv brings everything else) and the smallest toolchain torch.compile needs:
+# g++ for inductor's CPU kernels (and gcc for Triton's launchers in the GPU image), the Python
+# headers for the bindings both build (Python.h; libpython's static archive dropped). Without
+# them QDS_COMPILE=auto stays eager. quanto's int4/int2 kernels also want ninja (not here).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && apt-get install -y --no-install-recommends python3 ca-certificates g++ libpython3-dev \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log \
+    && find /usr/lib/python3* -name 'libpython3*.a' -delete \
     && groupadd --gid "$APP_UID" qds \
     && useradd --uid "$APP_UID" --gid qds --home-dir /home/qds --create-home --shell /usr/sbin/nologin qds \
     && mkdir -p /data/hf /data/qdserve \
     && chown -R qds:qds /data
 
 # HF_HOME on the /data volume: downloaded weights survive container restarts.
-# QDS_CACHE_DIR: built / converted models (e.g. GGUF files) on the same volume.
-# Compiler caches go to /tmp so the root filesystem can be mounted read-only.
+# QDS_CACHE_DIR: built / converted models (e.g. GGUF files) on the same volume, and the
+# compile caches (inductor's and Triton's under QDS_CACHE_DIR/inductor and /triton, set by the
+# engine when TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are unset), so a restarted container
+# does not compile again and `qdserve warmup` can fill them ahead of time.
+# Other compiler caches go to /tmp so the root filesystem can be mounted read-only.
 # NVIDIA_DRIVER_CAPABILITIES: the container toolkit mounts the driver's compute libraries (a
 # CUDA base image sets this; this base does not). Which GPUs is the runtime's choice (--gpus,
 # the Kubernetes device plugin), so NVIDIA_VISIBLE_DEVICES is left unset.
@@ -127,8 +131,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     QDS_CACHE_DIR=/data/qdserve \
     QDS_HOST=0.0.0.0 \
     QDS_PORT=8000 \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
-    TRITON_CACHE_DIR=/tmp/triton \
     TORCH_EXTENSIONS_DIR=/tmp/torch_extensions \
     XDG_CACHE_HOME=/tmp/.cache \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

@@ -144,6 +144,7 @@ class EngineClient:
         self.defaults: dict[ModelKey, ModelDefaults] = {}
         self.reason = "starting"
         self.warnings: list[str] = []
+        self.serving_mode = "eager"  # the default model's denoiser (engine.startup)
         self.restarts = 0
         self.pid: int | None = None
         self.core: EngineCore | None = None  # inline mode: the core itself (tests)
@@ -530,6 +531,7 @@ class EngineClient:
             self._engine_ready = e.ready
             self.reason = e.reason
             self.warnings = list(e.warnings)
+            self.serving_mode = e.mode
             self._publish_ready()
         elif isinstance(e, m.Loading):
             self.loading.add(e.key)

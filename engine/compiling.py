@@ -6,7 +6,7 @@ Why `auto` turns it on for step batching on a CPU: measured side by side as serv
 (`bench compile-serving`), the compiled denoiser serves more images per second there for the
 backends whose `compiles_by_default` says so, with the eager images up to float rounding
 (`bench compile`). Why only there: inductor needs a C++ compiler on a
-CPU (the container image has none, so it stays eager), GPU compile start-up for a
+CPU (the images have g++; without one it stays eager), GPU compile start-up for a
 Flux-size denoiser was not measured here, and whole-call pipelines (SD3, SDXL) would compile
 at their first request.
 
@@ -22,7 +22,10 @@ measured.
 Dynamo keys a compiled graph on the grad mode, the intra-op thread count and (until it
 has seen two) the batch size: the warm-up runs the step loop itself, under the grad mode
 its batches use, at one and two images, on the engine's thread count and, with lanes, on a
-lane's, so requests at the warm-up sizes meet no compile in the sequences tested.
+lane's, so requests at the warm-up sizes meet no compile in the sequences tested. With
+QDS_COMPILE_BACKGROUND (the default, `model` scope) that warm-up runs eager and the graphs it
+met compile on a background thread while the engine serves (engine/startup.py); requests then
+meet no compile at any size.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.batches import uses_stepping
 from pipelines import lora, step_cache
@@ -88,15 +91,21 @@ def compile_scope(setting: str, loaded: LoadedPipeline) -> Scope:
     return "model" if str(loaded.device).startswith("cpu") else "blocks"
 
 
+def denoiser_of(loaded: LoadedPipeline) -> Any:
+    """The pipeline's denoiser module (transformer or unet)."""
+    pipe = loaded.pipeline
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if denoiser is None:
+        raise ModelLoadError("QDS_COMPILE is on but this pipeline has no denoiser to compile")
+    return denoiser
+
+
 def compile_denoiser(loaded: LoadedPipeline, scope: str = "auto") -> None:
     """Compile the denoiser: as one graph (`model`), or one repeated block compiled once and
     reused for all of them (`blocks`, regional compilation)."""
     import torch
 
-    pipe = loaded.pipeline
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if denoiser is None:
-        raise ModelLoadError("QDS_COMPILE is on but this pipeline has no denoiser to compile")
+    denoiser = denoiser_of(loaded)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     if compile_scope(scope, loaded) == "model":

@@ -48,6 +48,12 @@ from engine.failures import (
 from engine.gpu_memory import local_readings
 from engine.keys import key_for
 from engine.scheduler import BatchFactory, Job, KindOf, Scheduler
+from engine.startup import (
+    BackgroundCompiler,
+    compiler_of,
+    configure_compile_cache,
+    stop_all,
+)
 from engine.telemetry import MetricsRecorder
 from pipelines import lora
 from pipelines.loader import load_pipeline
@@ -67,6 +73,8 @@ log = logging.getLogger("qdserve.engine_core")
 # or eviction, and when the engine goes idle.
 TELEMETRY_PERIOD_S = 1.0
 DEFAULT_PROMPT_CACHE_BYTES = 64 * 2**20
+# At close, how long to wait for a background compile that is under way.
+COMPILE_STOP_WAIT_S = 2.0
 
 
 @dataclass
@@ -139,12 +147,17 @@ class EngineCore:
         self._ready = False
         self._reason = "starting"
         self._warnings: list[str] = []
+        # Which denoiser serves the default model: eager, compiling (eager while the graphs
+        # build in the background), compiled (engine.startup).
+        self._mode = "eager"
+        self._forwards_seen = {"compiled": 0, "eager": 0}
         self._stopping = False
         self._closed = False
         self._sigterm = False
         self._telemetry_due = 0.0
         self._telemetry_stale = False
         self._prompt_seen = (0, 0)
+        self.compiles_done = True
 
     # -- life cycle --------------------------------------------------------------------------
     def run(self) -> None:
@@ -181,6 +194,8 @@ class EngineCore:
         return not self._closed
 
     def _close(self) -> None:
+        # Background compiles stop first (one mid-compile finishes on its own; see run_engine).
+        self.compiles_done = stop_all(COMPILE_STOP_WAIT_S)
         self.scheduler.fail_queued(ShuttingDown())
         self.scheduler.cancel_running("shutdown")
         with contextlib.suppress(Exception):
@@ -393,16 +408,73 @@ class EngineCore:
                 if key_for(settings) == self.default_key and not self._startup_done:
                     sizes = ", ".join(self.settings.warmup_sizes or ["the default size"])
                     self._status(f"warming up {sizes}")
-                if compiled and self.settings.compile == "auto":
+                if compiled and self._compiles_in_background(loaded):
+                    self._compile_in_background(loaded, key_for(settings))
+                elif compiled and self.settings.compile == "auto":
                     compiled = self._compile_or_eager(loaded)
+                    self._mode_of(key_for(settings), "compiled" if compiled else "eager")
                 elif compiled:
                     self._compile_and_warm(loaded)
+                    self._mode_of(key_for(settings), "compiled")
                 if not compiled:
                     self.hooks.warmup(loaded, self._warmup_sizes(loaded))
         except BaseException:
             loaded.release()
             raise
         return loaded
+
+    def _compiles_in_background(self, loaded: LoadedPipeline) -> bool:
+        """QDS_COMPILE_BACKGROUND: the whole denoiser (`model` scope), with the default compile
+        hook (tests and benchmarks that replace it keep the foreground path)."""
+        return (
+            bool(getattr(self.settings, "compile_background", False))
+            and compile_scope(self.settings.compile_scope, loaded) == "model"
+            and self.hooks.compile is compile_denoiser
+        )
+
+    def _compile_in_background(self, loaded: LoadedPipeline, key: ModelKey) -> None:
+        """Ready at once, serving eager; the warm-up's forwards (eager, a fraction of a second)
+        are what the compile thread compiles first (`engine.startup`)."""
+
+        def lora_on() -> bool:
+            adapters = lora.adapters_of(loaded)
+            return bool(adapters is not None and adapters.active)
+
+        compiler = BackgroundCompiler(
+            loaded, state=lora_on, on_change=lambda c: self._compile_mode_changed(key, c)
+        )
+        try:
+            self.hooks.warmup(loaded, self._warmup_sizes(loaded), self.scheduler.lanes)
+        except BaseException:
+            compiler.stop()
+            raise
+        compiler.start()
+
+    def _compile_mode_changed(self, key: ModelKey, compiler: BackgroundCompiler) -> None:
+        """On the compile thread: a variant's background compile changed mode."""
+        if compiler.error is not None and compiler.error not in self._warnings:
+            self._warnings.append(compiler.error)
+        # Called under the compiler's lock: read its fields, not its stats().
+        done = compiler.compiled_at
+        seconds = done - compiler.started_at if compiler.mode == "compiled" and done else None
+        log.info(
+            "serving mode of %s: %s%s",
+            key.variant_id,
+            compiler.mode,
+            f" ({seconds:.1f}s of background compile; inductor cache: {compiler.cache_hits} "
+            f"hit(s), {compiler.cache_misses} miss(es))"
+            if seconds is not None
+            else "",
+        )
+        self._mode_of(key, compiler.mode)
+
+    def _mode_of(self, key: ModelKey, mode: str) -> None:
+        if key != self.default_key or mode == self._mode:
+            return
+        self._mode = mode
+        for name in ("eager", "compiling", "compiled"):
+            self.metrics.serving_mode.labels(name).set(1 if name == mode else 0)
+        self._emit(m.Status(self._ready, self._reason, tuple(self._warnings), self._mode))
 
     def _compile_and_warm(self, loaded: LoadedPipeline) -> None:
         """Compile, then warm up every graph requests will use (`engine.compiling`)."""
@@ -440,6 +512,9 @@ class EngineCore:
         self._telemetry_due = 0.0
 
     def _on_evicted(self, key: ModelKey, loaded: LoadedPipeline) -> None:
+        compiler = compiler_of(loaded)
+        if compiler is not None:
+            compiler.stop()
         if uses_stepping(loaded):
             from pipelines.stepping import variant_id
 
@@ -452,7 +527,7 @@ class EngineCore:
         self._reason = reason
         if not self._ready:
             log.info("not ready: %s", reason)
-        self._emit(m.Status(self._ready, reason, tuple(self._warnings)))
+        self._emit(m.Status(self._ready, reason, tuple(self._warnings), self._mode))
 
     def _emit(self, event: object) -> None:
         with self._lock:
@@ -514,6 +589,7 @@ class EngineCore:
 
     def _telemetry(self) -> None:
         """Readings that cost a system call or a CUDA query: at most once a second."""
+        self._forward_counts()
         rss = _resident_bytes()
         if rss is not None:
             self.metrics.engine_memory.set(rss)
@@ -521,8 +597,26 @@ class EngineCore:
         if readings:
             self._emit(m.Gpu(readings))
 
+    def _default_compiler(self) -> BackgroundCompiler | None:
+        entry = next((e for e in self.cache.entries() if e.key == self.default_key), None)
+        return compiler_of(entry.loaded) if entry is not None else None
+
+    def _forward_counts(self) -> None:
+        """Denoiser forwards by path (compiled graph or eager) since the last report."""
+        compiler = self._default_compiler()
+        if compiler is None:
+            return
+        for path, count in list(compiler.forwards.items()):
+            seen = self._forwards_seen.get(path, 0)
+            if count > seen:
+                self.metrics.denoiser_forwards.labels(path).inc(count - seen)
+                self._forwards_seen[path] = count
+
     def stats(self) -> dict[str, Any]:
+        compiler = self._default_compiler()
         return {
+            "mode": self._mode,
+            "compile": compiler.stats() if compiler is not None else None,
             **self.scheduler.stats(),
             "pid": os.getpid(),
             "loaded": [k.variant_id for k in self.cache.loaded_keys()],
@@ -594,7 +688,19 @@ def run_engine(config: EngineConfig, conn: Connection) -> None:
     from engine.logs import configure_logging
 
     configure_logging(config.settings.log_level, config.settings.log_format)
+    # The engine process's own environment (not the HTTP process's: QDS_ENGINE=inline keeps
+    # whatever the host process set).
+    chosen = configure_compile_cache(getattr(config.quant, "cache_dir", None))
+    if chosen:
+        log.info("compile caches: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
     core = EngineCore(config, conn)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _sig, _frame: core.on_sigterm())
     core.run()
+    if not core.compiles_done:
+        # A background compile is still running: the interpreter's exit would abort under it
+        # (C++ threads alive at static destruction), so leave without one. The pipe is closed
+        # and every request answered by now.
+        log.info("exiting during a background compile")
+        logging.shutdown()
+        os._exit(0)

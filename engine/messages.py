@@ -88,6 +88,7 @@ class Status:
     ready: bool
     reason: str
     warnings: tuple[str, ...] = ()
+    mode: str = "eager"  # the default model's denoiser: eager, compiling or compiled
 
 
 @dataclass(frozen=True)

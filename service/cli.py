@@ -77,9 +77,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_declared(svc.loras, quant.quant_backend, quant.resolved_quant_type)
     except Exception as exc:
         return _settings_error(exc)
+    from engine.startup import configure_compile_cache
+
+    # Before anything asks torch for its cache folder (torch then writes its default into the
+    # environment the engine process inherits); the engine process checks again.
+    configure_compile_cache(quant.cache_dir)
     from service.server import serve
 
     serve(args.host or svc.host, args.port or svc.port)
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Fill the compile caches (inductor's, under QDS_CACHE_DIR unless TORCHINDUCTOR_CACHE_DIR
+    is set) for the configured model and warm-up sizes, then exit: run it as a Kubernetes init
+    container or Job on the volume the pods mount, and they start warm."""
+    import json
+
+    from service.settings import ServiceSettings, lane_count
+
+    try:
+        svc = ServiceSettings()
+        from quantization.settings import QuantSettings
+
+        quant = QuantSettings()
+        from pipelines.lora import check_declared
+
+        check_declared(svc.loras, quant.quant_backend, quant.resolved_quant_type)
+    except Exception as exc:
+        return _settings_error(exc)
+    import torch
+
+    from engine.startup import warm_caches
+    from quantization.environment import resolve_device
+
+    threads = svc.torch_threads or torch.get_num_threads()
+    lanes = lane_count(svc.engine_lanes, resolve_device(quant.device), threads)
+    try:
+        report = warm_caches(quant, svc, lanes=lanes, timeout=args.timeout)
+    except Exception as exc:
+        print(f"qdserve warmup: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -211,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (QDS_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (QDS_PORT, default 8000)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "warmup", help="compile the configured model's warm-up sizes into the cache, then exit"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds to allow for compiling (default: none)"
+    )
+    p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("backends", help="which backends and quant types run on this machine")
     p.add_argument("--json", action="store_true", help="machine-readable output")

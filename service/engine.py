@@ -131,6 +131,11 @@ class ServiceState:
     def reason(self) -> str:
         return self.engine.reason
 
+    @property
+    def mode(self) -> str:
+        """Which denoiser serves the default model: eager, compiling or compiled."""
+        return self.engine.serving_mode
+
     def all_warnings(self) -> list[str]:
         return [*self.warnings, *self.engine.warnings]
 

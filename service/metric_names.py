@@ -27,6 +27,7 @@ COUNTERS = (
     "qds_engine_restarts_total",
     "qds_engine_stalls_total",  # the watchdog found the engine hung (then a restart)
     "qds_step_cache_blocks_total",  # outcome: computed, skipped
+    "qds_denoiser_forwards_total",  # path: compiled, eager
 )
 GAUGES = (
     "qds_queue_depth",
@@ -37,6 +38,7 @@ GAUGES = (
     "qds_model_load_seconds",  # model, backend
     "qds_prompt_cache_bytes",
     "qds_engine_resident_memory_bytes",
+    "qds_serving_mode",  # mode: eager, compiling, compiled (1 for the current one)
 )
 # Read at scrape time by a custom collector; absent (not zero) without CUDA.
 GPU_GAUGES = (

@@ -166,6 +166,19 @@ class Metrics:
             "Resident memory of the engine process (the pipelines live there)",
             registry=r,
         )
+        self.serving_mode = Gauge(
+            "qds_serving_mode",
+            "Which denoiser serves the default model (1 for the current mode): eager, "
+            "compiling (eager while the compiled graphs build in the background), compiled",
+            ["mode"],
+            registry=r,
+        )
+        self.denoiser_forwards = Counter(
+            "qds_denoiser_forwards",
+            "Denoiser forwards of the default model by path: a compiled graph or eager",
+            ["path"],
+            registry=r,
+        )
         self.build_info = Info("qds_build", "qdserve build and library versions", registry=r)
         self.build_info.info(build_labels())
 

@@ -149,9 +149,10 @@ class ServiceSettings(BaseSettings):
     )
     compile: Literal["auto"] | bool = Field(
         default="auto",
-        description="torch.compile the denoiser (QDS_COMPILE_SCOPE; warmed up before ready). "
-        "auto: on for Flux step batching on a CPU with a C++ compiler (inductor needs one; "
-        "the container has none) and a backend measured faster compiled as served "
+        description="torch.compile the denoiser (QDS_COMPILE_SCOPE; in the background or "
+        "before ready: QDS_COMPILE_BACKGROUND). auto: on for Flux step batching on a CPU with a "
+        "C++ compiler (inductor needs one; the images have g++) and a backend measured faster "
+        "compiled as served "
         "(`compiles_by_default`); off on GPUs and whole-call pipelines; true / false force it.",
     )
     compile_scope: Literal["auto", "model", "blocks"] = Field(
@@ -161,6 +162,14 @@ class ServiceSettings(BaseSettings):
         "first compile); blocks: its repeated blocks, compiled once and reused (diffusers' "
         "regional compilation: a shorter first compile). auto: model on a CPU, blocks "
         "elsewhere (a whole Flux-size compile on a GPU was not measured).",
+    )
+    compile_background: bool = Field(
+        default=True,
+        description="With QDS_COMPILE on and the whole denoiser compiled (scope model): "
+        "ready as soon as the model is loaded, serving eager while a background thread "
+        "compiles every warm-up shape (and any shape first seen later); requests switch to a "
+        "compiled graph once it exists and never wait on a compile (/readyz `mode`, "
+        "qds_serving_mode). false: compile and warm up before /readyz turns 200.",
     )
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of WxH warmed up at start (compile)."

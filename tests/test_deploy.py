@@ -269,6 +269,8 @@ def test_dockerignore_allows_only_the_build_inputs() -> None:
         "README.md",
         "constraints.txt",
         "quantization",
+        "pipelines",
+        "engine",
         "service",
         "deploy/image/pip-inputs",
     }

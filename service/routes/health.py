@@ -27,6 +27,7 @@ async def readyz(request: Request) -> JSONResponse:
         "status": "ready" if qds.ready else "not_ready",
         "reason": qds.reason,
         "model": qds.default_key.variant_id,
+        "mode": qds.mode,
         "loaded": qds.loaded_ids(),
         "queue_depth": qds.queue_depth(),
         "auth": "on" if qds.settings.api_keys else "off",

@@ -97,7 +97,7 @@ def test_image_holds_the_runtime_only(served: Container) -> None:
     assert "/healthz" in " ".join(config["Healthcheck"]["Test"])
     assert not [e for e in config["Env"] if e.startswith("PIP_")], config["Env"]
     probe = """
-import importlib.util, json, os, shutil, site
+import importlib.util, json, os, shutil, site, sysconfig
 from pathlib import Path
 import pipelines
 sp = Path(site.getsitepackages()[0])
@@ -110,6 +110,7 @@ print(json.dumps({
     "compilers": [c for c in ("gcc", "g++", "cc", "c++") if shutil.which(c)],
     "pip_inputs": os.path.exists("/tmp/pip-inputs"),
     "torch_include": (sp / "torch" / "include").exists(),
+    "python_h": os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")),
     "uid": os.getuid(),
 }))
 """
@@ -127,14 +128,37 @@ print(json.dumps({
         "quantization.demo": False,
     }
     assert "model_index.json" in facts["demo_weights"] and "transformer" in facts["demo_weights"]
-    assert facts["compilers"] == [] and facts["pip_inputs"] is False
-    assert facts["torch_include"] is False and facts["uid"] == 10001
+    # The toolchain torch.compile needs (inductor's CPU kernels, Triton's launchers): g++ and
+    # gcc, the Python headers, torch's headers.
+    assert {"gcc", "g++"} <= set(facts["compilers"]) and facts["pip_inputs"] is False
+    assert facts["torch_include"] is True and facts["python_h"] is True
+    assert facts["uid"] == 10001
 
 
 def test_health_and_readiness(served: Container) -> None:
     assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{served.url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def _kernels(container: Container) -> set[str]:
+    """The compiled kernels in the volume's inductor cache (QDS_CACHE_DIR/inductor)."""
+    found = container.exec("find", "/data/qdserve/inductor", "-name", "*.so", timeout=60)
+    return set(found.stdout.split())
+
+
+def _mode(container: Container) -> str:
+    return httpx.get(f"{container.url}/readyz", timeout=5).json().get("mode", "")
+
+
+def test_compiles_in_the_background_into_the_volume(served: Container) -> None:
+    """QDS_COMPILE=auto compiles in the container (it has the toolchain), after /readyz is
+    200, into the /data volume; requests are answered meanwhile."""
+    assert _mode(served) in ("compiling", "compiled")
+    res = httpx.post(f"{served.url}/v1/generate", json=README_REQUEST, timeout=120)
+    assert res.status_code == 200
+    wait_for(lambda: _mode(served) == "compiled", 900, "serving mode compiled")
+    assert _kernels(served), served.logs()
 
 
 def test_generation_through_the_openai_client(served: Container) -> None:
@@ -246,5 +270,22 @@ def test_volume_carries_the_weights_into_a_new_container(volume: str) -> None:
         res = httpx.post(f"{container.url}/v1/generate", json=README_REQUEST, timeout=120)
         assert res.status_code == 200, res.text
         assert res.headers["x-backend"] == "gguf"
+    finally:
+        remove(container)
+
+
+def test_restart_reuses_the_compile_cache(volume: str) -> None:
+    """A new container on the same volume reaches compiled mode without compiling again:
+    every warm-up graph comes from the inductor cache on /data (0 misses in its log)."""
+    container = run_container(IMAGE, ENV, volume)
+    try:
+        container.wait_ready()
+        wait_for(lambda: _mode(container) == "compiled", 600, "serving mode compiled")
+        logs = docker("logs", container.name, check=False)
+        text = logs.stdout + logs.stderr
+        line = next(ln for ln in text.splitlines() if "serving mode of" in ln and "compiled" in ln)
+        assert "0 miss(es)" in line, text[-4000:]
+        res = httpx.post(f"{container.url}/v1/generate", json=README_REQUEST, timeout=120)
+        assert res.status_code == 200
     finally:
         remove(container)

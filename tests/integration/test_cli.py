@@ -109,3 +109,25 @@ def test_embedded_model_is_deterministic() -> None:
 
     a, b = build_pipeline().transformer.state_dict(), build_pipeline().transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warmup_command_reports_and_exits(tmp_path: Path) -> None:
+    """`qdserve warmup` loads the configured model, sets the compile cache under
+    QDS_CACHE_DIR and exits 0 with a JSON report; with QDS_COMPILE=false it compiles nothing
+    (the real compile into the cache: tests/container/test_image.py and docs/deploy.md)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(QDS_CACHE_DIR=str(tmp_path), QDS_COMPILE="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "warmup"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["compiled"] is False and report["why"] == "QDS_COMPILE=false"
+    assert report["cache"] == str(tmp_path / "inductor")

@@ -173,12 +173,15 @@ def test_api_keys(cache_dir: Path) -> None:
 
 
 def test_real_compile_warmup(cache_dir: Path) -> None:
-    """A real compile (about 10 s here): ready only after the warm-up, and the requests after
-    it, alone and several at once, compile nothing more."""
+    """A real compile in the foreground (QDS_COMPILE_BACKGROUND=false; about 10 s here): ready
+    only after the warm-up, and the requests after it, alone and several at once, compile
+    nothing more. The background path: test_background_compile.py."""
     from torch._dynamo.utils import counters
 
     with (
-        running_server(cache_dir, compile=True, warmup_sizes=["32x32"]) as server,
+        running_server(
+            cache_dir, compile=True, compile_background=False, warmup_sizes=["32x32"]
+        ) as server,
         server.client(timeout=600) as c,
     ):
         transformer = server.qds.core_cache.entries()[0].loaded.pipeline.transformer

@@ -1,0 +1,120 @@
+"""Cold start, warm restart and eager baseline of `qdserve serve` (embedded model, defaults):
+seconds to /readyz 200 and to `"mode": "compiled"`, then img/s at concurrency 4 and 1 for 15 s.
+
+    .venv/bin/python tools/warm_start.py [cold] [warm] [eager]   (from the checkout root)
+
+One JSON line per run on stdout (docs/benchmarks/warm-start.json holds the recorded ones);
+server logs in /tmp/warmexp/<run>.log. `cold` empties its inductor cache first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+PORT = 8937
+BASE = f"http://127.0.0.1:{PORT}"
+OUT = "/tmp/warmexp"
+CACHE = f"{OUT}/measure-cache"
+
+
+def get(path: str) -> tuple[int | None, Any]:
+    try:
+        with urllib.request.urlopen(BASE + path, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except Exception:
+        return None, None
+
+
+def generate(seed: int) -> None:
+    body = json.dumps({"prompt": f"a red circle on the left {seed}", "seed": seed}).encode()
+    req = urllib.request.Request(BASE + "/v1/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
+
+
+def load(seconds: float, concurrency: int) -> float:
+    """Closed-loop clients for `seconds`: images per second."""
+    stop = time.monotonic() + seconds
+    done = [0]
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        k = 0
+        while time.monotonic() < stop:
+            generate(i * 100000 + k)
+            k += 1
+            with lock:
+                done[0] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done[0] / (time.monotonic() - start)
+
+
+def run(label: str, env_extra: dict[str, str], wait_compiled: bool = True) -> dict[str, Any]:
+    env = dict(os.environ, QDS_PORT=str(PORT), QDS_LOG_FORMAT="text", **env_extra)
+    start = time.monotonic()
+    out: dict[str, Any] = {"label": label, "load_avg_start": os.getloadavg()[0]}
+    with open(f"{OUT}/{label}.log", "w") as log:
+        proc = subprocess.Popen(
+            [".venv/bin/qdserve", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            while True:
+                code, body = get("/readyz")
+                if code == 200:
+                    out["ready_s"] = round(time.monotonic() - start, 1)
+                    out["mode_at_ready"] = body["mode"]
+                    break
+                assert proc.poll() is None and time.monotonic() - start < 600
+                time.sleep(0.1)
+            if wait_compiled:
+                while get("/readyz")[1]["mode"] != "compiled":
+                    assert time.monotonic() - start < 1200
+                    time.sleep(0.2)
+                out["compiled_s"] = round(time.monotonic() - start, 1)
+            generate(1)
+            out["img_s_c4"] = round(load(15, 4), 2)
+            out["img_s_c1"] = round(load(15, 1), 2)
+            with urllib.request.urlopen(BASE + "/metrics") as r:
+                out["metrics"] = [
+                    line
+                    for line in r.read().decode().splitlines()
+                    if line.startswith(("qds_serving_mode", "qds_denoiser_forwards"))
+                ]
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    out["load_avg_end"] = os.getloadavg()[0]
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(which: list[str]) -> None:
+    os.makedirs(OUT, exist_ok=True)
+    for what in which or ["cold", "warm", "eager"]:
+        if what == "cold":
+            subprocess.run(["rm", "-rf", CACHE], check=False)
+            run("cold", {"TORCHINDUCTOR_CACHE_DIR": CACHE})
+        elif what == "warm":
+            run("warm", {"TORCHINDUCTOR_CACHE_DIR": CACHE})
+        elif what == "eager":
+            run("eager", {"QDS_COMPILE": "false"}, wait_compiled=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
