@@ -58,6 +58,7 @@ from engine.telemetry import MetricsRecorder
 from pipelines import lora
 from pipelines.loader import load_pipeline
 from pipelines.prompt_cache import PromptCache
+from pipelines.quality_guard import QualityRefused
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -651,12 +652,12 @@ def _plan_card(plan: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _public(exc: BaseException) -> bool:
-    """A load failure whose text is this package's own configuration refusal (a backend
-    this machine cannot run, QDS_LORAS on a backend without LoRA): no paths, no hosts, and
-    it says what to change, so clients and /readyz may see it."""
+    """A load failure whose text is this package's own refusal (a backend this machine
+    cannot run, QDS_LORAS on a backend without LoRA, the quality guard's PSNR verdict): no
+    paths, no hosts, and it says what to change, so clients and /readyz may see it."""
     from quantization.backends import BackendUnavailable as Unavailable
 
-    return isinstance(exc, (Unavailable, lora.LoraUnsupported))
+    return isinstance(exc, (Unavailable, lora.LoraUnsupported, QualityRefused))
 
 
 def _load_failure(key: ModelKey, exc: BaseException) -> Failure:
