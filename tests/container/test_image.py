@@ -38,6 +38,9 @@ SHUTDOWN_TIMEOUT = 20
 # threads on 2 busy cores ran 35x slower).
 ENV = {
     "QDS_TORCH_THREADS": "1",
+    # The path a pod scaled from zero would pick (off by default; see its setting): ready
+    # once loaded, compiled in the background into the /data volume.
+    "QDS_COMPILE_BACKGROUND": "true",
     "QDS_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
     "QDS_LOG_FORMAT": "text",
 }

@@ -1,4 +1,4 @@
-"""QDS_COMPILE_BACKGROUND (default on): /readyz turns 200 once the model is loaded, requests
+"""QDS_COMPILE_BACKGROUND=true: /readyz turns 200 once the model is loaded, requests
 are served eager while a background thread compiles, then on the compiled graphs; no request
 meets a compile, whatever its size (engine/startup.py)."""
 
@@ -36,7 +36,9 @@ def _metric(client: httpx.Client, line_start: str) -> float | None:
 
 def test_ready_while_compiling_and_no_request_meets_a_compile(cache_dir: Path) -> None:
     with (
-        running_server(cache_dir, compile=True, warmup_sizes=["32x32"]) as server,
+        running_server(
+            cache_dir, compile=True, compile_background=True, warmup_sizes=["32x32"]
+        ) as server,
         server.client(timeout=600) as c,
     ):
         ready = c.get("/readyz")
