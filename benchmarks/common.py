@@ -577,3 +577,15 @@ def run_load(
     max_seconds: float = 120.0,
 ) -> LoadResult:
     return asyncio.run(_load(url, body_for, concurrency, total, max_seconds))
+
+
+def replace_section(md_path: Path, section: str, begin: str, end: str) -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) into `md_path`, in place
+    of an earlier one between the same markers, else at the end of the file."""
+    text = md_path.read_text() if md_path.exists() else ""
+    start, stop = text.find(begin), text.find(end)
+    if 0 <= start < stop:
+        text = text[:start] + section + text[stop + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    md_path.write_text(text)

@@ -36,6 +36,7 @@ from benchmarks.common import (
     parse_variant,
     prepared_settings,
     registry_variants,
+    replace_section,
     run_meta,
     write_json,
 )
@@ -558,14 +559,7 @@ def write_quality_section(md_path: Path, matrix: dict[str, Any]) -> None:
     """Put the section into docs/quality.md, replacing an earlier one."""
     from examples.demo.quality import SECTION_BEGIN, SECTION_END
 
-    text = md_path.read_text() if md_path.exists() else ""
-    section = quality_section(matrix)
-    start, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
-    if 0 <= start < end:
-        text = text[:start] + section + text[end + len(SECTION_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    md_path.write_text(text)
+    replace_section(md_path, quality_section(matrix), SECTION_BEGIN, SECTION_END)
 
 
 def _lora_versions() -> dict[str, str | None]:

@@ -30,6 +30,7 @@ from benchmarks.common import (
     md_table,
     meta_line,
     qdserve_server,
+    replace_section,
     run_load,
     run_meta,
     write_json,
@@ -348,14 +349,7 @@ def quality_section(data: dict[str, Any]) -> str:
 
 
 def write_quality_section(md_path: Path, data: dict[str, Any]) -> None:
-    text = md_path.read_text() if md_path.exists() else ""
-    section = quality_section(data)
-    start, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
-    if 0 <= start < end:
-        text = text[:start] + section + text[end + len(SECTION_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    md_path.write_text(text)
+    replace_section(md_path, quality_section(data), SECTION_BEGIN, SECTION_END)
 
 
 def main(argv: list[str], out: Path, quick: bool) -> dict[str, Any]:
