@@ -3,12 +3,17 @@
     python tools/ab_serving.py --a /path/to/old/.venv/bin/qdserve --b .venv/bin/qdserve \
         --rounds 2 --seconds 15 --concurrency 1,4,16 --out docs/benchmarks/layout-ab.md
 
-Each round starts server A, waits until it serves compiled (`/readyz` 200 and, where the
+By default each round starts server A, waits until it serves compiled (`/readyz` 200 and, where the
 server reports a `mode`, `compiled`), drives each concurrency level for `--seconds` with
 distinct prompts and seeds (no prompt cache helps either side), stops it, then does the same
 for B; rounds alternate the order. Used for the layout refactor's "same throughput within
 noise" check (the servers' own settings: defaults, step cache off where the server has one).
 `qdserve bench peer` compares against other servers; this compares two builds of qdserve.
+
+`--interleave W` starts both servers at once instead and, per level, alternates W-second
+windows A B B A ... (`--rounds` pairs): on a shared machine whose load drifts by tens of
+percent over a minute, only windows this short see the same conditions on both sides (the
+back-to-back mode read a 0.83x at c1 that per-request interleaving showed to be drift).
 """
 
 from __future__ import annotations
@@ -85,6 +90,34 @@ async def _level(port: int, concurrency: int, seconds: float, salt: str) -> dict
     return {"img_s": images / elapsed, "p50_s": statistics.median(latencies or [0.0]), "p99_s": p99}
 
 
+def _interleaved(
+    args: argparse.Namespace,
+    levels: list[int],
+    results: dict[str, dict[int, list[dict[str, float]]]],
+    logs: Path,
+) -> None:
+    procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    try:
+        for name, exe, env in (("A", args.a, args.env_a), ("B", args.b, args.env_b)):
+            port = _free_port()
+            extra = dict(kv.split("=", 1) for kv in env)
+            procs[name] = (_start(exe, port, logs / f"{name}.log", extra), port)
+        for name, (_, port) in procs.items():
+            print(f"{name}: compiled after {_wait_compiled(port, 900):.1f} s", flush=True)
+            asyncio.run(_level(port, 4, 3.0, "warm"))  # not measured
+        for c in levels:
+            for rnd in range(args.rounds):
+                for name in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
+                    row = asyncio.run(_level(procs[name][1], c, args.interleave, f"{name}{rnd}"))
+                    results[name].setdefault(c, []).append(row)
+                    print(f"  c{c} {name}: {row}", flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs.values():
+            proc.wait(120)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--a", required=True, help="qdserve executable of build A (before)")
@@ -95,11 +128,20 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--env-a", action="append", default=[], help="K=V for server A's environment")
     p.add_argument("--env-b", action="append", default=[], help="K=V for server B's environment")
+    p.add_argument(
+        "--interleave",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="serve both at once and alternate W-second windows per level",
+    )
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, list[dict[str, float]]]] = {"A": {}, "B": {}}
     logs = Path(tempfile.mkdtemp(prefix="qds-ab-"))
-    for rnd in range(args.rounds):
+    if args.interleave:
+        _interleaved(args, levels, results, logs)
+    for rnd in range(args.rounds if not args.interleave else 0):
         order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
         for name in order:
             exe = args.a if name == "A" else args.b
@@ -123,8 +165,13 @@ def main() -> int:
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
         f"({os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.2f}); "
         f"A = `{args.a}` {args.env_a or ''}, B = `{args.b}` {args.env_b or ''}; "
-        f"{args.rounds} rounds alternating the order, "
-        f"{args.seconds:g} s per level, distinct prompts and seeds, defaults (QDS_STEP_CACHE=off), "
+        + (
+            f"both served at once, {args.rounds} pairs of {args.interleave:g} s windows per level "
+            "alternating A B B A, "
+            if args.interleave
+            else f"{args.rounds} rounds alternating the order, {args.seconds:g} s per level, "
+        )
+        + "distinct prompts and seeds, defaults (QDS_STEP_CACHE=off), "
         "measured once each server served compiled.",
         "",
         "| concurrency | A img/s (median) | B img/s (median) | B / A | A p99 s | B p99 s |",
