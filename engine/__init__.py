@@ -2,7 +2,9 @@
 
 The HTTP process (FastAPI/uvicorn) parses, validates, admits requests against the queue
 bound, encodes images and serves /metrics. The engine process owns everything that touches
-the model: the `ModelCache` (single-flight loads, LRU), the scheduler and the step batches.
+the model: the `ModelCache` (single-flight loads, LRU) and its loader (`preparing`: load,
+LoRA, compile policy, warm-up), the scheduler and the step batches, and the start-up state
+/readyz reports (`readiness`); the loop (`core`) wires them and moves the messages.
 One engine per device; scale out with more pods.
 
     HTTP process                                   engine process (spawn; main thread)

@@ -11,6 +11,13 @@ debugging) the same loop runs on a thread of the HTTP process. Each iteration:
 4. runs one step of one batch;
 5. sends what happened (started, finished, failed, cancelled, loaded, evicted, status, metric
    operations) as one list in one pipe message.
+
+The loop moves messages and decides nothing about models itself: the scheduler decides what
+runs (`engine.scheduler`) and a batch runs it (`engine.batches`); the cache's loader, with the
+compile and warm-up policy, is `engine.preparing.Preparer` (on the load thread); start-up
+state and what /readyz says is `engine.readiness.Readiness`, whose decisions (a status to
+send, the preloads to start) the loop carries out. Here: the wiring, the pipe, the pending
+loads and their waiting requests, telemetry and `stats()`.
 """
 
 from __future__ import annotations
@@ -30,13 +37,7 @@ from typing import TYPE_CHECKING, Any
 from engine import messages as m
 from engine.batches import compat_key, new_batch, uses_stepping
 from engine.cache import ModelCache
-from engine.compiling import (
-    compile_decision,
-    compile_denoiser,
-    compile_scope,
-    default_warmup,
-    uncompile,
-)
+from engine.compiling import compile_denoiser, default_warmup
 from engine.failures import (
     BackendUnavailable,
     Failure,
@@ -47,13 +48,10 @@ from engine.failures import (
 )
 from engine.gpu_memory import local_readings
 from engine.keys import key_for
+from engine.preparing import Preparer, Reports
+from engine.readiness import Readiness
 from engine.scheduler import BatchFactory, Job, KindOf, Scheduler
-from engine.startup import (
-    BackgroundCompiler,
-    compiler_of,
-    configure_compile_cache,
-    stop_all,
-)
+from engine.startup import compiler_of, configure_compile_cache, stop_all
 from engine.telemetry import MetricsRecorder
 from pipelines import lora
 from pipelines.loader import load_pipeline
@@ -64,6 +62,7 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from engine.keys import ModelKey
+    from engine.startup import BackgroundCompiler, Mode
     from pipelines.loader import LoadedPipeline
     from quantization.settings import QuantSettings
     from service.settings import ServiceSettings
@@ -116,8 +115,26 @@ class EngineCore:
         self.prompt_cache = PromptCache(
             int(getattr(self.settings, "prompt_cache_bytes", DEFAULT_PROMPT_CACHE_BYTES))
         )
+        lanes = self.settings.engine_lanes if isinstance(self.settings.engine_lanes, int) else 1
+        # Start-up state and /readyz (engine.readiness): it decides, this loop sends.
+        self.readiness = Readiness(self.default_key, config.preload, self.metrics)
+        # The cache's loader and the compile policy (engine.preparing), run on the load
+        # thread; it reports back through these callables, not through this object.
+        self.preparer = Preparer(
+            self.settings,
+            self.hooks,
+            default_key=self.default_key,
+            lanes=lanes,
+            reports=Reports(
+                is_starting=self.readiness.is_starting,
+                status=self._status,
+                warn=self.readiness.warn,
+                warn_once=self.readiness.warn_once,
+                mode_changed=self._mode_changed,
+            ),
+        )
         self.cache = ModelCache(
-            self._load_variant,
+            self.preparer.load,
             max_entries=self.settings.cache_max_entries,
             memory_budget=self.settings.cache_memory_budget,
             metrics=self.metrics,
@@ -128,7 +145,7 @@ class EngineCore:
         )
         self.scheduler = Scheduler(
             max_batch=self.settings.max_batch,
-            lanes=self.settings.engine_lanes if isinstance(self.settings.engine_lanes, int) else 1,
+            lanes=lanes,
             emit=self._emit,
             metrics=self.metrics,
             prompt_cache=self.prompt_cache,
@@ -143,14 +160,6 @@ class EngineCore:
         self._wake_r.setblocking(False)
         self._main = threading.get_ident()
         self._pending: dict[ModelKey, _PendingLoad] = {}
-        self._startup: set[ModelKey] = set()
-        self._startup_done = False
-        self._ready = False
-        self._reason = "starting"
-        self._warnings: list[str] = []
-        # Which denoiser serves the default model: eager, compiling (eager while the graphs
-        # build in the background), compiled (engine.startup).
-        self._mode = "eager"
         self._forwards_seen = {"compiled": 0, "eager": 0}
         self._stopping = False
         self._closed = False
@@ -167,8 +176,7 @@ class EngineCore:
             import torch
 
             torch.set_num_threads(self.settings.torch_threads)
-        self._status(f"loading {self.default_key.variant_id}")
-        self._startup = {self.default_key}
+        self._emit(self.readiness.begin())
         self._watch_load(self.default_key, self.config.quant)
         try:
             while self._iterate():
@@ -309,8 +317,7 @@ class EngineCore:
 
     def _stop(self, cancel_running: bool) -> None:
         self._stopping = True
-        self._ready = False
-        self._status("shutting down")
+        self._emit(self.readiness.stop())
         self.scheduler.fail_queued(ShuttingDown())
         for pending in self._pending.values():
             for sub in pending.jobs:
@@ -340,173 +347,18 @@ class EngineCore:
             if exc is None:
                 for sub in pending.jobs:
                     self._submit(sub)
-                self._loaded_ok(key)
+                after = self.readiness.loaded(key)
+                for variant_key, variant in after.preloads.items():
+                    self._watch_load(variant_key, variant)
+                self._send_status(after.status)
             else:
                 failure = _load_failure(key, exc)
                 self._emit(m.LoadFailed(key, failure))
                 for sub in pending.jobs:
                     self._emit(m.Failed(sub.job_id, failure))
-                self._load_failed(key, str(exc) or type(exc).__name__, _public(exc))
-
-    def _loaded_ok(self, key: ModelKey) -> None:
-        if key in self._startup:
-            self._startup.discard(key)
-            if key == self.default_key:
-                self._startup = set(self.config.preload)
-                for variant_key, variant in self.config.preload.items():
-                    self._watch_load(variant_key, variant)
-            self._maybe_started()
-        elif key == self.default_key and self._startup_done and not self._ready:
-            # The default model failed at start-up and has now loaded on a request.
-            self._set_ready()
-
-    def _load_failed(self, key: ModelKey, message: str, public: bool = False) -> None:
-        if key not in self._startup:
-            return
-        self._startup.discard(key)
-        # /readyz is unauthenticated: the cause (paths, hub URLs) stays in the log, unless it
-        # is one of this package's own configuration refusals (`_public`).
-        cause = f": {message}" if public else " (the server log has the cause)"
-        if key == self.default_key:
-            log.error("default model failed to load: %s", message)
-            self._startup = set()
-            self._startup_done = True
-            self._status(f"loading {key.variant_id} failed{cause}")
-            return
-        log.warning("preloading %s failed: %s", key.variant_id, message)
-        self._warnings.append(f"preloading {key.variant_id} failed{cause}")
-        self._maybe_started()
-
-    def _maybe_started(self) -> None:
-        if not self._startup and not self._startup_done:
-            self._startup_done = True
-            self._set_ready()
-
-    def _set_ready(self) -> None:
-        if self._stopping:
-            return
-        self._ready = True
-        self._status("ready")
-        log.info("ready: serving %s", self.default_key.variant_id)
-
-    def _load_variant(self, settings: QuantSettings) -> LoadedPipeline:
-        """The cache's loader (on its load thread): load, then compile and warm up."""
-        loaded = self.hooks.load(settings)
-        try:
-            # QDS_LORAS: before compiling, so the hot-swap slot is part of the compiled graph.
-            lora.attach(
-                loaded,
-                lora.parse_loras(self.settings.loras),
-                required=key_for(settings) == self.default_key,
-            )
-            # QDS_STEP_CACHE: the warm-up also compiles the split forward it runs on.
-            loaded.extra["step_cache"] = getattr(self.settings, "step_cache", "off")
-            compiled, why = compile_decision(self.settings.compile, loaded)
-            if compiled:
-                why += f"; scope {compile_scope(self.settings.compile_scope, loaded)}"
-            log.info("compile %s: %s", key_for(settings).variant_id, why)
-            if compiled or self.settings.warmup_sizes:
-                if key_for(settings) == self.default_key and not self._startup_done:
-                    sizes = ", ".join(self.settings.warmup_sizes or ["the default size"])
-                    self._status(f"warming up {sizes}")
-                if compiled and self._compiles_in_background(loaded):
-                    self._compile_in_background(loaded, key_for(settings))
-                elif compiled and self.settings.compile == "auto":
-                    compiled = self._compile_or_eager(loaded)
-                    self._mode_of(key_for(settings), "compiled" if compiled else "eager")
-                elif compiled:
-                    self._compile_and_warm(loaded)
-                    self._mode_of(key_for(settings), "compiled")
-                if not compiled:
-                    self.hooks.warmup(loaded, self._warmup_sizes(loaded))
-        except BaseException:
-            loaded.release()
-            raise
-        return loaded
-
-    def _compiles_in_background(self, loaded: LoadedPipeline) -> bool:
-        """QDS_COMPILE_BACKGROUND: the whole denoiser (`model` scope), with the default compile
-        hook (tests and benchmarks that replace it keep the foreground path)."""
-        return (
-            bool(getattr(self.settings, "compile_background", False))
-            and compile_scope(self.settings.compile_scope, loaded) == "model"
-            and self.hooks.compile is compile_denoiser
-        )
-
-    def _compile_in_background(self, loaded: LoadedPipeline, key: ModelKey) -> None:
-        """Ready at once, serving eager; the warm-up's forwards (eager, a fraction of a second)
-        are what the compile thread compiles first (`engine.startup`)."""
-
-        def lora_on() -> bool:
-            adapters = lora.adapters_of(loaded)
-            return bool(adapters is not None and adapters.active)
-
-        compiler = BackgroundCompiler(
-            loaded, state=lora_on, on_change=lambda c: self._compile_mode_changed(key, c)
-        )
-        try:
-            self.hooks.warmup(loaded, self._warmup_sizes(loaded), self.scheduler.lanes)
-        except BaseException:
-            compiler.stop()
-            raise
-        compiler.start()
-
-    def _compile_mode_changed(self, key: ModelKey, compiler: BackgroundCompiler) -> None:
-        """On the compile thread: a variant's background compile changed mode."""
-        if compiler.error is not None and compiler.error not in self._warnings:
-            self._warnings.append(compiler.error)
-        # Called under the compiler's lock: read its fields, not its stats().
-        done = compiler.compiled_at
-        seconds = done - compiler.started_at if compiler.mode == "compiled" and done else None
-        log.info(
-            "serving mode of %s: %s%s",
-            key.variant_id,
-            compiler.mode,
-            f" ({seconds:.1f}s of background compile; inductor cache: {compiler.cache_hits} "
-            f"hit(s), {compiler.cache_misses} miss(es))"
-            if seconds is not None
-            else "",
-        )
-        self._mode_of(key, compiler.mode)
-
-    def _mode_of(self, key: ModelKey, mode: str) -> None:
-        if key != self.default_key or mode == self._mode:
-            return
-        self._mode = mode
-        for name in ("eager", "compiling", "compiled"):
-            self.metrics.serving_mode.labels(name).set(1 if name == mode else 0)
-        self._emit(m.Status(self._ready, self._reason, tuple(self._warnings), self._mode))
-
-    def _compile_and_warm(self, loaded: LoadedPipeline) -> None:
-        """Compile, then warm up every graph requests will use (`engine.compiling`)."""
-        self.hooks.compile(loaded, self.settings.compile_scope)
-        sizes = self._warmup_sizes(loaded)
-        self.hooks.warmup(loaded, sizes, self.scheduler.lanes)
-        adapters = lora.adapters_of(loaded)
-        if adapters is not None and adapters.adapters:
-            # The slot enabled is a second graph of the compiled module: compile it now, not
-            # on the first request that names an adapter.
-            first = next(iter(adapters.adapters))
-            self.hooks.warmup(loaded, sizes, self.scheduler.lanes, ((first, 1.0),))
-
-    def _compile_or_eager(self, loaded: LoadedPipeline) -> bool:
-        """QDS_COMPILE=auto: a compile or warm-up that fails leaves the pipeline eager (with a
-        warning on /readyz and in the log), never the service down."""
-        try:
-            self._compile_and_warm(loaded)
-        except Exception as exc:
-            uncompile(loaded)
-            log.warning("QDS_COMPILE=auto: compiling failed, serving eager (%r)", exc)
-            self._warnings.append(
-                f"QDS_COMPILE=auto: compiling failed ({type(exc).__name__}), serving eager "
-                "(the server log has the cause)"
-            )
-            return False
-        return True
-
-    def _warmup_sizes(self, loaded: LoadedPipeline) -> list[tuple[int, int]]:
-        sizes = [tuple(int(v) for v in s.split("x")) for s in self.settings.warmup_sizes]
-        return [(w, h) for w, h in sizes] or [(loaded.defaults.size, loaded.defaults.size)]
+                self._send_status(
+                    self.readiness.load_failed(key, str(exc) or type(exc).__name__, _public(exc))
+                )
 
     def _on_loaded(self, key: ModelKey, loaded: LoadedPipeline) -> None:
         self._emit(_loaded_event(key, loaded, time.time()))
@@ -525,10 +377,16 @@ class EngineCore:
 
     # -- messages out ------------------------------------------------------------------------
     def _status(self, reason: str) -> None:
-        self._reason = reason
-        if not self._ready:
-            log.info("not ready: %s", reason)
-        self._emit(m.Status(self._ready, reason, tuple(self._warnings), self._mode))
+        """A new /readyz reason (also from the load thread: `_emit` is thread-safe)."""
+        self._emit(self.readiness.status(reason))
+
+    def _mode_changed(self, key: ModelKey, mode: Mode) -> None:
+        """A variant's serving mode changed (load or compile thread)."""
+        self._send_status(self.readiness.mode_changed(key, mode))
+
+    def _send_status(self, status: m.Status | None) -> None:
+        if status is not None:
+            self._emit(status)
 
     def _emit(self, event: object) -> None:
         with self._lock:
@@ -616,15 +474,15 @@ class EngineCore:
     def stats(self) -> dict[str, Any]:
         compiler = self._default_compiler()
         return {
-            "mode": self._mode,
+            "mode": self.readiness.mode,
             "compile": compiler.stats() if compiler is not None else None,
             **self.scheduler.stats(),
             "pid": os.getpid(),
             "loaded": [k.variant_id for k in self.cache.loaded_keys()],
             "load_counts": {k.variant_id: n for k, n in self.cache.load_counts.items()},
             "prompt_cache": self.prompt_cache.stats(),
-            "ready": self._ready,
-            "reason": self._reason,
+            "ready": self.readiness.ready,
+            "reason": self.readiness.reason,
             "gpu": local_readings(),
         }
 

@@ -101,10 +101,11 @@ def test_auto_compile_that_fails_serves_eager_with_a_warning(
 ) -> None:
     """QDS_COMPILE=auto (the default): a compile that fails at start-up leaves the pipeline
     eager and the service ready, with the reason on /readyz; true would fail the start."""
-    from engine import core as engine_core
+    from engine import preparing
 
-    # Whatever this machine has: auto says "on", as on a CPU with a C++ compiler.
-    monkeypatch.setattr(engine_core, "compile_decision", lambda setting, loaded: (True, "test"))
+    # Whatever this machine has: auto says "on", as on a CPU with a C++ compiler (the
+    # loader, engine.preparing, asks it).
+    monkeypatch.setattr(preparing, "compile_decision", lambda setting, loaded: (True, "test"))
 
     def setup(qds) -> None:
         def broken(loaded, scope) -> None:
