@@ -23,7 +23,7 @@ Dynamo keys a compiled graph on the grad mode, the intra-op thread count and (un
 has seen two) the batch size: the warm-up runs the step loop itself, under the grad mode
 its batches use, at one and two images, on the engine's thread count and, with lanes, on a
 lane's, so requests at the warm-up sizes meet no compile in the sequences tested. With
-QDS_COMPILE_BACKGROUND (the default, `model` scope) that warm-up runs eager and the graphs it
+QDS_COMPILE_BACKGROUND (the default; `model` scope) that warm-up runs eager and the graphs it
 met compile on a background thread while the engine serves (engine/startup.py); requests then
 meet no compile at any size.
 """

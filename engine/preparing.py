@@ -138,7 +138,7 @@ class Preparer:
         """QDS_COMPILE_BACKGROUND: the whole denoiser (`model` scope), with the default compile
         hook (tests and benchmarks that replace it keep the foreground path)."""
         return (
-            bool(getattr(self.settings, "compile_background", False))
+            bool(getattr(self.settings, "compile_background", True))
             and compile_scope(self.settings.compile_scope, loaded) == "model"
             and self.hooks.compile is compile_denoiser
         )

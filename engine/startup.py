@@ -199,7 +199,8 @@ class BackgroundCompiler:
         self._required: set[Any] = set()  # the warm-up's signatures: "compiled" once all done
         self._done: set[Any] = set()
         self._skipped: set[Any] = set()  # LoRA-state jobs the slot never matched
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the compile thread while it has work
+        self._started = False
         self._stopped = False
         self.mode: Mode = "eager"
         self.error: str | None = None
@@ -241,22 +242,36 @@ class BackgroundCompiler:
             if signature in self._seen or self._stopped:
                 return
             self._seen.add(signature)
-            if self._thread is None:
+            if not self._started:
                 self._required.add(signature)  # before start(): the warm-up's forwards
         job = _Job(signature, args, kwargs, state)
         with self._lock:
             self._queue.append(job)
-            self._wake.notify()
+            if self._started and self._thread is None and not self._stopped:
+                self._spawn()  # the last compile thread left when its queue ran dry
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Start compiling what the warm-up (run before this, eager) and later requests met."""
         with self._lock:
-            if self._thread is not None:
+            if self._started:
                 return
+            self._started = True
             self.started_at = time.monotonic()
             self._set_mode("compiling" if self._queue else "compiled")
-            self._thread = threading.Thread(target=self._work, name="qds-compile", daemon=True)
+            if self._queue:
+                self._spawn()
+
+    def _spawn(self) -> None:
+        """Under self._lock: a compile thread for what is queued.
+
+        The thread leaves as soon as the queue is empty, and a later miss starts a new one,
+        because a thread that ran a compiled graph owns an OpenMP team of its own: while any
+        such team exists, libgomp counts more threads than CPUs and cuts every worker's
+        spin-wait to almost nothing, so the serving thread's workers sleep between parallel
+        regions and each region pays a wake-up (measured: +40 ms a lone request on the demo
+        model, 0.71x img/s at concurrency 1). A thread's team is freed when it exits."""
+        self._thread = threading.Thread(target=self._work, name="qds-compile", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -266,8 +281,9 @@ class BackgroundCompiler:
             self._wake.notify()
 
     def alive(self) -> bool:
-        """The compile thread is still running (mid-compile after a stop)."""
-        return self._thread is not None and self._thread.is_alive()
+        """A compile thread is still running (mid-compile after a stop)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until every signature seen so far is compiled (tests, `qdserve warmup`)."""
@@ -319,10 +335,10 @@ class BackgroundCompiler:
         _tls.compiling = True
         while True:
             with self._lock:
-                while not self._queue and not self._stopped:
-                    self._wake.wait()
-                if self._stopped:
+                if self._stopped or not self._queue:
                     self._busy = False
+                    if self._thread is threading.current_thread():
+                        self._thread = None  # the next miss starts a new thread (_spawn)
                     self._wake.notify_all()
                     return
                 job = self._queue.popleft()

@@ -163,18 +163,14 @@ class ServiceSettings(BaseSettings):
         "regional compilation: a shorter first compile). auto: model on a CPU, blocks "
         "elsewhere (a whole Flux-size compile on a GPU was not measured).",
     )
-    # Off by default: measured as served (tools/ab_serving.py, docs/benchmarks/layout-ab.md,
-    # 2026-12-07) the background path served 0.71x the img/s of the foreground compile at
-    # concurrency 1 and 0.90x at 4 once everything was compiled; until that cost is found,
-    # fast starts are opt-in (and `qdserve warmup` + the cache on /data make restarts warm).
     compile_background: bool = Field(
-        default=False,
+        default=True,
         description="With QDS_COMPILE on and the whole denoiser compiled (scope model): "
         "ready as soon as the model is loaded, serving eager while a background thread "
         "compiles every warm-up shape (and any shape first seen later); requests switch to a "
         "compiled graph once it exists and never wait on a compile (/readyz `mode`, "
-        "qds_serving_mode). Off by default: once compiled it served 0.71x the foreground "
-        "path's img/s at concurrency 1 (0.90x at 4) here. false: compile and warm up before "
+        "qds_serving_mode). Once compiled it serves the foreground path's img/s within noise "
+        "(docs/benchmarks/background-compile-ab.md). false: compile and warm up before "
         "/readyz turns 200.",
     )
     warmup_sizes: Annotated[list[str], NoDecode] = Field(
