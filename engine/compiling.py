@@ -153,8 +153,11 @@ def default_warmup(
     # and dynamo makes their batch dimension dynamic: a sub-batch of any size meets no compile.
     cached = step_cache.parse(loaded.extra.get("step_cache")) is not None
     transformer = loaded.pipeline.transformer
-    if cached and getattr(transformer, "_compiled_call_impl", None) is not None:
-        step_cache.compile_parts(transformer)
+    impl = getattr(transformer, "_compiled_call_impl", None)
+    if cached and impl is not None:
+        # A background compiler (engine.startup) compiles the parts on its thread too: its
+        # `wrap` (duck-typed: engine.startup imports this module, not the other way round).
+        step_cache.compile_parts(transformer, getattr(impl, "wrap", None))
 
     def loop() -> None:
         for width, height in sizes:

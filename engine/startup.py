@@ -121,7 +121,16 @@ def _describe(value: Any) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), str(value.dtype), str(value.device), value.requires_grad)
+        # The strides too: dynamo guards on them (the step cache passes views, e.g. rows of a
+        # batch's embedding), so a layout not compiled yet is a miss of its own.
+        return (
+            "T",
+            tuple(value.shape),
+            tuple(value.stride()),
+            str(value.dtype),
+            str(value.device),
+            value.requires_grad,
+        )
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_describe(v) for v in value))
     if isinstance(value, dict):
@@ -132,12 +141,23 @@ def _describe(value: Any) -> Any:
 
 
 def _copy(value: Any, memo: dict[int, Any]) -> Any:
-    """Tensors cloned (aliasing kept: one clone per source tensor), containers rebuilt."""
+    """Tensors copied with their layout (the same sizes, strides and storage offset: a plain
+    clone would make a view contiguous, and the graph compiled for it would then never match
+    the view the serving thread passes); aliasing kept (one copy per source tensor),
+    containers rebuilt."""
     import torch
 
     if isinstance(value, torch.Tensor):
         if id(value) not in memo:
-            memo[id(value)] = value.detach().clone()
+            source = value.detach()
+            copy = torch.empty((0,), dtype=source.dtype, device=source.device)
+            copy.set_(
+                source.untyped_storage().clone(),
+                source.storage_offset(),
+                source.size(),
+                source.stride(),
+            )
+            memo[id(value)] = copy
         return memo[id(value)]
     if isinstance(value, tuple):
         return tuple(_copy(v, memo) for v in value)
@@ -148,10 +168,32 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
     return value
 
 
-class _Job:
-    def __init__(self, signature: Any, args: tuple, kwargs: dict, state: Any) -> None:
+class _Target:
+    """One function served through a background compiler: the denoiser's forward, or a step
+    cache part (`BackgroundCompiler.wrap`). Compiled on the compile thread, run-only on the
+    serving threads (module docstring)."""
+
+    def __init__(self, owner: BackgroundCompiler, name: str, fn: Callable[..., Any]) -> None:
         import torch
 
+        self.owner = owner
+        self.name = name
+        # Forwards are counted once each: the whole denoiser's, or a split forward's head.
+        self.counted = name in ("model", "head")
+        self.compiled = torch.compile(fn, backend=_counting_inductor)
+        self.run_only = torch._dynamo.run(fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.owner._dispatch(self, args, kwargs)
+
+
+class _Job:
+    def __init__(
+        self, target: _Target, signature: Any, args: tuple, kwargs: dict, state: Any
+    ) -> None:
+        import torch
+
+        self.target = target
         self.signature = signature
         self.inference = torch.is_inference_mode_enabled()
         self.grad = torch.is_grad_enabled()
@@ -189,9 +231,7 @@ class BackgroundCompiler:
         self.nice = nice
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        eager = self.module._call_impl
-        self._compiled = torch.compile(eager, backend=_counting_inductor)
-        self._run_only = torch._dynamo.run(eager)
+        self._model = _Target(self, "model", self.module._call_impl)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[_Job] = collections.deque()
@@ -215,22 +255,31 @@ class BackgroundCompiler:
 
     # -- serving threads -------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._dispatch(self._model, args, kwargs)
+
+    def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        """`fn` served like the denoiser: compiled on this compiler's thread, run-only on the
+        serving threads (the step cache's split-forward parts, `pipelines.step_cache`)."""
+        return _Target(self, name, fn)
+
+    def _dispatch(self, target: _Target, args: tuple, kwargs: dict) -> Any:
         if getattr(_tls, "compiling", False):
-            return self._compiled(*args, **kwargs)
+            return target.compiled(*args, **kwargs)
         before = _hits()
-        out = self._run_only(*args, **kwargs)
-        if _hits() > before:
-            self.forwards["compiled"] += 1
-        else:
-            self.forwards["eager"] += 1
-            self._missed(args, kwargs)
+        out = target.run_only(*args, **kwargs)
+        hit = _hits() > before
+        if target.counted:
+            self.forwards["compiled" if hit else "eager"] += 1
+        if not hit:
+            self._missed(target, args, kwargs)
         return out
 
-    def _missed(self, args: tuple, kwargs: dict) -> None:
+    def _missed(self, target: _Target, args: tuple, kwargs: dict) -> None:
         import torch
 
         state = self.state()
         signature = (
+            target.name,
             _describe(args),
             _describe(kwargs),
             torch.is_inference_mode_enabled(),
@@ -244,7 +293,7 @@ class BackgroundCompiler:
             self._seen.add(signature)
             if not self._started:
                 self._required.add(signature)  # before start(): the warm-up's forwards
-        job = _Job(signature, args, kwargs, state)
+        job = _Job(target, signature, args, kwargs, state)
         with self._lock:
             self._queue.append(job)
             if self._started and self._thread is None and not self._stopped:
@@ -386,7 +435,7 @@ class BackgroundCompiler:
             with torch.inference_mode(job.inference), torch.set_grad_enabled(job.grad):
                 # Twice: the second call must find the graph the first one compiled.
                 for _ in range(2):
-                    self._compiled(*job.args, **job.kwargs)
+                    job.target.compiled(*job.args, **job.kwargs)
         finally:
             # Puts this thread's count back, and with it the default new threads adopt.
             torch.set_num_threads(default_threads)
@@ -414,12 +463,14 @@ def _cache_counts(counters: Any) -> tuple[int, int]:
 
 
 def _label(job: _Job) -> str:
-    """A short name for a job's shapes: the first tensor argument's shape and the threads."""
+    """A short name for a job: the part (when not the whole denoiser), the first tensor
+    argument's shape and the threads."""
+    part = "" if job.target.name == "model" else f"{job.target.name} "
     for value in (*job.args, *job.kwargs.values()):
         shape = getattr(value, "shape", None)
         if shape is not None:
-            return f"{'x'.join(map(str, shape))} on {job.threads} thread(s)"
-    return f"on {job.threads} thread(s)"
+            return f"{part}{'x'.join(map(str, shape))} on {job.threads} thread(s)"
+    return f"{part}on {job.threads} thread(s)"
 
 
 def stop_all(timeout: float) -> bool:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -207,19 +207,27 @@ def _out(transformer: Any, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Te
 _COMPILED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def compile_parts(transformer: Any) -> None:
+def compile_parts(transformer: Any, compile: Callable[[Callable, str], Any] | None = None) -> None:
     """Compile the head, the tail and the output as graphs of their own (the whole-model
     graph cannot serve a forward split in two). Their batch dimension becomes dynamic after
     the warm-up has run them at two sizes (dynamo's automatic dynamic shapes, as for the whole
-    model), so a sub-batch of any other size meets no compile."""
-    import torch
+    model), so a sub-batch of any other size meets no compile.
 
+    `compile(fn, name)` makes each part's compiled callable: `torch.compile` by default; the
+    engine's background compiler passes its own (`engine.startup.BackgroundCompiler.wrap`),
+    so with QDS_COMPILE_BACKGROUND the parts compile off the serving threads too."""
     if transformer in _COMPILED:
         return
+    if compile is None:
+        import torch
+
+        def compile(fn: Callable, _name: str) -> Any:
+            return torch.compile(fn)
+
     _COMPILED[transformer] = {
-        "head": torch.compile(_head),
-        "tail": torch.compile(_tail),
-        "out": torch.compile(_out),
+        "head": compile(_head, "head"),
+        "tail": compile(_tail, "tail"),
+        "out": compile(_out, "out"),
     }
 
 
@@ -315,10 +323,24 @@ def cached_forward(
         state.skipped += images - done
         counts.computed += images * HEAD_BLOCKS + done * n_tail
         counts.skipped += (images - done) * n_tail
-    # Contiguous whichever way `final` was built: the tail's own output is a view into the
+    # One layout whichever way `final` was built: the tail's own output is a view into the
     # single blocks' joint text+image sequence, and a compiled part guards on strides (a
-    # recompile at the first mixed step was measured without this).
-    return _part(transformer, "out")(transformer, final.contiguous(), temb)
+    # recompile at the first mixed step was measured without this). `.contiguous()` alone is
+    # not enough: at one image the view counts as contiguous yet keeps the joint sequence's
+    # batch stride, which dynamo also guards on (a second `out` graph, compiled on the first
+    # lone request whose steps skipped).
+    if final.stride() != _dense_strides(final.shape):
+        final = final.clone(memory_format=torch.contiguous_format)
+    return _part(transformer, "out")(transformer, final, temb)
+
+
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides: list[int] = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 # -- whole-call pipelines -------------------------------------------------------------------

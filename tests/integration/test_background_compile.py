@@ -13,6 +13,7 @@ import pytest
 from test_service_support import running_server
 
 from engine.startup import BackgroundCompiler, compiler_of
+from pipelines import step_cache
 
 IMG = "/v1/images/generations"
 pytestmark = pytest.mark.timeout(900)
@@ -38,7 +39,11 @@ def _metric(client: httpx.Client, line_start: str) -> float | None:
 def test_ready_while_compiling_and_no_request_meets_a_compile(cache_dir: Path) -> None:
     with (
         running_server(
-            cache_dir, compile=True, compile_background=True, warmup_sizes=["32x32"]
+            cache_dir,
+            compile=True,
+            compile_background=True,
+            warmup_sizes=["32x32"],
+            step_cache="fbcache:0.2",  # the default: the split forward's parts compile too
         ) as server,
         server.client(timeout=600) as c,
     ):
@@ -53,6 +58,7 @@ def test_ready_while_compiling_and_no_request_meets_a_compile(cache_dir: Path) -
         # sizes / batch sizes the warm-up did not cover.
         for body in (
             {"prompt": "a red circle", "size": "32x32"},
+            {"prompt": "a red circle", "size": "32x32", "step_cache": "off"},
             {"prompt": "a red circle", "size": "32x32", "n": 3},
             {"prompt": "a blue square", "size": "48x48"},
         ):
@@ -82,6 +88,11 @@ def test_ready_while_compiling_and_no_request_meets_a_compile(cache_dir: Path) -
         # spin-wait and a lone request served 0.71x the img/s); a new miss starts another.
         _until(lambda: compiler._thread is None, 30, "the compile thread to leave")
         assert not any(t.name == "qds-compile" and t.is_alive() for t in threading.enumerate())
+        # The step cache's parts (head, tail, output) compiled on the background thread too.
+        labels = [label for label, _ in compiler.stats()["compile_seconds"]]
+        assert any(label.startswith("head ") for label in labels), labels
+        assert any(label.startswith("tail ") for label in labels), labels
+        assert step_cache.parts_compiled(loaded.pipeline.transformer)
         # Nothing compiled on a serving thread (the engine loop or a lane): every compile ran
         # on the background thread.
         assert BackgroundCompiler.serving_compiles == compiles_before
