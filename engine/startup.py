@@ -219,6 +219,7 @@ class BackgroundCompiler:
         state: Callable[[], Any] = lambda: None,
         on_change: Callable[[BackgroundCompiler], None] | None = None,
         nice: int = COMPILE_NICE,
+        on_first_use: frozenset[str] = frozenset(),
     ) -> None:
         import torch
 
@@ -226,6 +227,10 @@ class BackgroundCompiler:
 
         self.loaded = loaded
         self.module = denoiser_of(loaded)
+        # Targets whose warm-up forwards are not compiled up front: the first serving miss
+        # queues them (eager until then). The engine names the whole denoiser when the step
+        # cache is on, since requests then run the split forward's parts unless they opt out.
+        self.on_first_use = on_first_use
         self.state = state
         self.on_change = on_change
         self.nice = nice
@@ -290,6 +295,8 @@ class BackgroundCompiler:
         with self._lock:
             if signature in self._seen or self._stopped:
                 return
+            if not self._started and target.name in self.on_first_use:
+                return  # not seen yet: the first serving miss queues it
             self._seen.add(signature)
             if not self._started:
                 self._required.add(signature)  # before start(): the warm-up's forwards
