@@ -307,7 +307,7 @@ def start_servers(
     servers: dict[str, Server] = {}
     try:
         for name, server in (("qdserve", qdserve), *peers.items()):
-            timeout = COMPILED_START_TIMEOUT_S if name == LITSERVE_COMPILED else 180.0
+            timeout = COMPILED_START_TIMEOUT_S if name == LITSERVE_COMPILED else 600.0
             servers[name] = server.start(log_dir, timeout=timeout)
             server.pause()  # idle until measured: its start-up work must not slow the other
     except BaseException:
