@@ -18,6 +18,12 @@ How no request meets a compile (`BackgroundCompiler`):
   which takes a fraction of a second) and any size or batch size first seen later are
   compiled the same way, and requests switch to a compiled graph as soon as it exists: a
   batch of a shape no graph covers runs eager meanwhile.
+- The step cache's split forward (`pipelines.step_cache`: head, tail and output as graphs of
+  their own) goes through the same compiler (`wrap`), so its parts compile on the background
+  thread too; with the step cache on, the whole denoiser's graphs compile on first use
+  (`on_first_use`), since requests then run the parts.
+- The compile thread leaves when its queue is empty and a later miss starts another (`_spawn`
+  says why: an OpenMP team of a live compile thread slows every serving forward).
 - Which path served is counted where it happens: the compiled graphs run through a wrapper
   of inductor's compile function that counts calls on the calling thread, so a forward that
   ran no compiled graph is an eager one. A compile started on a serving thread would be
