@@ -55,6 +55,9 @@ YOUNG_DEATH_S = 60.0
 MAX_RESTART_DELAY_S = 30.0
 # How long a new engine process may take to say its first word (importing torch, diffusers).
 START_TIMEOUT_S = 120.0
+# The stall watchdog running this much later than scheduled means this process was not
+# running either (stopped, paused, starved): that time is not the engine's silence.
+WATCH_LATE_S = 2.0
 # Retry-After of the 503s a dead or hung engine answers with: about one restart (the demo model
 # is back in ~12 s on a CPU).
 RESTART_RETRY_AFTER_S = 10
@@ -167,6 +170,7 @@ class EngineClient:
         self._stall: str | None = None  # why the watchdog killed the current engine
         self._heard = False  # the current engine has sent something (it has started)
         self._loading_since: dict[ModelKey, float] = {}
+        self._watch_due = 0.0  # when the stall watchdog's next look is due (monotonic)
         self._pipe_closed = threading.Event()  # the current engine closed its end
 
     # -- state -------------------------------------------------------------------------------
@@ -238,6 +242,14 @@ class EngineClient:
         handle = self._handle
         is_process = handle is not None and not isinstance(handle, threading.Thread)
         now = time.monotonic()
+        late = now - self._watch_due if self._watch_due else 0.0
+        if late > WATCH_LATE_S:
+            # This process did not run either for that long: the whole service was stopped
+            # (SIGSTOP of its process group, a paused VM or container) or starved. The engine's
+            # silence over that time is not its own, so it does not count (without this, the
+            # peer benchmark's pausing of the server not being measured restarted the engine).
+            self._last_word += late
+            self._loading_since = {k: t + late for k, t in self._loading_since.items()}
         why = None
         if self._alive and is_process and not self._stall:
             silent = now - self._last_word
@@ -263,7 +275,9 @@ class EngineClient:
         if why is not None:
             self._on_stall(why)
         period = min(x for x in (limit, load_limit) if x) / 4
-        self._loop_().call_later(min(5.0, max(0.1, period)), self._watch_stalls)
+        delay = min(5.0, max(0.1, period))
+        self._watch_due = time.monotonic() + delay
+        self._loop_().call_later(delay, self._watch_stalls)
 
     def _on_stall(self, why: str) -> None:
         """A hung engine: answer everything now (retryable), then kill it; `_on_exit` restarts."""

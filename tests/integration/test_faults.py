@@ -76,6 +76,29 @@ def watched(cache_dir: Path) -> Iterator[Server]:
         yield s
 
 
+def test_the_whole_service_paused_is_not_a_stall(watched: Server) -> None:
+    """The HTTP process and the engine stopped together for longer than the stall timeout
+    (SIGSTOP of the process group, a paused VM; the peer benchmark pauses the server it is not
+    measuring): on resume the engine keeps serving, not killed as hung. The HTTP side's pause
+    is its event loop blocked here (its thread in this process), the engine's a SIGSTOP."""
+    qds = watched.qds
+    pid = qds.engine.pid
+    assert pid is not None
+    restarts = qds.engine.restarts
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        qds.engine._loop_().call_soon_threadsafe(time.sleep, STALL_S + 3)
+        time.sleep(STALL_S + 2)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # before the loop runs again: both resume together
+    time.sleep(STALL_S)  # the watchdog's next looks
+    assert qds.engine.pid == pid and qds.engine.restarts == restarts
+    assert _readyz(watched).status_code == 200
+    with watched.client() as c:
+        assert c.post(IMG, json={"prompt": "resumed", "size": "32x32"}).status_code == 200
+        assert "qds_engine_stalls_total 0.0" in c.get("/metrics").text
+
+
 def test_a_stopped_engine_is_detected_answered_503_and_restarted(watched: Server) -> None:
     """SIGSTOP with a request queued: readiness 503 and the request a retryable 503 within
     the stall timeout (not after QDS_REQUEST_TIMEOUT), the engine killed and restarted, a
