@@ -356,7 +356,10 @@ def test_upload_burst_is_admitted_before_decoding_bounded_and_downscaled(
         wait_for(lambda: gate.arrived == 1, 60, "the first edit in its step")
         rest = [pool.submit(post) for _ in range(7)]
         wait_for(lambda: server.qds.queue_depth() == 4, 60, "the queue full")
-        time.sleep(0.5)
+        # The admitted ones (the running one and four queued) finish decoding first: two at a
+        # time, 0.2 s each plus a 4096x4096 decode, which on a busy machine outlasted a fixed
+        # 0.5 s wait and counted as the refused request's decode.
+        wait_for(lambda: len(decoded) >= 5 and active[0] == 0, 60, "the admitted decoded")
         before = len(decoded)
         refused = post()
         assert refused.status_code == 429, refused.text
