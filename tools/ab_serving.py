@@ -1,7 +1,8 @@
 """A/B serving throughput of two qdserve checkouts on this machine, back to back.
 
     python tools/ab_serving.py --a /path/to/old/.venv/bin/qdserve --b .venv/bin/qdserve \
-        --rounds 2 --seconds 15 --concurrency 1,4,16 --out docs/benchmarks/layout-ab.md
+        --rounds 6 --interleave 5 --concurrency 1,4,16 \
+        --out docs/benchmarks/layout-ab-interleaved.md
 
 By default each round starts server A, waits until it serves compiled (`/readyz` 200 and, where the
 server reports a `mode`, `compiled`), drives each concurrency level for `--seconds` with
