@@ -132,6 +132,12 @@ def uncompile(loaded: LoadedPipeline) -> None:
     torch._dynamo.reset()
 
 
+def warmup_sizes(setting: list[str], loaded: LoadedPipeline) -> list[tuple[int, int]]:
+    """QDS_WARMUP_SIZES ("WxH" each), or the model's default square size."""
+    sizes = [tuple(int(v) for v in s.split("x")) for s in setting]
+    return [(w, h) for w, h in sizes] or [(loaded.defaults.size, loaded.defaults.size)]
+
+
 def default_warmup(
     loaded: LoadedPipeline,
     sizes: list[tuple[int, int]],

@@ -32,6 +32,7 @@ from engine.compiling import (
     compile_denoiser,
     compile_scope,
     uncompile,
+    warmup_sizes,
 )
 from engine.keys import key_for
 from engine.startup import BackgroundCompiler
@@ -147,17 +148,13 @@ class Preparer:
         """Ready at once, serving eager; the warm-up's forwards (eager, a fraction of a second)
         are what the compile thread compiles first (`engine.startup`)."""
 
-        def lora_on() -> bool:
-            adapters = lora.adapters_of(loaded)
-            return bool(adapters is not None and adapters.active)
-
         # With the step cache on, requests run the split forward's parts (head, tail,
         # output); the whole denoiser's graphs (more than half the compile time from an empty
         # cache: 81 of 140 s here) compile when a request first opts out of the cache.
         split = step_cache.parse(loaded.extra.get("step_cache")) is not None
         compiler = BackgroundCompiler(
             loaded,
-            state=lora_on,
+            state=lambda: lora.slot_active(loaded),
             on_change=lambda c: self._compile_mode_changed(key, c),
             on_first_use=frozenset({"model"}) if split else frozenset(),
         )
@@ -214,6 +211,4 @@ class Preparer:
         return True
 
     def _warmup_sizes(self, loaded: LoadedPipeline) -> list[tuple[int, int]]:
-        """QDS_WARMUP_SIZES ("WxH" each), or the model's default square size."""
-        sizes = [tuple(int(v) for v in s.split("x")) for s in self.settings.warmup_sizes]
-        return [(w, h) for w, h in sizes] or [(loaded.defaults.size, loaded.defaults.size)]
+        return warmup_sizes(self.settings.warmup_sizes, loaded)

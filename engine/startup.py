@@ -529,7 +529,7 @@ def warm_caches(
     cache, return what was done. Raises when compiling fails."""
     import torch
 
-    from engine.compiling import compile_decision, compile_scope, default_warmup
+    from engine.compiling import compile_decision, compile_scope, default_warmup, warmup_sizes
     from pipelines import lora
     from pipelines.loader import load_pipeline
 
@@ -551,17 +551,11 @@ def warm_caches(
             report.update(compiled=False, why=why)
             return report
         scope = compile_scope(settings.compile_scope, loaded)
-        sizes = [tuple(int(v) for v in s.split("x")) for s in settings.warmup_sizes] or [
-            (loaded.defaults.size, loaded.defaults.size)
-        ]
+        sizes = warmup_sizes(settings.warmup_sizes, loaded)
         compile_start = time.monotonic()
         if scope == "model":
             adapters = lora.adapters_of(loaded)
-
-            def lora_on() -> bool:
-                return bool(adapters is not None and adapters.active)
-
-            compiler = BackgroundCompiler(loaded, state=lora_on, nice=0)
+            compiler = BackgroundCompiler(loaded, state=lambda: lora.slot_active(loaded), nice=0)
             default_warmup(loaded, sizes, lanes)
             compiler.start()
             if not compiler.join(timeout):

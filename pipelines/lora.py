@@ -424,6 +424,12 @@ def refuse_unsupported(loaded: LoadedPipeline) -> None:
             )
 
 
+def slot_active(loaded: LoadedPipeline) -> bool:
+    """An adapter is enabled in the hot-swap slot now (a compiled graph's guards see it)."""
+    adapters = adapters_of(loaded)
+    return bool(adapters is not None and adapters.active)
+
+
 def adapters_of(loaded: LoadedPipeline) -> LoraAdapters | None:
     """The adapters loaded into `loaded` (duck-typed: engine tests use stand-ins)."""
     lora = getattr(loaded, "extra", {}).get("lora")
