@@ -353,7 +353,11 @@ def test_upload_burst_is_admitted_before_decoding_bounded_and_downscaled(
         ThreadPoolExecutor(8) as pool,
     ):
         first = pool.submit(post)
-        wait_for(lambda: gate.arrived == 1, 60, "the first edit in its step")
+        wait_for(
+            lambda: gate.arrived == 1 and server.qds.queue_depth() == 0,
+            60,
+            "the first edit in its step, seen started by the HTTP side",
+        )
         rest = [pool.submit(post) for _ in range(7)]
         wait_for(lambda: server.qds.queue_depth() == 4, 60, "the queue full")
         # The admitted ones (the running one and four queued) finish decoding first: two at a

@@ -78,7 +78,9 @@ def test_queue_full_429_and_timeouts_504(limited: Server) -> None:
     try:
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(_post, limited, {"prompt": "first"})
-            wait_for(lambda: gate.arrived == 1)  # first is in its first step (held)
+            # First is in its first step (held), and the HTTP side has read its start: until
+            # then it still counts as queued and the next request would meet a full queue.
+            wait_for(lambda: gate.arrived == 1 and limited.qds.queue_depth() == 0)
             queued = pool.submit(_post, limited, {"prompt": "second"})
             wait_for(lambda: limited.qds.queue_depth() == 1)
             # Queue (size 1) full: rejected at once with Retry-After.
@@ -112,7 +114,7 @@ def test_client_gone_before_start_costs_no_compute(limited: Server) -> None:
     try:
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(_post, limited, {"prompt": "first"})
-            wait_for(lambda: gate.arrived == 1)
+            wait_for(lambda: gate.arrived == 1 and limited.qds.queue_depth() == 0)
             # This client gives up after 0.5 s, while its request is still queued.
             with pytest.raises(httpx.ReadTimeout):
                 _post(limited, {"prompt": "impatient"}, timeout=0.5)
@@ -132,7 +134,7 @@ def _one_running_one_queued(
     """Request a held inside its step by `gate`, request b queued behind it (max_batch 1)."""
     server.qds.scheduler.before_batch = gate
     running = pool.submit(_post, server, {"prompt": "a", "seed": 1})
-    wait_for(lambda: gate.arrived == 1)
+    wait_for(lambda: gate.arrived == 1 and server.qds.queue_depth() == 0)  # a seen started
     queued = pool.submit(_post, server, {"prompt": "b", "seed": 2})
     wait_for(lambda: server.qds.queue_depth() == 1)
     return running, queued
