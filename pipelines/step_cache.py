@@ -24,6 +24,26 @@ and the tail residual of `FBCBlockHook`); where this loop differs, and why:
   diffusers does (a sample that keeps skipping compares with its last computed step, so the
   drift adds up and it eventually recomputes).
 
+TaylorSeer (`taylorseer:<interval>`; arXiv 2503.06923, diffusers' `hooks/taylorseer_cache.py`):
+a sample runs the whole denoiser on its first steps and then every `interval`-th step, and on
+the steps between, nothing of the denoiser runs for it: its prediction is extrapolated from
+the last computed ones (a first-order Taylor series in the step index). The schedule and the
+math are diffusers' (`TaylorSeerCacheHook._measure_should_compute`, `TaylorSeerState.update` /
+`predict`, `max_order=1`, `disable_cache_before_step=3`); where this loop differs, and why:
+
+- per sample, from the sample's own step: diffusers counts calls of the hooked module, one
+  counter for the batch; here each request's stream counts its own forwards, so a sample that
+  joins mid-batch starts its own warm-up, and the samples that compute this step run the
+  denoiser as one sub-batch while the others are predicted;
+- one place, the denoiser's output, is extrapolated (what diffusers' lite mode does for
+  Flux: the projection out cached, the blocks skipped): the prediction is the one tensor the
+  step loop reads, so no per-block state has to follow the batch order;
+- the factors stay in the output's dtype (diffusers stores them in bfloat16 to save GPU
+  memory; one sample's output is small, and on a CPU each bfloat16 round trip costs time).
+
+Both methods can be in one batch, with uncached samples: TaylorSeer's decision comes first
+(the rows it predicts run nothing), then first-block caching among the rows that run.
+
 Whole-call pipelines (SD3, SDXL, edits) use diffusers' own hooks (`whole_call_cache`): one
 pipeline call is one batch that starts and ends together, which is what their single state
 assumes.
@@ -33,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,35 +65,60 @@ if TYPE_CHECKING:
 log = logging.getLogger("qdserve.step_cache")
 
 OFF = "off"
-METHODS = ("fbcache",)
+FBCACHE = "fbcache"
+TAYLORSEER = "taylorseer"
+METHODS = (FBCACHE, TAYLORSEER)
 # The threshold range a request or QDS_STEP_CACHE may give. 0 computes every step (the cache
 # then only costs its bookkeeping: the warm-up uses it to compile the split forward).
 MAX_THRESHOLD = 1.0
-GRAMMAR = "`off` or `fbcache:<threshold>` (threshold 0..1, e.g. `fbcache:0.2`)"
+# TaylorSeer's interval: 1 computes every step; past 10 a 28-step image is mostly guessed.
+MAX_INTERVAL = 10
+# diffusers' TaylorSeerCacheConfig defaults: full steps before the first prediction, order.
+TAYLOR_WARMUP_STEPS = 3
+TAYLOR_ORDER = 1
+GRAMMAR = (
+    "`off`, `fbcache:<threshold>` (threshold 0..1, e.g. `fbcache:0.2`) or "
+    f"`taylorseer:<interval>` (a whole step every 1..{MAX_INTERVAL} steps, e.g. `taylorseer:3`)"
+)
 
 
 @dataclass(frozen=True)
 class StepCacheSpec:
-    """A parsed step cache setting: the method and its parameters."""
+    """A parsed step cache setting: the method and its parameter (fbcache's threshold,
+    TaylorSeer's interval)."""
 
     method: str
-    threshold: float
+    threshold: float = 0.0
+    interval: int = 1
 
     def __str__(self) -> str:
+        if self.method == TAYLORSEER:
+            return f"{self.method}:{self.interval}"
         return f"{self.method}:{self.threshold:g}"
 
 
 def parse(text: str | None) -> StepCacheSpec | None:
-    """`off` (or empty / None) -> None; `fbcache:<threshold>` -> a spec. ValueError names the
-    accepted grammar."""
+    """`off` (or empty / None) -> None; `fbcache:<threshold>` or `taylorseer:<interval>` -> a
+    spec. ValueError names the accepted grammar."""
     value = (text or "").strip().lower()
     if value in ("", OFF, "none", "false", "0"):
         return None
     method, _, params = value.partition(":")
     if method not in METHODS:
         raise ValueError(f"unknown step cache method {method!r}; expected {GRAMMAR}")
+    what = "an interval" if method == TAYLORSEER else "a threshold"
     if not params:
-        raise ValueError(f"{method} needs a threshold; expected {GRAMMAR}")
+        raise ValueError(f"{method} needs {what}; expected {GRAMMAR}")
+    if method == TAYLORSEER:
+        try:
+            interval = int(params)
+        except ValueError:
+            raise ValueError(
+                f"interval {params!r} is not a whole number; expected {GRAMMAR}"
+            ) from None
+        if not 1 <= interval <= MAX_INTERVAL:
+            raise ValueError(f"interval {interval} is outside 1..{MAX_INTERVAL}")
+        return StepCacheSpec(method, interval=interval)
     try:
         threshold = float(params)
     except ValueError:
@@ -80,6 +126,14 @@ def parse(text: str | None) -> StepCacheSpec | None:
     if not 0.0 <= threshold <= MAX_THRESHOLD:
         raise ValueError(f"threshold {threshold:g} is outside 0..{MAX_THRESHOLD:g}")
     return StepCacheSpec(method, threshold)
+
+
+def taylor_computes(spec: StepCacheSpec, step: int) -> bool:
+    """Whether a TaylorSeer sample runs the denoiser at its `step` (0-based): diffusers'
+    `TaylorSeerCacheHook._measure_should_compute` with `disable_cache_after_step=None`."""
+    if step < TAYLOR_WARMUP_STEPS:
+        return True
+    return (step - TAYLOR_WARMUP_STEPS - 1) % spec.interval == 0
 
 
 def canonical(text: str | None) -> str:
@@ -97,6 +151,11 @@ class _Stream:
 
     head_residual: torch.Tensor | None = None  # first-block residual at the last computed step
     tail_residual: torch.Tensor | None = None  # remaining blocks' residual at that step
+    # TaylorSeer: this stream's forwards so far (= the sample's step), the step of the last
+    # computed one, and the factors from it (0: the output, 1: its divided difference).
+    steps: int = 0
+    taylor_step: int | None = None
+    factors: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -254,6 +313,10 @@ def _rel_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     return (current - previous).abs().mean(dim=dims) / previous.abs().mean(dim=dims)
 
 
+# Inputs with a row per image (the others, txt_ids and img_ids, are per position, shared).
+_PER_ROW = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+
 def cached_forward(
     transformer: Any,
     kind: str,
@@ -261,12 +324,113 @@ def cached_forward(
     counts: Counts,
     **inputs: Any,
 ) -> torch.Tensor:
-    """One denoiser forward for the batch with per-sample first-block caching.
+    """One denoiser forward for the batch with per-sample step caching.
 
     `rows` lists the batch's requests in order: (their cache state or None when the request
     runs uncached, their image count). `inputs` are the transformer's keyword inputs for the
     whole batch (hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance,
-    txt_ids, img_ids). Returns the prediction, (batch, tokens, channels)."""
+    txt_ids, img_ids). Returns the prediction, (batch, tokens, channels).
+
+    TaylorSeer samples decide first, from their own step: those that predict run nothing; the
+    rest run as one sub-batch through the first-block cached forward (where TaylorSeer
+    samples and uncached ones always compute)."""
+    import torch
+
+    runs: list[bool] = []
+    taylor: list[_Stream | None] = []
+    for state, _images in rows:
+        stream = None
+        if state is not None and state.spec.method == TAYLORSEER:
+            stream = state.streams.setdefault(kind, _Stream())
+            runs.append(stream.taylor_step is None or taylor_computes(state.spec, stream.steps))
+        else:
+            runs.append(True)
+        taylor.append(stream)
+    n_blocks = HEAD_BLOCKS + tail_blocks(transformer)
+    if all(runs):
+        out = _first_block_forward(transformer, kind, _fb_rows(rows), counts, **inputs)
+    else:
+        batch = sum(images for _, images in rows)
+        keep = torch.tensor(
+            [run for run, (_, images) in zip(runs, rows, strict=True) for _ in range(images)]
+        )
+        out = None
+        if bool(keep.any()):
+            # The rows that run, as one sub-batch (a sub-batch of any size meets no compile:
+            # the parts' batch dimension is dynamic after the warm-up).
+            sub = keep.nonzero().flatten().to(inputs["hidden_states"].device)
+            sub_inputs = {
+                k: (v[sub] if k in _PER_ROW and v is not None else v) for k, v in inputs.items()
+            }
+            sub_rows = [r for r, run in zip(rows, runs, strict=True) if run]
+            ran = _first_block_forward(transformer, kind, _fb_rows(sub_rows), counts, **sub_inputs)
+            out = ran.new_empty((batch, *ran.shape[1:]))
+            out[sub] = ran
+        offset = 0
+        for (state, images), stream, run in zip(rows, taylor, runs, strict=True):
+            if not run:
+                assert state is not None and stream is not None
+                predicted = _taylor_predict(stream)
+                if out is None:
+                    out = predicted.new_empty((batch, *predicted.shape[1:]))
+                out[offset : offset + images] = predicted
+            offset += images
+        assert out is not None
+    # TaylorSeer's bookkeeping: computed samples update their factors, every one counts a step.
+    offset = 0
+    for (state, images), stream, run in zip(rows, taylor, runs, strict=True):
+        if state is not None and stream is not None:
+            if run:
+                _taylor_update(stream, out[offset : offset + images])
+                state.computed += images
+                counts.computed += images * n_blocks
+            else:
+                state.skipped += images
+                counts.skipped += images * n_blocks
+            stream.steps += 1
+        offset += images
+    return out
+
+
+def _fb_rows(rows: list[tuple[SampleCache | None, int]]) -> list[tuple[SampleCache | None, int]]:
+    """The rows as the first-block cache sees them: only fbcache samples keep their state."""
+    return [
+        (state if state is not None and state.spec.method == FBCACHE else None, images)
+        for state, images in rows
+    ]
+
+
+def _taylor_update(stream: _Stream, output: torch.Tensor) -> None:
+    """diffusers' `TaylorSeerState.update` for one output, up to TAYLOR_ORDER."""
+    factors = [output.detach().clone()]
+    if stream.taylor_step is not None and stream.factors:
+        delta = stream.steps - stream.taylor_step
+        for order in range(TAYLOR_ORDER):
+            if order >= len(stream.factors) or stream.factors[order].shape != factors[order].shape:
+                break
+            factors.append((factors[order] - stream.factors[order]) / delta)
+    stream.factors = factors
+    stream.taylor_step = stream.steps
+
+
+def _taylor_predict(stream: _Stream) -> torch.Tensor:
+    """diffusers' `TaylorSeerState.predict`: sum over orders of factor * offset^k / k!."""
+    offset = stream.steps - (stream.taylor_step or 0)
+    out = stream.factors[0].clone()
+    for order in range(1, len(stream.factors)):
+        out += stream.factors[order] * (offset**order / math.factorial(order))
+    return out
+
+
+def _first_block_forward(
+    transformer: Any,
+    kind: str,
+    rows: list[tuple[SampleCache | None, int]],
+    counts: Counts,
+    **inputs: Any,
+) -> torch.Tensor:
+    """The denoiser forward with per-sample first-block caching (`rows` whose state is None
+    always compute)."""
     import torch
 
     head = _part(transformer, "head")
@@ -351,9 +515,9 @@ def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
 
 @contextlib.contextmanager
 def whole_call_cache(pipe: Any, setting: str | None, *, cfg: bool = False) -> Iterator[None]:
-    """diffusers' own FirstBlockCache hooks around one whole pipeline call (SD3, SDXL's UNet
-    has none: left uncached; Flux edits): a call's samples start and end together, which is
-    what the hooks' single state per module assumes. Removed after the call, so the next
+    """diffusers' own cache hooks (FirstBlockCache, TaylorSeer) around one whole pipeline call
+    (SD3, SDXL's UNet has none: left uncached; Flux edits): a call's samples start and end
+    together, which is what the hooks' single state per module assumes. Removed after the call, so the next
     call (maybe another setting) starts clean."""
     spec = parse(setting)
     denoiser = getattr(pipe, "transformer", None)
@@ -383,14 +547,29 @@ def whole_call_cache(pipe: Any, setting: str | None, *, cfg: bool = False) -> It
         )
         yield
         return
-    from diffusers.hooks import FirstBlockCacheConfig
-
-    denoiser.enable_cache(FirstBlockCacheConfig(threshold=spec.threshold))
+    denoiser.enable_cache(_hooks_config(spec))
     try:
         with contextlib.nullcontext() if own_contexts else denoiser.cache_context("call"):
             yield
     finally:
         denoiser.disable_cache()
+
+
+def _hooks_config(spec: StepCacheSpec) -> Any:
+    """diffusers' hook config for a setting (the same parameters as the step loop's)."""
+    if spec.method == TAYLORSEER:
+        import torch
+        from diffusers.hooks import TaylorSeerCacheConfig
+
+        return TaylorSeerCacheConfig(
+            cache_interval=spec.interval,
+            disable_cache_before_step=TAYLOR_WARMUP_STEPS,
+            max_order=TAYLOR_ORDER,
+            taylor_factors_dtype=torch.float32,
+        )
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    return FirstBlockCacheConfig(threshold=spec.threshold)
 
 
 def _is_compiled(module: Any) -> bool:

@@ -205,11 +205,13 @@ class ServiceSettings(BaseSettings):
     step_cache: str = Field(
         default=DEFAULT_STEP_CACHE,
         description="Step caching (a request's `step_cache` field overrides it per call): "
-        "`off`, or `fbcache:<threshold>` (first-block cache, threshold `0`..`1`, e.g. "
-        "`fbcache:0.1`, `fbcache:0.2`, `fbcache:0.3`): per sample in the Flux step loop, "
-        "diffusers' FirstBlockCache hooks for whole-call pipelines and edits (not applied "
-        "where the denoiser is compiled). Default `fbcache:0.2`: the fastest measured setting "
-        "with the demo model's prompt adherence unchanged (README, Step caching; "
+        "`off`, `fbcache:<threshold>` (first-block cache, threshold `0`..`1`, e.g. "
+        "`fbcache:0.1`, `fbcache:0.2`, `fbcache:0.3`) or `taylorseer:<interval>` (TaylorSeer: "
+        "the whole denoiser every `1`..`10` steps after 3 full ones, the steps between "
+        "extrapolated, e.g. `taylorseer:2`, `taylorseer:3`): per sample in the Flux step loop, "
+        "diffusers' FirstBlockCache / TaylorSeer hooks for whole-call pipelines and edits (not "
+        "applied where the denoiser is compiled). Default `fbcache:0.2`: the fastest measured "
+        "setting with the demo model's prompt adherence unchanged (README, Step caching; "
         "docs/benchmarks/step-cache.md).",
     )
     shutdown_timeout: float = Field(

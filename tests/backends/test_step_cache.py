@@ -3,9 +3,10 @@
 The guarantee: with the cache on, a sample in a continuous batch (other samples at other
 steps, joining and leaving, some uncached) gets the image it gets alone with the cache on,
 within the step loop's stated tolerance (tests/backends/test_stepping.py's TOL, 2/255), and
-takes the same skip decisions. Threshold 0 computes every step: bit-identical to the
-uncached loop. Compiled (the whole denoiser, its parts compiled by the warm-up), no sub-batch
-size meets a compile after the warm-up.
+takes the same skip decisions, for both methods (first-block cache, TaylorSeer) and both in
+one batch. Threshold 0 (fbcache) and interval 1 (TaylorSeer) compute every step:
+bit-identical to the uncached loop. Compiled (the whole denoiser, its parts compiled by the
+warm-up), no sub-batch size meets a compile after the warm-up.
 """
 
 from __future__ import annotations
@@ -72,22 +73,47 @@ def test_parse_grammar() -> None:
     assert step_cache.parse("off") is None and step_cache.parse(None) is None
     assert step_cache.parse(" FBCache:0.20 ") == step_cache.StepCacheSpec("fbcache", 0.2)
     assert step_cache.canonical("fbcache:0.20") == "fbcache:0.2"
+    assert step_cache.parse("TaylorSeer:3") == step_cache.StepCacheSpec("taylorseer", interval=3)
+    assert step_cache.canonical("taylorseer:03") == "taylorseer:3"
     for bad, message in (
         ("teacache:0.1", "unknown step cache method"),
         ("fbcache", "needs a threshold"),
         ("fbcache:x", "not a number"),
         ("fbcache:1.5", "outside"),
+        ("taylorseer", "needs an interval"),
+        ("taylorseer:2.5", "not a whole number"),
+        ("taylorseer:0", "outside 1..10"),
+        ("taylorseer:11", "outside 1..10"),
     ):
         with pytest.raises(ValueError, match=message):
             step_cache.parse(bad)
 
 
-def test_threshold_zero_is_the_uncached_image_exactly(loaded: LoadedPipeline) -> None:
+@pytest.mark.parametrize("every_step", ["fbcache:0", "taylorseer:1"])
+def test_computing_every_step_is_the_uncached_image_exactly(
+    loaded: LoadedPipeline, every_step: str
+) -> None:
     req = _req(loaded, "a red circle on the left", 3, 8)
     plain = _alone(loaded, req)
-    split = _alone(loaded, replace(req, step_cache="fbcache:0"))
+    split = _alone(loaded, replace(req, step_cache=every_step))
     assert _diff(plain, split) == 0
     assert split.timings["cache_skipped"] == 0 and split.timings["cache_computed"] == 8
+
+
+def test_taylorseer_follows_diffusers_schedule_and_stays_close(loaded: LoadedPipeline) -> None:
+    """diffusers' schedule (3 full steps, then one every `interval`-th): at 12 steps and
+    interval 3 it computes steps 0, 1, 2, 4, 7, 10 and predicts the other six; the predicted
+    image stays near the uncached one (first-order extrapolation of a smooth velocity)."""
+    assert [
+        s for s in range(12) if step_cache.taylor_computes(step_cache.parse("taylorseer:3"), s)
+    ] == [0, 1, 2, 4, 7, 10]
+    req = _req(loaded, "a red circle on the left", 3, 12)
+    cached = _alone(loaded, replace(req, step_cache="taylorseer:3"))
+    assert cached.timings["cache_computed"] == 6 and cached.timings["cache_skipped"] == 6
+    plain = _alone(loaded, req)
+    err = np.abs(_px(cached) - _px(plain)).astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / max(float((err**2).mean()), 1e-12))
+    assert _diff(cached, plain) > 0 and psnr > 25, psnr
 
 
 def test_continuous_batch_with_cache_gives_each_sample_its_alone_image(
@@ -101,9 +127,14 @@ def test_continuous_batch_with_cache_gives_each_sample_its_alone_image(
         "c": _req(loaded, "a green triangle on the right", 9, 12, step_cache="fbcache:0.3"),
         "d": _req(loaded, "a red square on the right", 11, 9),  # uncached, same forward
         "e": _req(loaded, "a blue circle on the right", 4, 10, step_cache="fbcache:0.5"),
+        # TaylorSeer beside them: one from the start, one with two images joining late.
+        "f": _req(loaded, "a green circle on the left", 6, 12, step_cache="taylorseer:3"),
+        "g": _req(
+            loaded, "a red triangle in the center", 7, 11, step_cache="taylorseer:2", num_images=2
+        ),
     }
-    joins = {1: ["d"], 3: ["c"], 4: ["e"]}
-    batch = StepBatch(loaded, max_images=8)
+    joins = {0: ["f"], 1: ["d"], 3: ["c"], 4: ["e"], 5: ["g"]}
+    batch = StepBatch(loaded, max_images=12)
     batch.add_many([("a", reqs["a"]), ("b", reqs["b"])])
     out: dict[str, GenerationResult] = {}
     steps = 0
@@ -140,10 +171,16 @@ def test_block_runs_are_counted(loaded: LoadedPipeline) -> None:
     tail = blocks - step_cache.HEAD_BLOCKS
     assert skipped == out["a"].timings["cache_skipped"] * tail > 0
     assert batch.cache_counts.take() == (0, 0)
+    # TaylorSeer: a predicted step skips every block, the first one too.
+    batch.add("t", _req(loaded, "a red circle", 3, 12, step_cache="taylorseer:3"))
+    while len(batch):
+        batch.step()
+    assert batch.cache_counts.take() == (6 * blocks, 6 * blocks)
 
 
-def test_negative_prompt_keeps_a_state_per_forward(loaded: LoadedPipeline) -> None:
-    req = _req(loaded, "a red circle", 3, 8, negative_prompt="blue", step_cache=CACHE)
+@pytest.mark.parametrize("cache", [CACHE, "taylorseer:2"])
+def test_negative_prompt_keeps_a_state_per_forward(loaded: LoadedPipeline, cache: str) -> None:
+    req = _req(loaded, "a red circle", 3, 8, negative_prompt="blue", step_cache=cache)
     other = replace(req, prompt="a blue square", seed=8)
     batch = StepBatch(loaded, max_images=8)
     batch.add("a", req)
@@ -200,12 +237,13 @@ def test_compiled_cache_meets_no_compile_after_warm_up(scope: str) -> None:
 
     loaded = load_pipeline(QuantSettings(quant_backend="none", device="cpu"))
     reqs = [
-        _req(loaded, p, s, 10, step_cache=CACHE)
-        for p, s in (
-            ("a red circle on the left", 3),
-            ("a blue square in the center", 5),
-            ("a green triangle on the right", 9),
-            ("a red square on the right", 11),
+        _req(loaded, p, s, 10, step_cache=c)
+        for p, s, c in (
+            ("a red circle on the left", 3, CACHE),
+            # TaylorSeer: its predicted rows leave the head a sub-batch too.
+            ("a blue square in the center", 5, "taylorseer:2"),
+            ("a green triangle on the right", 9, CACHE),
+            ("a red square on the right", 11, "taylorseer:3"),
         )
     ]
     eager = [_alone(loaded, r) for r in reqs]
@@ -228,6 +266,7 @@ def test_compiled_cache_meets_no_compile_after_warm_up(scope: str) -> None:
         for i, ref in enumerate(eager[:3]):
             assert _diff(out[str(i)], ref) <= TOL, i
         assert out["0"].timings["cache_skipped"] > 0
+        assert out["1"].timings["cache_skipped"] > 0
         # Two lanes at once, cached and uncached samples mixed, other batch sizes.
         pair = [StepBatch(loaded, max_images=8) for _ in range(2)]
         for i, b in enumerate(pair):
@@ -272,5 +311,9 @@ def test_edits_use_diffusers_hooks_for_the_call(loaded: LoadedPipeline) -> None:
     base = run("off")
     assert _diff(run("fbcache:0"), base) == 0
     assert _diff(run("fbcache:1"), base) > 0
+    assert _diff(run("off"), base) == 0
+    # diffusers' TaylorSeer hooks: interval 1 computes every step; 4 predicts some.
+    assert _diff(run("taylorseer:1"), base) == 0
+    assert _diff(run("taylorseer:4"), base) > 0
     assert _diff(run("off"), base) == 0
     assert edit.edit_key(loaded, req) != edit.edit_key(loaded, replace(req, step_cache="fbcache:1"))

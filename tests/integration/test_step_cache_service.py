@@ -57,9 +57,15 @@ def test_the_field_per_request_and_the_metric(server: Server) -> None:
     assert np.abs(off - _image(server, step_cache="fbcache:0")).max() == 0
     assert np.abs(off - cached).max() > 0
     assert np.abs(cached - _image(server, step_cache="fbcache:0.30")).max() == 0
+    # TaylorSeer per request: interval 1 is the uncached image; a real interval differs and
+    # counts its predicted steps' block runs as skipped.
+    assert np.abs(off - _image(server, step_cache="taylorseer:1")).max() == 0
+    skipped = _blocks(server)["skipped"]
+    assert np.abs(off - _image(server, step_cache="taylorseer:2")).max() > 0
+    assert _blocks(server)["skipped"] > skipped
 
 
-@pytest.mark.parametrize("value", ["fbcache", "fbcache:7", "magcache:0.1"])
+@pytest.mark.parametrize("value", ["fbcache", "fbcache:7", "magcache:0.1", "taylorseer:0.5"])
 def test_a_bad_value_is_a_400_naming_the_field(server: Server, value: str) -> None:
     with server.client() as c:
         r = c.post("/v1/images/generations", json={"prompt": "x", "step_cache": value})

@@ -20,9 +20,10 @@ DEFAULTS = ModelDefaults(size=32, steps=4, guidance=3.5, size_multiple=16)
 def test_setting_is_validated_and_canonical(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServiceSettings.model_fields["step_cache"].default == "fbcache:0.2"
     assert ServiceSettings(step_cache="FBCache:0.20").step_cache == "fbcache:0.2"
+    assert ServiceSettings(step_cache="taylorseer:03").step_cache == "taylorseer:3"
     monkeypatch.setenv("QDS_STEP_CACHE", "fbcache:0.1")
     assert ServiceSettings().step_cache == "fbcache:0.1"
-    for bad in ("fbcache", "fbcache:2", "teacache:0.1"):
+    for bad in ("fbcache", "fbcache:2", "teacache:0.1", "taylorseer:0", "taylorseer:x"):
         with pytest.raises(ValidationError, match="step_cache"):
             ServiceSettings(step_cache=bad)
 
