@@ -517,8 +517,8 @@ def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
 def whole_call_cache(pipe: Any, setting: str | None, *, cfg: bool = False) -> Iterator[None]:
     """diffusers' own cache hooks (FirstBlockCache, TaylorSeer) around one whole pipeline call
     (SD3, SDXL's UNet has none: left uncached; Flux edits): a call's samples start and end
-    together, which is what the hooks' single state per module assumes. Removed after the call, so the next
-    call (maybe another setting) starts clean."""
+    together, which is what the hooks' single state per module assumes. Removed after the
+    call, so the next call (maybe another setting) starts clean."""
     spec = parse(setting)
     denoiser = getattr(pipe, "transformer", None)
     if spec is None or denoiser is None or not hasattr(denoiser, "enable_cache"):
