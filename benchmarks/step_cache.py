@@ -37,9 +37,19 @@ from benchmarks.common import (
 )
 
 GEN_PATH = "/v1/images/generations"
-SETTINGS = ["off", "fbcache:0.05", "fbcache:0.1", "fbcache:0.2", "fbcache:0.3", "fbcache:0.5"]
+SETTINGS = [
+    "off",
+    "fbcache:0.1",
+    "fbcache:0.2",
+    "fbcache:0.3",
+    "fbcache:0.5",
+    "taylorseer:2",
+    "taylorseer:3",
+    "taylorseer:4",
+    "taylorseer:6",
+]
 STEPS = (28, 50)
-LEVELS = ((1, 3), (16, 16))  # (concurrency, requests per round)
+LEVELS = ((1, 5), (16, 16))  # (concurrency, requests per round)
 ROUNDS = 4
 QUALITY_SEED = 0
 SIZE = 32
