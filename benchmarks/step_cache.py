@@ -35,6 +35,7 @@ from benchmarks.common import (
     run_meta,
     write_json,
 )
+from service.settings import DEFAULT_STEP_CACHE
 
 GEN_PATH = "/v1/images/generations"
 SETTINGS = [
@@ -185,7 +186,7 @@ def quality(url: str, steps: int, quick: bool) -> dict[str, Any]:
 
 
 def measure(out_dir: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
-    server = qdserve_server("qdserve-step-cache", log_dir, QDS_STEP_CACHE="fbcache:0.2")
+    server = qdserve_server("qdserve-step-cache", log_dir, QDS_STEP_CACHE=DEFAULT_STEP_CACHE)
     try:
         start_seconds = server.start_seconds
         url = server.base_url
@@ -205,8 +206,8 @@ def measure(out_dir: Path, quick: bool, log_dir: Path) -> dict[str, Any]:
         "runs": runs,
         "server_start_seconds": start_seconds,
         "method": "one qdserve server at its defaults (compiled on this CPU) with "
-        "QDS_STEP_CACHE=fbcache:0.2 (so the warm-up compiles the split forward); each setting "
-        "asked per request with the `step_cache` field. Throughput: closed-loop clients, "
+        f"QDS_STEP_CACHE={DEFAULT_STEP_CACHE} (so the warm-up compiles the split forward); each "
+        "setting asked per request with the `step_cache` field. Throughput: closed-loop clients, "
         f"{', '.join(f'{t} requests at concurrency {c}' for c, t in LEVELS)} per round, "
         f"{ROUNDS} rounds with the settings' order alternating, {SIZE}x{SIZE}, distinct seeds. "
         f"Quality: the demo prompt set at seed {QUALITY_SEED}, 16 requests at a time, against "
@@ -317,7 +318,7 @@ def render(data: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def headline(data: dict[str, Any], cache: str = "fbcache:0.2") -> str:
+def headline(data: dict[str, Any], cache: str = DEFAULT_STEP_CACHE) -> str:
     """The default setting's row at 28 steps, for docs/benchmarks/README.md."""
     run = data["runs"].get(GOAL_STEPS)
     if run is None or cache not in run["throughput"]:

@@ -157,9 +157,10 @@ class _Common(BaseModel):
     step_cache: str | None = Field(
         default=None,
         max_length=64,
-        description="Extension: step caching for this call, `off` or `fbcache:<threshold>` "
-        "(0..1, e.g. `fbcache:0.2`); QDS_STEP_CACHE (GET /v1/models shows it) if omitted. "
-        "Faster, and further from the uncached image the higher the threshold.",
+        description="Extension: step caching for this call: `off`, `fbcache:<threshold>` "
+        "(0..1, e.g. `fbcache:0.2`) or `taylorseer:<interval>` (1..10, e.g. `taylorseer:6`); "
+        "QDS_STEP_CACHE (GET /v1/models shows it) if omitted. Faster, and further from the "
+        "uncached image the higher the threshold or interval.",
     )
     lora: list[LoraRef] | None = Field(
         default=None,

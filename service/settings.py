@@ -25,7 +25,7 @@ def _split(value: object) -> object:
 # The fastest setting that kept the demo model's prompt adherence unchanged at 28 and 50 steps
 # (docs/benchmarks/step-cache.md: 1.86-1.98x img/s at concurrency 16, 28 steps, mean PSNR
 # 42.6 dB against the uncached image; fbcache:0.3 lost one prompt of 21 at 28 steps).
-DEFAULT_STEP_CACHE = "fbcache:0.2"
+DEFAULT_STEP_CACHE = "taylorseer:6"
 
 
 class ServiceSettings(BaseSettings):
@@ -210,9 +210,9 @@ class ServiceSettings(BaseSettings):
         "the whole denoiser every `1`..`10` steps after 3 full ones, the steps between "
         "extrapolated, e.g. `taylorseer:2`, `taylorseer:3`): per sample in the Flux step loop, "
         "diffusers' FirstBlockCache / TaylorSeer hooks for whole-call pipelines and edits (not "
-        "applied where the denoiser is compiled). Default `fbcache:0.2`: the fastest measured "
-        "setting with the demo model's prompt adherence unchanged (README, Step caching; "
-        "docs/benchmarks/step-cache.md).",
+        "applied where the denoiser is compiled). Default `taylorseer:6`: the fastest measured "
+        "setting with the demo model's prompt adherence unchanged at 28 and 50 steps (README, "
+        "Step caching; docs/benchmarks/step-cache.md).",
     )
     shutdown_timeout: float = Field(
         default=30.0,

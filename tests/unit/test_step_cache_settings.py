@@ -18,7 +18,7 @@ DEFAULTS = ModelDefaults(size=32, steps=4, guidance=3.5, size_multiple=16)
 
 
 def test_setting_is_validated_and_canonical(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ServiceSettings.model_fields["step_cache"].default == "fbcache:0.2"
+    assert ServiceSettings.model_fields["step_cache"].default == "taylorseer:6"
     assert ServiceSettings(step_cache="FBCache:0.20").step_cache == "fbcache:0.2"
     assert ServiceSettings(step_cache="taylorseer:03").step_cache == "taylorseer:3"
     monkeypatch.setenv("QDS_STEP_CACHE", "fbcache:0.1")
