@@ -51,7 +51,12 @@ from engine.keys import key_for
 from engine.preparing import Preparer, Reports
 from engine.readiness import Readiness
 from engine.scheduler import BatchFactory, Job, KindOf, Scheduler
-from engine.startup import compiler_of, configure_compile_cache, stop_all
+from engine.startup import (
+    compiler_of,
+    configure_compile_cache,
+    configure_kernel_threads,
+    stop_all,
+)
 from engine.telemetry import MetricsRecorder
 from pipelines import lora
 from pipelines.loader import load_pipeline
@@ -550,6 +555,7 @@ def run_engine(config: EngineConfig, conn: Connection) -> None:
     # The engine process's own environment (not the HTTP process's: QDS_ENGINE=inline keeps
     # whatever the host process set).
     chosen = configure_compile_cache(getattr(config.quant, "cache_dir", None))
+    configure_kernel_threads(getattr(config.settings, "compile_shared_threads", False))
     if chosen:
         log.info("compile caches: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
     core = EngineCore(config, conn)

@@ -89,6 +89,17 @@ def configure_compile_cache(cache_dir: str | os.PathLike[str] | None) -> dict[st
     return chosen
 
 
+def configure_kernel_threads(shared: bool) -> None:
+    """QDS_COMPILE_SHARED_THREADS: inductor's CPU kernels read their thread count when they
+    run instead of baking in the compiling thread's, so one graph serves the engine's threads
+    and a lane's single thread (its FX cache key then leaves the thread count out: the second
+    thread count is a cache hit, not a compile). Set before the first compile in the process,
+    and the same in `qdserve warmup` (the key differs with it)."""
+    import torch._inductor.config as inductor
+
+    inductor.cpp.dynamic_threads = bool(shared)
+
+
 def _inductor_default() -> str | None:
     """Inductor's own default cache folder (/tmp/torchinductor_<user>)."""
     try:
@@ -535,6 +546,7 @@ def warm_caches(
 
     started = time.monotonic()
     chosen = configure_compile_cache(getattr(quant, "cache_dir", None))
+    configure_kernel_threads(getattr(settings, "compile_shared_threads", False))
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     loaded = load_pipeline(quant)

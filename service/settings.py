@@ -163,6 +163,16 @@ class ServiceSettings(BaseSettings):
         "regional compilation: a shorter first compile). auto: model on a CPU, blocks "
         "elsewhere (a whole Flux-size compile on a GPU was not measured).",
     )
+    compile_shared_threads: bool = Field(
+        default=False,
+        description="CPU only: compile kernels that read their thread count when they run "
+        "(inductor's `cpp.dynamic_threads`), so the engine's threads and a lane's share one "
+        "graph: half the graphs to compile (an empty cache reached compiled mode in 57 s "
+        "instead of 88 s, embedded model, 2 CPUs), at a measured 0.95x img/s at concurrency 16 "
+        "once compiled (docs/deploy.md). Off: full compiled speed; a filled cache "
+        "(`qdserve warmup`, the volume) makes the longer first compile a one-time cost. "
+        "`qdserve warmup` must run with the same value as the server to fill its cache.",
+    )
     compile_background: bool = Field(
         default=True,
         description="With QDS_COMPILE on and the whole denoiser compiled (scope model): "

@@ -35,3 +35,43 @@ def test_torch_default_is_not_an_operator_choice(
     assert configure_compile_cache(tmp_path) == {
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")
     }
+
+
+def test_shared_threads_compile_one_graph_for_two_thread_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QDS_COMPILE_SHARED_THREADS: a function compiled on 2 threads, then run on 1 thread
+    (a lane), is an FX cache hit with it and a second compile (a miss) without it."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from engine.startup import configure_kernel_threads
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    before = torch.get_num_threads()
+
+    def misses_at_two_then_one(shared: bool) -> tuple[int, int]:
+        configure_kernel_threads(shared)
+        torch._dynamo.reset()
+        counters.clear()
+
+        def f(x: torch.Tensor) -> torch.Tensor:  # a new code object each time: no reuse
+            return torch.nn.functional.gelu(x @ x.T + 1.0).sum(dim=1)
+
+        compiled = torch.compile(f)
+        x = torch.randn(64, 64)
+        try:
+            for threads in (2, 1):
+                torch.set_num_threads(threads)
+                compiled(x)
+        finally:
+            torch.set_num_threads(before)
+        inductor = counters["inductor"]
+        return int(inductor["fxgraph_cache_miss"]), int(inductor["fxgraph_cache_hit"])
+
+    try:
+        assert misses_at_two_then_one(False) == (2, 0)
+        assert misses_at_two_then_one(True) == (1, 1)
+    finally:
+        configure_kernel_threads(False)
+        torch._dynamo.reset()
