@@ -100,6 +100,20 @@ def denoiser_of(loaded: LoadedPipeline) -> Any:
     return denoiser
 
 
+def process_default(config: Any, name: str, value: Any) -> None:
+    """Set a torch config value for every thread of this process.
+
+    torch 2.13 keeps a plain write (`torch._dynamo.config.x = v`) per thread (a ContextVar):
+    written on the engine's main or model-load thread, it never reaches the background
+    compile thread or the lanes, which start with no override and compile too. The entry's
+    environment default is what every thread without an override of its own reads, so the
+    value goes there (an operator's force variable, e.g. TORCHINDUCTOR_*_FORCE, still wins).
+    Hand-written against torch's private `_config` table: the config module has no public
+    process-wide setter; tests/unit/test_startup.py checks a new thread sees the value."""
+    config._config[name].env_value_default = value
+    setattr(config, name, value)  # this thread too, where an override may exist already
+
+
 def compile_denoiser(loaded: LoadedPipeline, scope: str = "auto") -> None:
     """Compile the denoiser: as one graph (`model`), or one repeated block compiled once and
     reused for all of them (`blocks`, regional compilation)."""
@@ -107,7 +121,7 @@ def compile_denoiser(loaded: LoadedPipeline, scope: str = "auto") -> None:
 
     denoiser = denoiser_of(loaded)
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    process_default(config, "recompile_limit", max(config.recompile_limit, RECOMPILE_LIMIT))
     if compile_scope(scope, loaded) == "model":
         denoiser.compile()
         return

@@ -97,7 +97,11 @@ def configure_kernel_threads(shared: bool) -> None:
     and the same in `qdserve warmup` (the key differs with it)."""
     import torch._inductor.config as inductor
 
-    inductor.cpp.dynamic_threads = bool(shared)
+    from engine.compiling import process_default
+
+    process_default(inductor, "cpp.dynamic_threads", bool(shared))
+    if shared:
+        log.info("compiled CPU kernels read their thread count at run time (shared threads)")
 
 
 def _inductor_default() -> str | None:
@@ -240,7 +244,7 @@ class BackgroundCompiler:
     ) -> None:
         import torch
 
-        from engine.compiling import RECOMPILE_LIMIT, denoiser_of
+        from engine.compiling import RECOMPILE_LIMIT, denoiser_of, process_default
 
         self.loaded = loaded
         self.module = denoiser_of(loaded)
@@ -252,7 +256,7 @@ class BackgroundCompiler:
         self.on_change = on_change
         self.nice = nice
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        process_default(config, "recompile_limit", max(config.recompile_limit, RECOMPILE_LIMIT))
         self._model = _Target(self, "model", self.module._call_impl)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
