@@ -234,6 +234,21 @@ def measure(
     return result
 
 
+def run_header(device: str, size: int) -> dict[str, Any]:
+    """What every GPU result file starts with: when, on which card, which versions."""
+    import diffusers
+    import torch
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor(),
+        "dry_run": device != "cuda",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "size": size,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -249,17 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     begin = time.perf_counter()
-    import diffusers
-
-    results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "size": args.size,
-        "timed_steps": args.steps,
-        "archs": {},
-    }
+    results: dict[str, Any] = {**run_header(device, args.size), "timed_steps": args.steps}
+    results["archs"] = {}
     configs = {"flux-dev": dict(FLUX_DEV), "sd3-medium": dict(SD3_MEDIUM)}
     if args.tiny:
         configs["flux-dev"].update(num_layers=1, num_single_layers=1, num_attention_heads=2)

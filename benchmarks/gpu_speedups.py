@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu import FLUX_DEV, _Cuda, _inputs, bf16_weights
+from benchmarks.gpu import FLUX_DEV, _Cuda, _inputs, bf16_weights, run_header
 
 CACHE_SETTINGS = ("off", "taylorseer:6", "taylorseer:4", "taylorseer:2", "fbcache:0.2")
 DENOISE_STEPS = 28
@@ -173,15 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     begin = time.perf_counter()
-    results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor(),
-        "dry_run": device != "cuda",
-        "torch": torch.__version__,
-        "size": args.size,
-        "tiny": args.tiny,
-        "cases": {},
-    }
+    results: dict[str, Any] = {**run_header(device, args.size), "tiny": args.tiny, "cases": {}}
 
     def record(name: str, run: Any) -> None:
         if time.perf_counter() - begin > args.budget_s:
