@@ -94,14 +94,18 @@ def configure_kernel_threads(shared: bool) -> None:
     run instead of baking in the compiling thread's, so one graph serves the engine's threads
     and a lane's single thread (its FX cache key then leaves the thread count out: the second
     thread count is a cache hit, not a compile). Set before the first compile in the process,
-    and the same in `qdserve warmup` (the key differs with it)."""
+    and the same in `qdserve warmup` (the key differs with it).
+
+    Off leaves torch's own value alone: its default, or TORCHINDUCTOR_CPP_DYNAMIC_THREADS where
+    an operator set it (that variable is the very default `process_default` writes)."""
+    if not shared:
+        return
     import torch._inductor.config as inductor
 
     from engine.compiling import process_default
 
-    process_default(inductor, "cpp.dynamic_threads", bool(shared))
-    if shared:
-        log.info("compiled CPU kernels read their thread count at run time (shared threads)")
+    process_default(inductor, "cpp.dynamic_threads", True)
+    log.info("compiled CPU kernels read their thread count at run time (shared threads)")
 
 
 def _inductor_default() -> str | None:

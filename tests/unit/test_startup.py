@@ -84,5 +84,9 @@ def test_shared_threads_compile_one_graph_for_two_thread_counts(
         assert misses_at_two_then_one(False) == (2, 0)
         assert misses_at_two_then_one(True) == (1, 1)
     finally:
-        configure_kernel_threads(False)
+        import torch._inductor.config as inductor
+
+        from engine.compiling import process_default
+
+        process_default(inductor, "cpp.dynamic_threads", False)
         torch._dynamo.reset()
