@@ -601,3 +601,39 @@ def replace_section(md_path: Path, section: str, begin: str, end: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     md_path.write_text(text)
+
+
+def fetch_images(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[Any]:
+    """POST every body to `url` (an images endpoint), `concurrency` at a time, and return the
+    first answer image of each as a PIL image, in the bodies' order."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    async def run() -> list[Any]:
+        sem = asyncio.Semaphore(concurrency)
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
+
+            async def one(body: dict[str, Any]) -> Any:
+                async with sem:
+                    r = await client.post(url, json=body)
+                    r.raise_for_status()
+                    data = base64.b64decode(r.json()["data"][0]["b64_json"])
+                    return Image.open(io.BytesIO(data))
+
+            return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+    return asyncio.run(run())
+
+
+def psnr(a: Any, b: Any) -> float:
+    """PSNR in dB (8-bit peak) of two RGB images; inf when identical."""
+    import numpy as np
+
+    x = np.asarray(a.convert("RGB"), dtype=np.float64)
+    y = np.asarray(b.convert("RGB"), dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)

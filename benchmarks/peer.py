@@ -9,11 +9,15 @@ OpenAI images JSON (b64 PNG) at the same seeds, at concurrency 1, 4 and 16.
 Two tables:
 
 - defaults (the headline): every server as a user starts it, torch at its default thread
-  count, qdserve with no QDS_* tuning, LitServe with only its batching example set, and a
-  second peer, LitServe + compile (`--peers`): the same LitServe server with the one line a
-  user would add, `pipe.transformer.compile()` in `setup`, warmed up at batch sizes 1..4
-  before it reports ready;
-- pinned: the same with both servers pinned to `--pinned-threads` torch threads (default 1).
+  count, qdserve with no QDS_* tuning (so its step cache on: `QDS_STEP_CACHE`'s default),
+  LitServe with only its batching example set, and beside them (`--qdserve`, `--peers`):
+  qdserve with `QDS_STEP_CACHE=off` (the same work as a peer without a step cache), LitServe
+  + compile (the one line a user would add, `pipe.transformer.compile()` in `setup`, warmed up
+  at batch sizes 1..4 before it reports ready), and LitServe + TaylorSeer (the one line a user
+  would add to cache steps, diffusers' `enable_cache` with qdserve's default parameters). The
+  answers' quality is measured in the same run: the demo prompt set through every server,
+  adherence and PSNR against plain LitServe's (uncached) image of the same request;
+- pinned: qdserve uncached and plain LitServe pinned to `--pinned-threads` torch threads.
   Pinning hides how a server shares the cores with its own HTTP work, which is why it is the
   second table, not the first.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import math
 import sys
 import tempfile
 import time
@@ -42,6 +47,7 @@ from benchmarks.common import (
     LoadResult,
     Server,
     Variant,
+    fetch_images,
     fmt,
     image_body,
     latency_summary,
@@ -50,6 +56,7 @@ from benchmarks.common import (
     parse_variant,
     pooled,
     prepared_settings,
+    psnr,
     ratio,
     run_load,
     run_meta,
@@ -57,7 +64,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from service.settings import AUTO_MAX_BATCH_CPU, batch_limit, lane_count
+from service.settings import AUTO_MAX_BATCH_CPU, DEFAULT_STEP_CACHE, batch_limit, lane_count
 
 GEN_PATH = "/v1/images/generations"
 TABLES = ("defaults", "pinned", "equal-batch")
@@ -68,12 +75,22 @@ LITSERVE_BATCH_TIMEOUT_S = 0.025
 # compiled (the defaults table only; `--peers` picks).
 LITSERVE = "litserve"
 LITSERVE_COMPILED = "litserve-compiled"
-PEERS = (LITSERVE, LITSERVE_COMPILED)
-SERVERS = ("qdserve", *PEERS)
+LITSERVE_TAYLORSEER = "litserve-taylorseer"
+PEERS = (LITSERVE, LITSERVE_COMPILED, LITSERVE_TAYLORSEER)
+# qdserve as users start it (its step cache on by default), and with the step cache off: the
+# same work as the peers that cache nothing.
+QDSERVE = "qdserve"
+QDSERVE_UNCACHED = "qdserve-uncached"
+OURS = (QDSERVE, QDSERVE_UNCACHED)
+SERVERS = (*OURS, *PEERS)
+# The uncached answer every other is compared with in the quality rows (the first present).
+QUALITY_REFERENCE = (LITSERVE, QDSERVE_UNCACHED)
 # Start-up limit of the compiled peer: compiling and warming 4 batch sizes on a shared CPU.
 COMPILED_START_TIMEOUT_S = 1800.0
 # The third contender at concurrency 1: a direct batch-1 call in the bench process.
 DIRECT = "direct"
+# The seed of every quality request (the demo prompt set; step-cache.md uses the same).
+QUALITY_SEED = 0
 # Enough requests that a level always ends by time (`--seconds`), never by count.
 UNBOUNDED = 10**9
 
@@ -87,9 +104,11 @@ class PeerOptions:
     pinned_threads: int = 1
     tables: tuple[str, ...] = TABLES
     peers: tuple[str, ...] = PEERS
+    ours: tuple[str, ...] = OURS
     direct_calls: int = 10
     pairs: int = 30
     rates: tuple[float, ...] = (8.0,)
+    quality: bool = True
     model: str | None = None
     size: int | None = None
     steps: int | None = None
@@ -143,8 +162,15 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         "--peers",
         default=",".join(PEERS),
         help="comma list of the defaults table's peers: litserve (plain), litserve-compiled "
-        "(pipe.transformer.compile() in setup, warmed up); the other tables serve plain "
-        "litserve",
+        "(pipe.transformer.compile() in setup, warmed up), litserve-taylorseer (diffusers' "
+        "TaylorSeer hook, qdserve's default parameters); the other tables serve plain litserve",
+    )
+    p.add_argument(
+        "--qdserve",
+        default=",".join(OURS),
+        help="comma list of the defaults table's qdserve servers: qdserve (its defaults, step "
+        "cache on), qdserve-uncached (QDS_STEP_CACHE=off); the other tables serve "
+        "qdserve-uncached",
     )
     p.add_argument("--direct-calls", type=int, default=3 if quick else 10)
     p.add_argument(
@@ -158,6 +184,11 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         type=int,
         default=5 if quick else 30,
         help="direct call + qdserve request pairs at concurrency 1 (CPU; 0: none)",
+    )
+    p.add_argument(
+        "--no-quality",
+        action="store_true",
+        help="skip the quality rows (the demo prompt set through every server)",
     )
     p.add_argument(
         "--model",
@@ -176,6 +207,11 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         p.error(f"unknown peer(s) {sorted(unknown)}; choose from {', '.join(PEERS)}")
     if not peers:
         p.error("--peers needs at least one peer")
+    ours = tuple(x for x in args.qdserve.split(",") if x)
+    if unknown := set(ours) - set(OURS):
+        p.error(f"unknown qdserve server(s) {sorted(unknown)}; choose from {', '.join(OURS)}")
+    if not ours:
+        p.error("--qdserve needs at least one qdserve server")
     return PeerOptions(
         variant=args.variant,
         rounds=args.rounds,
@@ -184,9 +220,11 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
         pinned_threads=args.pinned_threads,
         tables=tables,
         peers=peers,
+        ours=ours,
         direct_calls=args.direct_calls,
         pairs=args.pairs,
         rates=tuple(float(r) for r in args.rates.split(",") if r),
+        quality=not args.no_quality,
         model=args.model,
         size=args.size,
         steps=args.steps,
@@ -195,13 +233,13 @@ def parse_options(argv: Sequence[str], quick: bool = False) -> PeerOptions:
 
 
 # -- the two servers ---------------------------------------------------------------------
-def qdserve_env(settings: Any, threads: int | None) -> dict[str, str]:
+def qdserve_env(settings: Any, threads: int | None, uncached: bool = False) -> dict[str, str]:
     """qdserve's environment: the pipeline and quantization settings, nothing else unless
-    pinned. (The bench's own QDS_* variables are not passed on: defaults mean defaults.)"""
+    pinned, or `uncached` (QDS_STEP_CACHE=off: the work of a peer that caches no step). (The
+    bench's own QDS_* variables are not passed on: defaults mean defaults.)"""
     env = {"QDS_MODEL": str(settings.model), "QDS_QUANT_BACKEND": settings.quant_backend}
-    # The peer and the direct call run the uncached pipeline: the same work, the same images
-    # (step caching, on by default, is measured against uncached by `bench step-cache`).
-    env["QDS_STEP_CACHE"] = "off"
+    if uncached:
+        env["QDS_STEP_CACHE"] = "off"
     if settings.quant_type:
         env["QDS_QUANT_TYPE"] = settings.quant_type
     if settings.gguf_file:
@@ -234,6 +272,23 @@ def table_peers(table: str, peers: Sequence[str]) -> tuple[str, ...]:
     return tuple(peers) if table == "defaults" else (LITSERVE,)
 
 
+def table_ours(table: str, ours: Sequence[str]) -> tuple[str, ...]:
+    """qdserve's servers in a table: `--qdserve` in the defaults table, uncached in the others
+    (the same work as plain LitServe: their question is threads or batch size)."""
+    return tuple(ours) if table == "defaults" else (QDSERVE_UNCACHED,)
+
+
+def taylorseer_interval() -> int:
+    """The interval of qdserve's default step cache, which LitServe + TaylorSeer is given."""
+    from pipelines.step_cache import TAYLORSEER, parse
+    from service.settings import DEFAULT_STEP_CACHE
+
+    spec = parse(DEFAULT_STEP_CACHE)
+    if spec is None or spec.method != TAYLORSEER:
+        raise ValueError(f"qdserve's default step cache {DEFAULT_STEP_CACHE!r} is not TaylorSeer")
+    return spec.interval
+
+
 def request_prompt(seed: int) -> str:
     """The prompt of the request with `seed`: distinct per request, so a prompt-embedding
     cache never helps, the same for every server and the direct call."""
@@ -247,11 +302,14 @@ def litserve_argv(
     compiled: bool = False,
     size: int = 32,
     steps: int | None = None,
+    taylorseer: int | None = None,
 ) -> list[str]:
     # The compiled peer warms up at the bench's size and steps, batch 1..max_batch.
     warm = ["--compile", "--warmup-size", str(size)] if compiled else []
     if compiled and steps is not None:
         warm += ["--warmup-steps", str(steps)]
+    if taylorseer:
+        warm += ["--taylorseer", str(taylorseer)]
     return [
         sys.executable,
         "-m",
@@ -280,13 +338,19 @@ def start_servers(
     opts: PeerOptions | None = None,
 ) -> dict[str, Server]:
     opts = opts or PeerOptions()
-    qdserve = Server(
-        f"qdserve-{table}",
-        [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"],
-        {"HF_HUB_OFFLINE": "1", **qdserve_env(settings, threads)},
-        "/readyz",
-        inherit_qds=False,
-    )
+    ours = {
+        name: Server(
+            f"{name}-{table}",
+            [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"],
+            {
+                "HF_HUB_OFFLINE": "1",
+                **qdserve_env(settings, threads, uncached=name == QDSERVE_UNCACHED),
+            },
+            "/readyz",
+            inherit_qds=False,
+        )
+        for name in table_ours(table, opts.ours)
+    }
     peers = {
         name: Server(
             f"{name}-{table}",
@@ -297,6 +361,7 @@ def start_servers(
                 compiled=name == LITSERVE_COMPILED,
                 size=opts.side,
                 steps=opts.steps,
+                taylorseer=taylorseer_interval() if name == LITSERVE_TAYLORSEER else None,
             ),
             {"HF_HUB_OFFLINE": "1"},
             "/health",
@@ -306,7 +371,7 @@ def start_servers(
     }
     servers: dict[str, Server] = {}
     try:
-        for name, server in (("qdserve", qdserve), *peers.items()):
+        for name, server in (*ours.items(), *peers.items()):
             timeout = COMPILED_START_TIMEOUT_S if name == LITSERVE_COMPILED else 600.0
             servers[name] = server.start(log_dir, timeout=timeout)
             server.pause()  # idle until measured: its start-up work must not slow the other
@@ -416,6 +481,45 @@ def paired(
         "qdserve_seconds": latency_summary(http),
         "p50_qdserve_over_direct": h / d,
     }
+
+
+def answer_quality(
+    servers: dict[str, Server], opts: PeerOptions, concurrency: int = 4
+) -> dict[str, Any]:
+    """The demo prompt set at one seed through every server, `concurrency` requests at a time,
+    the others paused: adherence (the demo checker; the embedded model only) and PSNR against
+    the uncached answer to the same request (`QUALITY_REFERENCE`: plain LitServe's, else
+    qdserve's with the step cache off). What a step cache costs, measured in the same run as
+    what it gains."""
+    from examples.demo.quality import PROMPTS
+    from pipelines.demo_checker import adheres
+
+    bodies = [{**image_body(QUALITY_SEED, opts.side, opts.steps), "prompt": p} for p in PROMPTS]
+    images: dict[str, list[Any]] = {}
+    for name, server in servers.items():
+        server.resume()
+        try:
+            images[name] = fetch_images(server.base_url + GEN_PATH, bodies, concurrency)
+        finally:
+            server.pause()
+    ref = next((n for n in QUALITY_REFERENCE if n in images), None)
+    out: dict[str, Any] = {}
+    for name, answers in images.items():
+        row: dict[str, Any] = {"images": len(answers), "reference": ref}
+        if opts.model is None:
+            passed = sum(adheres(im, pr) for im, pr in zip(answers, PROMPTS, strict=True))
+            row["adherence"] = passed / len(answers)
+        if ref is not None:
+            dbs = [psnr(a, b) for a, b in zip(answers, images[ref], strict=True)]
+            finite = [d for d in dbs if math.isfinite(d)]
+            row |= {
+                # Identical images (inf dB) count as 100 dB in the mean, counted apart.
+                "psnr_mean_db": sum(min(d, 100.0) for d in dbs) / len(dbs),
+                "psnr_min_db": min(finite) if finite else None,
+                "identical": len(dbs) - len(finite),
+            }
+        out[name] = row
+    return out
 
 
 def timed_calls(
@@ -605,10 +709,15 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         lone = lone_direct_call(loaded, direct_threads, opts) if loaded is not None else None
         try:
             raw = interleave(servers, opts, lone, opts.rates if table == "defaults" else ())
+            # A direct call caches no step: it is paired with the uncached qdserve where one runs.
+            mine = next(n for n in (QDSERVE_UNCACHED, QDSERVE) if n in servers)
             pairs = (
-                paired(servers["qdserve"], lone, opts, opts.pairs)
+                {**paired(servers[mine], lone, opts, opts.pairs), "server": mine}
                 if lone is not None and opts.pairs and 1 in opts.concurrency
                 else None
+            )
+            quality = (
+                answer_quality(servers, opts) if opts.quality and table == "defaults" else None
             )
             info = {name: server_info(s) for name, s in servers.items()}
         finally:
@@ -625,14 +734,14 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         server_threads = f"torch default ({default_threads})" if threads is None else threads
         tables[table] = {
             "torch_threads": {
-                "qdserve": server_threads,
-                **{name: server_threads for name in servers if name != "qdserve"},
+                **{name: server_threads for name in servers},
                 "direct": direct_threads,
             },
             "levels": levels,
             "litserve_max_batch": litserve_max,
             "qdserve_auto_batch": table_batch,
             "paired_c1": pairs,
+            "quality": quality,
             "direct": direct,
             "ratios": ratios(levels, direct),
             "servers": info,
@@ -641,6 +750,7 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
         "variant": opts.variant,
         "device": {"kind": device, "name": detect_device().name},
         "qdserve_auto_batch": qdserve_batch,
+        "qdserve_step_cache": DEFAULT_STEP_CACHE,
         "model_folder": folder,
         "settings": settings.model_dump(mode="json"),
         "options": {**asdict(opts), "concurrency": list(opts.concurrency)},
@@ -657,6 +767,13 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
                 "(bench size and steps) before ready",
                 "tables": ["defaults"],
             },
+            "taylorseer": {
+                "line": "pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval="
+                f"{taylorseer_interval()}, disable_cache_before_step=3, max_order=1, "
+                "taylor_factors_dtype=torch.float32, use_lite_mode=True))",
+                "where": "DiffusersAPI.setup",
+                "tables": ["defaults"],
+            },
         },
         "tables": tables,
         "torch_threads_default": default_threads,
@@ -665,34 +782,39 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
 
 
 def peer_key(peer: str) -> str:
-    """A peer's part of a ratio's key: litserve, litserve_compiled."""
+    """A server's part of a ratio's key: qdserve_uncached, litserve, litserve_compiled."""
     return peer.replace("-", "_")
 
 
 def ratios(levels: dict[str, dict[str, Any]], direct: dict[str, Any]) -> dict[str, Any]:
-    """qdserve over each peer per level: `*_qdserve_over_litserve` (the keys older reports
-    have) and `*_qdserve_over_litserve_compiled` where the compiled peer ran."""
+    """Each qdserve server over each peer per level: `*_qdserve_over_litserve` (the keys older
+    reports have), `*_qdserve_over_litserve_compiled`, `*_qdserve_uncached_over_...` where
+    those ran."""
     out: dict[str, Any] = {}
-    for conc, q in levels["qdserve"].items():
-        q_lat = q["latency_seconds"] or {}
-        out[conc] = {}
-        call = lone_p50(direct["1"]) if conc == "1" else None
-        if conc == "1":
-            out[conc]["p50_qdserve_over_direct_batch1"] = ratio(q_lat.get("p50"), call)
-        for peer in PEERS:
-            if conc not in levels.get(peer, {}):
-                continue
-            p = levels[peer][conc]
-            p_lat, key = p["latency_seconds"] or {}, peer_key(peer)
-            out[conc] |= {
-                f"images_per_second_qdserve_over_{key}": ratio(
-                    q["images_per_second"], p["images_per_second"]
-                ),
-                f"p50_qdserve_over_{key}": ratio(q_lat.get("p50"), p_lat.get("p50")),
-                f"p99_qdserve_over_{key}": ratio(q_lat.get("p99"), p_lat.get("p99")),
-            }
+    for mine in OURS:
+        if mine not in levels:
+            continue
+        mk = peer_key(mine)
+        for conc, q in levels[mine].items():
+            q_lat = q["latency_seconds"] or {}
+            row = out.setdefault(conc, {})
+            call = lone_p50(direct["1"]) if conc == "1" else None
             if conc == "1":
-                out[conc][f"p50_{key}_over_direct_batch1"] = ratio(p_lat.get("p50"), call)
+                row[f"p50_{mk}_over_direct_batch1"] = ratio(q_lat.get("p50"), call)
+            for peer in PEERS:
+                if conc not in levels.get(peer, {}):
+                    continue
+                p = levels[peer][conc]
+                p_lat, key = p["latency_seconds"] or {}, peer_key(peer)
+                row |= {
+                    f"images_per_second_{mk}_over_{key}": ratio(
+                        q["images_per_second"], p["images_per_second"]
+                    ),
+                    f"p50_{mk}_over_{key}": ratio(q_lat.get("p50"), p_lat.get("p50")),
+                    f"p99_{mk}_over_{key}": ratio(q_lat.get("p99"), p_lat.get("p99")),
+                }
+                if conc == "1":
+                    row[f"p50_{key}_over_direct_batch1"] = ratio(p_lat.get("p50"), call)
     return out
 
 
@@ -734,9 +856,9 @@ def level_row(name: str, level: str, r: dict[str, Any], batch: str | None = None
 
 
 def table_rows(t: dict[str, Any]) -> list[list[str]]:
-    # Level by level, each server in turn: qdserve, litserve, litserve-compiled.
+    # Level by level, each server in turn: qdserve, qdserve-uncached, litserve, ...
     names = [n for n in SERVERS if n in t["levels"]]
-    levels = list(t["levels"]["qdserve"])
+    levels = list(t["levels"][table_ours_present(t)[0]])
     rows = [
         level_row(name, conc, t["levels"][name][conc])
         for conc in levels
@@ -768,7 +890,8 @@ def time_notes(t: dict[str, Any]) -> list[str]:
     """Where a lone request's time goes beyond the direct call (runs before these fields
     existed have none)."""
     direct = t["direct"].get("1", {})
-    lone = t["levels"]["qdserve"].get("1", {}).get("mean_timings_seconds")
+    mine = uncached_of(t)
+    lone = t["levels"][mine].get("1", {}).get("mean_timings_seconds")
     notes = []
     if "png_b64_seconds" in direct:
         notes.append(
@@ -778,7 +901,7 @@ def time_notes(t: dict[str, Any]) -> list[str]:
         )
     if lone:
         notes.append(
-            "qdserve's own timings at concurrency 1 (mean): "
+            f"{mine}'s own timings at concurrency 1 (mean): "
             + ", ".join(
                 f"{k.removesuffix('_seconds')} {fmt(lone[k] * 1e3, 1)} ms"
                 for k in ("queue_seconds", "inference_seconds", "encode_seconds")
@@ -787,12 +910,13 @@ def time_notes(t: dict[str, Any]) -> list[str]:
         )
     pairs = t.get("paired_c1")
     if pairs:
+        paired_name = pairs.get("server", QDSERVE)
         notes.append(
             f"Paired at concurrency 1 ({pairs['pairs']} pairs: a direct batch-1 call and "
-            "the same request to qdserve over HTTP, in alternating order, LitServe paused): "
-            "p50 direct "
-            f"{_ms(pairs['direct_seconds']['p50'])} ms, qdserve "
-            f"{_ms(pairs['qdserve_seconds']['p50'])} ms, **qdserve / direct "
+            f"the same request to {paired_name} over HTTP, in alternating order, the other "
+            "servers paused): p50 direct "
+            f"{_ms(pairs['direct_seconds']['p50'])} ms, {paired_name} "
+            f"{_ms(pairs['qdserve_seconds']['p50'])} ms, **{paired_name} / direct "
             f"{fmt(pairs['p50_qdserve_over_direct'], 3)}**."
         )
     return notes
@@ -802,26 +926,82 @@ def table_peer_names(t: dict[str, Any]) -> list[str]:
     return [n for n in PEERS if n in t["levels"]]
 
 
-def ratio_header(t: dict[str, Any]) -> list[str]:
+def table_ours_present(t: dict[str, Any]) -> list[str]:
+    return [n for n in OURS if n in t["levels"]]
+
+
+def uncached_of(t: dict[str, Any]) -> str:
+    """The qdserve server of a table doing a direct call's work: uncached where it ran (older
+    reports' `qdserve` ran uncached)."""
+    return QDSERVE_UNCACHED if QDSERVE_UNCACHED in t["levels"] else QDSERVE
+
+
+def ratio_header(t: dict[str, Any], mine: str = QDSERVE) -> list[str]:
     cols = ["concurrency"]
     for peer in table_peer_names(t):
-        cols += [f"img/s qdserve/{peer}", f"p50 qdserve/{peer}", f"p99 qdserve/{peer}"]
-    return [*cols, "p50 qdserve / direct batch 1"]
+        cols += [f"img/s {mine}/{peer}", f"p50 {mine}/{peer}", f"p99 {mine}/{peer}"]
+    return [*cols, f"p50 {mine} / direct batch 1"]
 
 
-def ratio_rows(t: dict[str, Any]) -> list[list[str]]:
+def ratio_rows(t: dict[str, Any], mine: str = QDSERVE) -> list[list[str]]:
     rows = []
+    mk = peer_key(mine)
     for conc, r in t["ratios"].items():
         row = [conc]
         for peer in table_peer_names(t):
             key = peer_key(peer)
             row += [
-                fmt(r.get(f"images_per_second_qdserve_over_{key}"), 2),
-                fmt(r.get(f"p50_qdserve_over_{key}"), 2),
-                fmt(r.get(f"p99_qdserve_over_{key}"), 2),
+                fmt(r.get(f"images_per_second_{mk}_over_{key}"), 2),
+                fmt(r.get(f"p50_{mk}_over_{key}"), 2),
+                fmt(r.get(f"p99_{mk}_over_{key}"), 2),
             ]
-        rows.append([*row, fmt(r.get("p50_qdserve_over_direct_batch1"), 3)])
+        rows.append([*row, fmt(r.get(f"p50_{mk}_over_direct_batch1"), 3)])
     return rows
+
+
+def ratio_sections(t: dict[str, Any]) -> list[str]:
+    """One ratio table per qdserve server of the table."""
+    parts = []
+    for mine in table_ours_present(t):
+        what = (
+            "qdserve with its step cache off, the same work as a peer that caches no step"
+            if mine == QDSERVE_UNCACHED
+            else "qdserve"
+        )
+        parts += [
+            f"Ratios ({mine} / peer: img/s > 1 and latency < 1 favour {what}):",
+            md_table(ratio_header(t, mine), ratio_rows(t, mine)),
+        ]
+    return parts
+
+
+QUALITY_HEADER = ["server", "images", "adherence", "mean PSNR (dB)", "min PSNR (dB)", "identical"]
+
+
+def quality_section(t: dict[str, Any]) -> list[str]:
+    """The quality rows of a table that measured them (`answer_quality`)."""
+    q = t.get("quality")
+    if not q:
+        return []
+    ref = next(iter(q.values())).get("reference")
+    rows = [
+        [
+            name,
+            str(r["images"]),
+            fmt(100 * r["adherence"], 1) + "%" if r.get("adherence") is not None else "-",
+            "identical" if r.get("identical") == r["images"] else fmt(r.get("psnr_mean_db"), 1),
+            fmt(r.get("psnr_min_db"), 1),
+            str(r.get("identical", "-")),
+        ]
+        for name, r in q.items()
+    ]
+    return [
+        f"Quality of the answers, measured in the same run (the demo prompt set at seed "
+        f"{QUALITY_SEED}, 4 requests at a time; PSNR against {ref}'s answer to the same "
+        "request, the uncached image; identical images count as 100 dB in the mean; "
+        "adherence: the demo checker finds every shape, color and position the prompt names):",
+        md_table(QUALITY_HEADER, rows),
+    ]
 
 
 def render(data: dict[str, Any]) -> str:
@@ -842,8 +1022,21 @@ def render(data: dict[str, Any]) -> str:
         "- **qdserve**: `qdserve serve` (this project), started with only the pipeline "
         "settings in its environment (`QDS_MODEL`, `QDS_QUANT_BACKEND`, `QDS_QUANT_TYPE`, "
         "`QDS_GGUF_FILE`), plus `QDS_TORCH_THREADS` in the pinned table; every other setting "
-        "at its default.\n"
-        f"- **litserve**: LitServe {peer['version']}, `{peer['code']}`: a `LitAPI` around the "
+        "at its default"
+        + (
+            f" (its step cache included: `QDS_STEP_CACHE={cache}`)"
+            if (cache := data.get("qdserve_step_cache"))
+            else ""
+        )
+        + ".\n"
+        + (
+            "- **qdserve-uncached**: the same with `QDS_STEP_CACHE=off`: every denoiser step "
+            "runs, the same work as a peer that caches no step (the only server of the other "
+            "tables).\n"
+            if any(QDSERVE_UNCACHED in t["levels"] for t in data["tables"].values())
+            else ""
+        )
+        + f"- **litserve**: LitServe {peer['version']}, `{peer['code']}`: a `LitAPI` around the "
         "same `load_pipeline` / `generate_batch`, LitServe's batching as in its docs' typical "
         f"example (max_batch_size {peer['max_batch_size']}, batch_timeout "
         f"{peer['batch_timeout_s']} s), one worker, everything else at LitServe's defaults "
@@ -855,6 +1048,15 @@ def render(data: dict[str, Any]) -> str:
             "steps before it reports ready (its compile time is start-up, not measured; "
             "defaults table only).\n"
             if any(LITSERVE_COMPILED in t["levels"] for t in data["tables"].values())
+            else ""
+        )
+        + (
+            "- **litserve-taylorseer**: the same LitServe server with the one line a user "
+            f"would add to cache steps, `{peer['taylorseer']['line']}` in `setup` (diffusers' "
+            "hook, qdserve's default parameters; LitServe batches whole calls, so every "
+            "sample of a batch is at the same step, which the hook assumes; defaults table "
+            "only).\n"
+            if any(LITSERVE_TAYLORSEER in t["levels"] for t in data["tables"].values())
             else ""
         )
         + "- **direct pipeline call**: `generate_batch` in the benchmark process, no HTTP: a plain "
@@ -890,12 +1092,13 @@ def render(data: dict[str, Any]) -> str:
     ]
     for name, t in data["tables"].items():
         threads = t["torch_threads"]
-        peer_threads = "".join(
-            f", {n} {threads.get(n, threads['litserve'])}" for n in table_peer_names(t)
+        server_threads = ", ".join(
+            f"{n} {threads.get(n, threads['litserve'])}"
+            for n in (*table_ours_present(t), *table_peer_names(t))
         )
         parts += [
             f"## {TITLES[name]}",
-            f"torch threads: qdserve {threads['qdserve']}{peer_threads}, "
+            f"torch threads: {server_threads}, "
             f"direct call {threads['direct']}. LitServe max_batch_size "
             f"{t.get('litserve_max_batch', peer['max_batch_size'])}; qdserve "
             f"`QDS_MAX_BATCH` at its default (auto: "
@@ -903,8 +1106,8 @@ def render(data: dict[str, Any]) -> str:
             f" on {device['kind']}).",
             md_table(HEADER, table_rows(t)),
             *time_notes(t),
-            "Ratios (qdserve / peer: img/s > 1 and latency < 1 favour qdserve):",
-            md_table(ratio_header(t), ratio_rows(t)),
+            *ratio_sections(t),
+            *quality_section(t),
             "Start-up and memory: "
             + "; ".join(
                 f"{n} {fmt(i['start_to_ready_seconds'], 1)} s to ready, "
@@ -925,16 +1128,17 @@ def headline(data: dict[str, Any]) -> str:
     parts = []
     for name, t in data["tables"].items():
         per_peer = []
-        for peer in PEERS:
-            key = f"images_per_second_qdserve_over_{peer_key(peer)}"
-            ratios_ = ", ".join(
-                f"c{c} {fmt(r[key], 2)}"
-                for c, r in t["ratios"].items()
-                # open-loop levels run at a set rate: latency is their result
-                if c.isdigit() and key in r
-            )
-            if ratios_:
-                per_peer.append(f"img/s qdserve/{peer} {ratios_}")
+        for mine in OURS:
+            for peer in PEERS:
+                key = f"images_per_second_{peer_key(mine)}_over_{peer_key(peer)}"
+                ratios_ = ", ".join(
+                    f"c{c} {fmt(r[key], 2)}"
+                    for c, r in t["ratios"].items()
+                    # open-loop levels run at a set rate: latency is their result
+                    if c.isdigit() and key in r
+                )
+                if ratios_:
+                    per_peer.append(f"img/s {mine}/{peer} {ratios_}")
         parts.append(f"{name}: " + "; ".join(per_peer))
     return f"{data['variant']}: " + "; ".join(parts)
 
@@ -949,7 +1153,7 @@ def main(argv: Sequence[str], out: Path, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qds-peer-") as tmp:
         data = {"meta": meta, **measure(opts, Path(tmp))}
     meta["torch_threads"] = {
-        name: t["torch_threads"]["qdserve"] for name, t in data["tables"].items()
+        name: t["torch_threads"][table_ours_present(t)[0]] for name, t in data["tables"].items()
     }
     data["headline"] = headline(data)
     write_json(out / f"{opts.slug}.json", data)

@@ -13,6 +13,12 @@ command line) and one worker on one device; torch keeps its default thread count
 bench's size and steps (`--warmup-size`, `--warmup-steps`) before LitServe reports ready, as a
 user would warm up too: its compile time is start-up, not part of the measured window.
 
+`--taylorseer INTERVAL` is the third peer, "LitServe + TaylorSeer": the one line a user would add
+to cache steps with diffusers' own hook, `pipe.transformer.enable_cache(TaylorSeerCacheConfig(
+...))`, with the parameters qdserve's `taylorseer:<interval>` uses (3 full steps, first order,
+lite mode). LitServe batches whole calls, so every sample of a batch is at the same step, which
+is what the hook's single state assumes; FluxPipeline resets it at the end of each call.
+
 Run from the checkout:
 `python -m benchmarks.peer_server --port 8100 --settings settings.json --max-batch-size 4
 --batch-timeout 0.025` (settings.json: a QuantSettings dump; without it, the service's
@@ -44,12 +50,14 @@ class DiffusersAPI(ls.LitAPI):
         settings: dict[str, Any],
         compile_denoiser: bool = False,
         warmup: tuple[int, int | None, int] | None = None,
+        taylorseer_interval: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.torch_threads = torch_threads
         self.settings = settings
         self.compile_denoiser = compile_denoiser
+        self.taylorseer_interval = taylorseer_interval
         # (size, steps or None for the model's default, largest batch) of the warm-up.
         self.warmup = warmup
 
@@ -62,6 +70,20 @@ class DiffusersAPI(ls.LitAPI):
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         self.loaded = load_pipeline(QuantSettings(**self.settings))
+        if self.taylorseer_interval:
+            from diffusers.hooks import TaylorSeerCacheConfig
+
+            # The one line a user would add to cache steps (diffusers' hook, the parameters of
+            # qdserve's `taylorseer:<interval>`: 3 full steps, first order, lite mode).
+            self.loaded.pipeline.transformer.enable_cache(
+                TaylorSeerCacheConfig(
+                    cache_interval=self.taylorseer_interval,
+                    disable_cache_before_step=3,
+                    max_order=1,
+                    taylor_factors_dtype=torch.float32,
+                    use_lite_mode=True,
+                )
+            )
         if self.compile_denoiser:
             # The one line a user would add to compile the denoiser:
             self.loaded.pipeline.transformer.compile()
@@ -155,6 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         help="call pipe.transformer.compile() in setup and warm up batch sizes "
         "1..max-batch-size before serving",
     )
+    parser.add_argument(
+        "--taylorseer",
+        type=int,
+        metavar="INTERVAL",
+        help="cache steps with diffusers' TaylorSeer hook (pipe.transformer.enable_cache)",
+    )
     parser.add_argument("--warmup-size", type=int, default=32, help="warm-up image side")
     parser.add_argument("--warmup-steps", type=int, help="warm-up steps (default: the model's)")
     args = parser.parse_args(argv)
@@ -166,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=(
             (args.warmup_size, args.warmup_steps, args.max_batch_size) if args.compile else None
         ),
+        taylorseer_interval=args.taylorseer,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
         api_path=PATH,

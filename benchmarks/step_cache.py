@@ -16,7 +16,6 @@ Writes docs/benchmarks/step-cache.{json,md} and the step-cache section of docs/q
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import tempfile
@@ -26,9 +25,11 @@ from typing import Any
 
 from benchmarks.common import (
     REPO,
+    fetch_images,
     fmt,
     md_table,
     meta_line,
+    psnr,
     qdserve_server,
     replace_section,
     run_load,
@@ -133,33 +134,6 @@ def throughput(url: str, steps: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-async def _images(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[Any]:
-    import httpx
-
-    from benchmarks.serving import png_roundtrip
-
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
-
-        async def one(body: dict[str, Any]) -> Any:
-            async with sem:
-                r = await client.post(url + GEN_PATH, json=body)
-                r.raise_for_status()
-                return png_roundtrip(r.json()["data"][0]["b64_json"])
-
-        return list(await asyncio.gather(*(one(b) for b in bodies)))
-
-
-def _psnr(a: Any, b: Any) -> float:
-    import numpy as np
-
-    x = np.asarray(a.convert("RGB"), dtype=np.float64)
-    y = np.asarray(b.convert("RGB"), dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 def quality(url: str, steps: int, quick: bool) -> dict[str, Any]:
     from examples.demo.quality import PROMPTS
     from pipelines.demo_checker import adheres
@@ -168,10 +142,10 @@ def quality(url: str, steps: int, quick: bool) -> dict[str, Any]:
     images: dict[str, list[Any]] = {}
     for cache in SETTINGS:
         bodies = [_body(p, QUALITY_SEED, steps, cache) for p in prompts]
-        images[cache] = asyncio.run(_images(url, bodies, 16))
+        images[cache] = fetch_images(url + GEN_PATH, bodies, 16)
     out: dict[str, Any] = {}
     for cache in SETTINGS:
-        psnrs = [_psnr(a, b) for a, b in zip(images[cache], images["off"], strict=True)]
+        psnrs = [psnr(a, b) for a, b in zip(images[cache], images["off"], strict=True)]
         finite = [p for p in psnrs if math.isfinite(p)]
         passed = sum(adheres(im, p) for im, p in zip(images[cache], prompts, strict=True))
         out[cache] = {

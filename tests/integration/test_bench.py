@@ -280,8 +280,8 @@ def test_peer_servers_get_the_same_pipeline_and_threads_only_when_pinned(
         "QDS_MODEL": str(tmp_path),
         "QDS_QUANT_BACKEND": "quanto",
         "QDS_QUANT_TYPE": "int8",
-        "QDS_STEP_CACHE": "off",  # the peer runs the uncached pipeline
-    }
+    }  # defaults mean defaults: the step cache at its default too
+    assert qdserve_env(settings, None, uncached=True)["QDS_STEP_CACHE"] == "off"
     assert qdserve_env(settings, 1)["QDS_TORCH_THREADS"] == "1"
     argv = litserve_argv(tmp_path / "s.json", None, litserve_batch("defaults", 8))
     assert argv[argv.index("--torch-threads") + 1] == "0"  # 0: torch's default
@@ -385,7 +385,8 @@ def test_the_compiled_litserve_peer_is_the_headline_tables_second_peer(tmp_path:
     )
     from benchmarks.peer_server import main as peer_main
 
-    assert parse_options([]).peers == ("litserve", "litserve-compiled")
+    assert parse_options([]).peers == ("litserve", "litserve-compiled", "litserve-taylorseer")
+    assert parse_options([]).ours == ("qdserve", "qdserve-uncached")
     assert parse_options(["--peers", "litserve"]).peers == ("litserve",)
     with pytest.raises(SystemExit):
         parse_options(["--peers", "triton"])
@@ -439,6 +440,92 @@ def test_the_compiled_litserve_peer_is_the_headline_tables_second_peer(tmp_path:
     from benchmarks.peer import headline
 
     assert "; img/s qdserve/litserve-compiled c1 " in headline(data)
+
+
+def test_qdserve_at_its_defaults_caches_steps_beside_an_uncached_qdserve_and_a_taylorseer_peer(
+    tmp_path: Path,
+) -> None:
+    """The defaults table serves qdserve as users start it (step cache on), qdserve with
+    QDS_STEP_CACHE=off (the same work as the uncached peers) and LitServe with diffusers'
+    TaylorSeer hook at qdserve's default interval; each qdserve server gets its own ratio
+    table, and the quality rows (PSNR against plain LitServe's image) render."""
+    from benchmarks.peer import (
+        LITSERVE_TAYLORSEER,
+        QDSERVE_UNCACHED,
+        headline,
+        litserve_argv,
+        ratios,
+        render,
+        table_ours,
+        taylorseer_interval,
+    )
+    from benchmarks.peer_server import main as peer_main
+    from service.settings import DEFAULT_STEP_CACHE
+
+    assert DEFAULT_STEP_CACHE == f"taylorseer:{taylorseer_interval()}"
+    assert table_ours("defaults", ("qdserve", QDSERVE_UNCACHED)) == ("qdserve", QDSERVE_UNCACHED)
+    assert table_ours("pinned", ("qdserve", QDSERVE_UNCACHED)) == (QDSERVE_UNCACHED,)
+    argv = litserve_argv(tmp_path / "s.json", None, 4, taylorseer=6)
+    assert argv[argv.index("--taylorseer") + 1] == "6" and "--compile" not in argv
+    with pytest.raises(SystemExit):  # the peer server knows the flag (--help exits)
+        peer_main(["--taylorseer", "6", "--help"])
+
+    data = json.loads(PEER_FIXTURE.read_text())
+    data["qdserve_step_cache"] = DEFAULT_STEP_CACHE
+    data["peer"]["taylorseer"] = {"line": "pipe.transformer.enable_cache(...)"}
+    t = data["tables"]["defaults"]
+    levels = t["levels"]
+    # The fixture's qdserve becomes the uncached one; the cached one is 3x as fast, the
+    # TaylorSeer peer twice as fast as plain LitServe.
+    levels[QDSERVE_UNCACHED] = levels["qdserve"]
+    levels["qdserve"] = {
+        c: {**r, "images_per_second": 3 * r["images_per_second"]}
+        for c, r in levels[QDSERVE_UNCACHED].items()
+    }
+    levels[LITSERVE_TAYLORSEER] = {
+        c: {**r, "images_per_second": 2 * r["images_per_second"]}
+        for c, r in levels["litserve"].items()
+    }
+    t["ratios"] = ratios(levels, t["direct"])
+    r4 = t["ratios"]["4"]
+    assert r4["images_per_second_qdserve_over_litserve"] == pytest.approx(
+        3 * r4["images_per_second_qdserve_uncached_over_litserve"]
+    )
+    assert r4["images_per_second_qdserve_over_litserve_taylorseer"] == pytest.approx(
+        1.5 * r4["images_per_second_qdserve_uncached_over_litserve"]
+    )
+    assert "p50_qdserve_uncached_over_direct_batch1" in t["ratios"]["1"]
+    t["quality"] = {
+        "qdserve": {
+            "images": 21,
+            "reference": "litserve",
+            "adherence": 1.0,
+            "psnr_mean_db": 41.25,
+            "psnr_min_db": 35.0,
+            "identical": 0,
+        },
+        "litserve": {
+            "images": 21,
+            "reference": "litserve",
+            "adherence": 20 / 21,
+            "psnr_mean_db": 100.0,
+            "psnr_min_db": None,
+            "identical": 21,
+        },
+    }
+    text = render(data)
+    assert "every other setting at its default (its step cache included: " in text
+    assert "`QDS_STEP_CACHE=taylorseer:6`" in text
+    assert "- **qdserve-uncached**: the same with `QDS_STEP_CACHE=off`" in text
+    assert "- **litserve-taylorseer**: the same LitServe server with the one line" in text
+    assert "Ratios (qdserve / peer: img/s > 1 and latency < 1 favour qdserve):" in text
+    assert "Ratios (qdserve-uncached / peer: img/s > 1" in text
+    assert "| img/s qdserve-uncached/litserve-taylorseer |" in text
+    assert "PSNR against litserve's answer to the same request" in text
+    assert "| qdserve | 21 | 100.0% | 41.2 | 35.0 | 0 |" in text
+    assert "| litserve | 21 | 95.2% | identical | - | 21 |" in text
+    assert "; img/s qdserve-uncached/litserve-compiled" not in headline(data)
+    assert "; img/s qdserve-uncached/litserve c1 " in headline(data)
 
 
 GPU_PEER = REPO / "docs" / "benchmarks" / "peer-nvidia-h200.json"
