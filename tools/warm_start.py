@@ -2,9 +2,14 @@
 seconds to /readyz 200 and to `"mode": "compiled"`, then img/s at concurrency 4 and 1 for 15 s.
 
     .venv/bin/python tools/warm_start.py [cold] [warm] [eager]   (from the checkout root)
+    .venv/bin/python tools/warm_start.py container-cold container-warm [IMAGE]
 
 One JSON line per run on stdout (docs/benchmarks/warm-start.json holds the recorded ones);
-server logs in /tmp/warmexp/<run>.log. `cold` empties its inductor cache first.
+server logs in /tmp/warmexp/<run>.log. `cold` empties its inductor cache first. The container
+runs start the image (default `qdserve:cpu`, `docker run --network host`) on a Docker volume
+at /data: `container-cold` on a new, empty one, `container-warm` on the one the cold run left;
+their times count from `docker run -d` returning (the container created and started), and the
+cold one also measures img/s at concurrency 4 while the compile runs.
 """
 
 from __future__ import annotations
@@ -104,9 +109,64 @@ def run(label: str, env_extra: dict[str, str], wait_compiled: bool = True) -> di
     return out
 
 
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+def run_container(label: str, image: str, volume: str) -> dict[str, Any]:
+    """One container on `volume`: seconds from `docker run -d` returning to /readyz 200 and to
+    mode compiled, img/s while compiling (c4) and once compiled (c4, c1)."""
+    name = "qds-warm-measure"
+    docker("rm", "-f", name, check=False)
+    env = ["-e", f"QDS_PORT={PORT}", "-e", "QDS_LOG_FORMAT=text"]
+    t0 = time.monotonic()
+    docker("run", "-d", "--name", name, "--network", "host", "-v", f"{volume}:/data", *env, image)
+    out: dict[str, Any] = {
+        "label": label,
+        "image": image,
+        "docker_run_s": round(time.monotonic() - t0, 1),
+        "load_avg_start": os.getloadavg()[0],
+    }
+    start = time.monotonic()
+    try:
+        while True:
+            code, body = get("/readyz")
+            if code == 200:
+                out["ready_s"] = round(time.monotonic() - start, 1)
+                out["mode_at_ready"] = body["mode"]
+                break
+            assert time.monotonic() - start < 900, "not ready in 900 s"
+            time.sleep(0.2)
+        if out["mode_at_ready"] == "compiling":
+            out["img_s_c4_while_compiling"] = round(load(10, 4), 2)
+        while get("/readyz")[1]["mode"] != "compiled":
+            assert time.monotonic() - start < 1500, "not compiled in 1500 s"
+            time.sleep(0.5)
+        out["compiled_s"] = round(time.monotonic() - start, 1)
+        generate(1)
+        out["img_s_c4"] = round(load(15, 4), 2)
+        out["img_s_c1"] = round(load(15, 1), 2)
+    finally:
+        logs = docker("logs", name, check=False)
+        with open(f"{OUT}/{label}.log", "w") as f:
+            f.write(logs.stdout + logs.stderr)
+        docker("rm", "-f", name, check=False)
+    out["load_avg_end"] = os.getloadavg()[0]
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main(which: list[str]) -> None:
     os.makedirs(OUT, exist_ok=True)
-    for what in which or ["cold", "warm", "eager"]:
+    image = next((w for w in which if ":" in w), "qdserve:cpu")
+    volume = "qds-warm-measure"
+    for what in [w for w in which if ":" not in w] or ["cold", "warm", "eager"]:
+        if what == "container-cold":
+            docker("volume", "rm", "-f", volume, check=False)
+            docker("volume", "create", volume)
+            run_container(what, image, volume)
+        elif what == "container-warm":
+            run_container(what, image, volume)
         if what == "cold":
             subprocess.run(["rm", "-rf", CACHE], check=False)
             run("cold", {"TORCHINDUCTOR_CACHE_DIR": CACHE})
