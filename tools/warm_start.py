@@ -2,7 +2,7 @@
 seconds to /readyz 200 and to `"mode": "compiled"`, then img/s at concurrency 4 and 1 for 15 s.
 
     .venv/bin/python tools/warm_start.py [cold] [warm] [eager]   (from the checkout root)
-    .venv/bin/python tools/warm_start.py container-cold container-warm [IMAGE]
+    .venv/bin/python tools/warm_start.py container-cold container-warm [IMAGE] [QDS_X=value ...]
 
 One JSON line per run on stdout (docs/benchmarks/warm-start.json holds the recorded ones);
 server logs in /tmp/warmexp/<run>.log. `cold` empties its inductor cache first. The container
@@ -113,17 +113,20 @@ def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
 
 
-def run_container(label: str, image: str, volume: str) -> dict[str, Any]:
+def run_container(label: str, image: str, volume: str, settings: dict[str, str]) -> dict[str, Any]:
     """One container on `volume`: seconds from `docker run -d` returning to /readyz 200 and to
     mode compiled, img/s while compiling (c4) and once compiled (c4, c1)."""
     name = "qds-warm-measure"
     docker("rm", "-f", name, check=False)
     env = ["-e", f"QDS_PORT={PORT}", "-e", "QDS_LOG_FORMAT=text"]
+    for key, value in settings.items():
+        env += ["-e", f"{key}={value}"]
     t0 = time.monotonic()
     docker("run", "-d", "--name", name, "--network", "host", "-v", f"{volume}:/data", *env, image)
     out: dict[str, Any] = {
         "label": label,
         "image": image,
+        "settings": settings,
         "docker_run_s": round(time.monotonic() - t0, 1),
         "load_avg_start": os.getloadavg()[0],
     }
@@ -158,15 +161,17 @@ def run_container(label: str, image: str, volume: str) -> dict[str, Any]:
 
 def main(which: list[str]) -> None:
     os.makedirs(OUT, exist_ok=True)
+    settings = dict(w.split("=", 1) for w in which if "=" in w)
+    which = [w for w in which if "=" not in w]
     image = next((w for w in which if ":" in w), "qdserve:cpu")
     volume = "qds-warm-measure"
     for what in [w for w in which if ":" not in w] or ["cold", "warm", "eager"]:
         if what == "container-cold":
             docker("volume", "rm", "-f", volume, check=False)
             docker("volume", "create", volume)
-            run_container(what, image, volume)
+            run_container(what, image, volume, settings)
         elif what == "container-warm":
-            run_container(what, image, volume)
+            run_container(what, image, volume, settings)
         if what == "cold":
             subprocess.run(["rm", "-rf", CACHE], check=False)
             run("cold", {"TORCHINDUCTOR_CACHE_DIR": CACHE})
