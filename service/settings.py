@@ -164,14 +164,17 @@ class ServiceSettings(BaseSettings):
         "elsewhere (a whole Flux-size compile on a GPU was not measured).",
     )
     compile_shared_threads: bool = Field(
-        default=False,
+        default=True,
         description="CPU only: compile kernels that read their thread count when they run "
         "(inductor's `cpp.dynamic_threads`), so the engine's threads and a lane's share one "
-        "graph: half the graphs to compile (an empty cache reached compiled mode in 57 s "
-        "instead of 88 s, embedded model, 2 CPUs), at a measured 0.95x img/s at concurrency 16 "
-        "once compiled (docs/deploy.md). Off: full compiled speed; a filled cache "
-        "(`qdserve warmup`, the volume) makes the longer first compile a one-time cost. "
-        "`qdserve warmup` must run with the same value as the server to fill its cache.",
+        "graph: half the graphs to compile (an empty cache reached compiled mode in 54 s "
+        "instead of 88 s, embedded model, 2 CPUs; 65 s instead of 97 s in the container). "
+        "Once compiled, with the default step cache: 1.04x / 1.01x / 1.02x img/s at "
+        "concurrency 1 / 4 / 16 and 1.04x / 1.00x / 1.03x with the sides swapped; with "
+        "QDS_STEP_CACHE=off about 0.95x at 16 (docs/deploy.md), where false is the faster "
+        "choice if a filled cache (`qdserve warmup`, the volume) makes the longer first "
+        "compile a one-time cost. `qdserve warmup` must run with the same value as the server "
+        "to fill its cache.",
     )
     compile_background: bool = Field(
         default=True,

@@ -44,7 +44,8 @@ def _free_port() -> int:
 
 def _start(exe: str, port: int, log: Path, extra: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QDS_")}
-    env.update(QDS_PORT=str(port), QDS_HOST="127.0.0.1", QDS_STEP_CACHE="off", **extra)
+    # Step cache off unless a side's --env sets it (the extras win).
+    env.update({"QDS_PORT": str(port), "QDS_HOST": "127.0.0.1", "QDS_STEP_CACHE": "off", **extra})
     out = open(log, "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([exe, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -172,7 +173,7 @@ def main() -> int:
             if args.interleave
             else f"{args.rounds} rounds alternating the order, {args.seconds:g} s per level, "
         )
-        + "distinct prompts and seeds, defaults (QDS_STEP_CACHE=off), "
+        + "distinct prompts and seeds, defaults (QDS_STEP_CACHE=off unless a side sets it), "
         "measured once each server served compiled.",
         "",
         "| concurrency | A img/s (median) | B img/s (median) | B / A | A p99 s | B p99 s |",
