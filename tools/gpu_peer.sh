@@ -6,7 +6,8 @@
 # annotated-types, typing-inspection, typing-extensions, opentelemetry-api, importlib-metadata,
 # lazy-importer, zipp, gguf, optimum-quanto, sdnq, torchao). Results land in $OUT.
 # Knobs (for a CPU dry run): SMALL=1 (two-block denoiser), SIZE, STEPS, LEVEL_SECONDS,
-# BUDGET_S, SKIP_TESTS=1. (Not SECONDS: bash's own clock, which the budget reads.)
+# BUDGET_S, SKIP_TESTS=1, OURS / PEERS (bench peer's --qdserve / --peers), QUALITY=1.
+# (Not SECONDS: bash's own clock, which the budget reads.)
 set -u
 OUT=${OUT:-/tmp/qds-out}
 WHL=${WHL:-.whl}
@@ -39,8 +40,14 @@ timeout 200 python3 -m benchmarks.gpu_pipeline --out "$model" ${SMALL:+--small} 
 df -h "$root" | tail -1
 left=$((END - SECONDS - 90))
 echo "peer: ${left}s left for it"
+# Two servers by default (qdserve at its defaults, plain LitServe): three Flux-dev-size copies
+# would not fit an 80 GB card. QUALITY=1 adds the quality rows (the demo prompt set through
+# each server: minutes at 1024x1024).
+quality=--no-quality
+[ -n "${QUALITY:-}" ] && quality=
 timeout "$left" python3 -m service.cli bench peer --model "$model" --size "$SIZE" \
   --steps "$STEPS" --tables defaults --rounds 1 --seconds "$LEVEL_SECONDS" \
+  --qdserve "${OURS:-qdserve}" --peers "${PEERS:-litserve}" $quality \
   --direct-calls 3 --name "peer-$card" --out "$OUT" > "$OUT/peer.log" 2>&1
 echo "peer exit $?"
 grep -v -i -E "warn|deprecat|loading|it/s" "$OUT/peer.log" | tail -8
