@@ -462,7 +462,7 @@ def test_qdserve_at_its_defaults_caches_steps_beside_an_uncached_qdserve_and_a_t
     from benchmarks.peer_server import main as peer_main
     from service.settings import DEFAULT_STEP_CACHE
 
-    assert DEFAULT_STEP_CACHE == f"taylorseer:{taylorseer_interval()}"
+    assert f"taylorseer:{taylorseer_interval()}" == DEFAULT_STEP_CACHE
     assert table_ours("defaults", ("qdserve", QDSERVE_UNCACHED)) == ("qdserve", QDSERVE_UNCACHED)
     assert table_ours("pinned", ("qdserve", QDSERVE_UNCACHED)) == (QDSERVE_UNCACHED,)
     argv = litserve_argv(tmp_path / "s.json", None, 4, taylorseer=6)
