@@ -70,7 +70,26 @@ def load(seconds: float, concurrency: int) -> float:
     return done[0] / (time.monotonic() - start)
 
 
-def run(label: str, env_extra: dict[str, str], wait_compiled: bool = True) -> dict[str, Any]:
+def wait_ready(start: float, out: dict[str, Any], alive: Any = None, limit: float = 600) -> None:
+    """Poll /readyz until 200: seconds since `start` and the mode it names go into `out`."""
+    while True:
+        code, body = get("/readyz")
+        if code == 200:
+            out["ready_s"] = round(time.monotonic() - start, 1)
+            out["mode_at_ready"] = body["mode"]
+            return
+        assert (alive is None or alive()) and time.monotonic() - start < limit, "not ready"
+        time.sleep(0.1)
+
+
+def wait_compiled(start: float, out: dict[str, Any], limit: float = 1500) -> None:
+    while get("/readyz")[1]["mode"] != "compiled":
+        assert time.monotonic() - start < limit, f"not compiled in {limit:g} s"
+        time.sleep(0.2)
+    out["compiled_s"] = round(time.monotonic() - start, 1)
+
+
+def run(label: str, env_extra: dict[str, str], compiled: bool = True) -> dict[str, Any]:
     env = dict(os.environ, QDS_PORT=str(PORT), QDS_LOG_FORMAT="text", **env_extra)
     start = time.monotonic()
     out: dict[str, Any] = {"label": label, "load_avg_start": os.getloadavg()[0]}
@@ -79,19 +98,9 @@ def run(label: str, env_extra: dict[str, str], wait_compiled: bool = True) -> di
             [".venv/bin/qdserve", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         try:
-            while True:
-                code, body = get("/readyz")
-                if code == 200:
-                    out["ready_s"] = round(time.monotonic() - start, 1)
-                    out["mode_at_ready"] = body["mode"]
-                    break
-                assert proc.poll() is None and time.monotonic() - start < 600
-                time.sleep(0.1)
-            if wait_compiled:
-                while get("/readyz")[1]["mode"] != "compiled":
-                    assert time.monotonic() - start < 1200
-                    time.sleep(0.2)
-                out["compiled_s"] = round(time.monotonic() - start, 1)
+            wait_ready(start, out, alive=lambda: proc.poll() is None)
+            if compiled:
+                wait_compiled(start, out, limit=1200)
             generate(1)
             out["img_s_c4"] = round(load(15, 4), 2)
             out["img_s_c1"] = round(load(15, 1), 2)
@@ -132,20 +141,10 @@ def run_container(label: str, image: str, volume: str, settings: dict[str, str])
     }
     start = time.monotonic()
     try:
-        while True:
-            code, body = get("/readyz")
-            if code == 200:
-                out["ready_s"] = round(time.monotonic() - start, 1)
-                out["mode_at_ready"] = body["mode"]
-                break
-            assert time.monotonic() - start < 900, "not ready in 900 s"
-            time.sleep(0.2)
+        wait_ready(start, out, limit=900)
         if out["mode_at_ready"] == "compiling":
             out["img_s_c4_while_compiling"] = round(load(10, 4), 2)
-        while get("/readyz")[1]["mode"] != "compiled":
-            assert time.monotonic() - start < 1500, "not compiled in 1500 s"
-            time.sleep(0.5)
-        out["compiled_s"] = round(time.monotonic() - start, 1)
+        wait_compiled(start, out)
         generate(1)
         out["img_s_c4"] = round(load(15, 4), 2)
         out["img_s_c1"] = round(load(15, 1), 2)
@@ -178,7 +177,7 @@ def main(which: list[str]) -> None:
         elif what == "warm":
             run("warm", {"TORCHINDUCTOR_CACHE_DIR": CACHE})
         elif what == "eager":
-            run("eager", {"QDS_COMPILE": "false"}, wait_compiled=False)
+            run("eager", {"QDS_COMPILE": "false"}, compiled=False)
 
 
 if __name__ == "__main__":
