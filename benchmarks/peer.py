@@ -281,7 +281,6 @@ def table_ours(table: str, ours: Sequence[str]) -> tuple[str, ...]:
 def taylorseer_interval() -> int:
     """The interval of qdserve's default step cache, which LitServe + TaylorSeer is given."""
     from pipelines.step_cache import TAYLORSEER, parse
-    from service.settings import DEFAULT_STEP_CACHE
 
     spec = parse(DEFAULT_STEP_CACHE)
     if spec is None or spec.method != TAYLORSEER:
