@@ -603,14 +603,20 @@ def replace_section(md_path: Path, section: str, begin: str, end: str) -> None:
     md_path.write_text(text)
 
 
-def fetch_images(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[Any]:
-    """POST every body to `url` (an images endpoint), `concurrency` at a time, and return the
-    first answer image of each as a PIL image, in the bodies' order."""
+def png_roundtrip(b64: str) -> Any:
+    """Decode a b64 PNG from a response into a PIL image (quality checks)."""
     import base64
     import io
 
-    import httpx
     from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def fetch_images(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[Any]:
+    """POST every body to `url` (an images endpoint), `concurrency` at a time, and return the
+    first answer image of each as a PIL image, in the bodies' order."""
+    import httpx
 
     async def run() -> list[Any]:
         sem = asyncio.Semaphore(concurrency)
@@ -621,8 +627,7 @@ def fetch_images(url: str, bodies: list[dict[str, Any]], concurrency: int) -> li
                 async with sem:
                     r = await client.post(url, json=body)
                     r.raise_for_status()
-                    data = base64.b64decode(r.json()["data"][0]["b64_json"])
-                    return Image.open(io.BytesIO(data))
+                    return png_roundtrip(r.json()["data"][0]["b64_json"])
 
             return list(await asyncio.gather(*(one(b) for b in bodies)))
 

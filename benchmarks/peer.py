@@ -64,6 +64,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
+from pipelines.step_cache import TAYLOR_ORDER, TAYLOR_WARMUP_STEPS, TAYLORSEER, parse
 from service.settings import AUTO_MAX_BATCH_CPU, DEFAULT_STEP_CACHE, batch_limit, lane_count
 
 GEN_PATH = "/v1/images/generations"
@@ -280,8 +281,6 @@ def table_ours(table: str, ours: Sequence[str]) -> tuple[str, ...]:
 
 def taylorseer_interval() -> int:
     """The interval of qdserve's default step cache, which LitServe + TaylorSeer is given."""
-    from pipelines.step_cache import TAYLORSEER, parse
-
     spec = parse(DEFAULT_STEP_CACHE)
     if spec is None or spec.method != TAYLORSEER:
         raise ValueError(f"qdserve's default step cache {DEFAULT_STEP_CACHE!r} is not TaylorSeer")
@@ -768,8 +767,9 @@ def measure(opts: PeerOptions, work: Path) -> dict[str, Any]:
             },
             "taylorseer": {
                 "line": "pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval="
-                f"{taylorseer_interval()}, disable_cache_before_step=3, max_order=1, "
-                "taylor_factors_dtype=torch.float32, use_lite_mode=True))",
+                f"{taylorseer_interval()}, disable_cache_before_step={TAYLOR_WARMUP_STEPS}, "
+                f"max_order={TAYLOR_ORDER}, taylor_factors_dtype=torch.float32, "
+                "use_lite_mode=True))",
                 "where": "DiffusersAPI.setup",
                 "tables": ["defaults"],
             },

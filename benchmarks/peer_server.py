@@ -73,13 +73,16 @@ class DiffusersAPI(ls.LitAPI):
         if self.taylorseer_interval:
             from diffusers.hooks import TaylorSeerCacheConfig
 
+            from pipelines.step_cache import TAYLOR_ORDER, TAYLOR_WARMUP_STEPS
+
             # The one line a user would add to cache steps (diffusers' hook, the parameters of
-            # qdserve's `taylorseer:<interval>`: 3 full steps, first order, lite mode).
+            # qdserve's `taylorseer:<interval>`: 3 full steps, first order, lite mode; taken
+            # from qdserve's constants so the two cannot drift apart).
             self.loaded.pipeline.transformer.enable_cache(
                 TaylorSeerCacheConfig(
                     cache_interval=self.taylorseer_interval,
-                    disable_cache_before_step=3,
-                    max_order=1,
+                    disable_cache_before_step=TAYLOR_WARMUP_STEPS,
+                    max_order=TAYLOR_ORDER,
                     taylor_factors_dtype=torch.float32,
                     use_lite_mode=True,
                 )

@@ -681,10 +681,3 @@ def main(name: str, out: Path, quick: bool) -> dict[str, Any]:
     write_json(out / f"{name}.json", data)
     (out / f"{name}.md").write_text(render(data))
     return data
-
-
-def png_roundtrip(b64: str) -> Any:
-    """Decode a b64 PNG from a response into a PIL image (tests, quality checks)."""
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(b64)))

@@ -555,7 +555,7 @@ def run_engine(config: EngineConfig, conn: Connection) -> None:
     # The engine process's own environment (not the HTTP process's: QDS_ENGINE=inline keeps
     # whatever the host process set).
     chosen = configure_compile_cache(getattr(config.quant, "cache_dir", None))
-    configure_kernel_threads(getattr(config.settings, "compile_shared_threads", False))
+    configure_kernel_threads(config.settings.compile_shared_threads)
     if chosen:
         log.info("compile caches: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
     core = EngineCore(config, conn)

@@ -554,7 +554,7 @@ def warm_caches(
 
     started = time.monotonic()
     chosen = configure_compile_cache(getattr(quant, "cache_dir", None))
-    configure_kernel_threads(getattr(settings, "compile_shared_threads", False))
+    configure_kernel_threads(settings.compile_shared_threads)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     loaded = load_pipeline(quant)

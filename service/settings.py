@@ -23,8 +23,8 @@ def _split(value: object) -> object:
 
 
 # The fastest setting that kept the demo model's prompt adherence unchanged at 28 and 50 steps
-# (docs/benchmarks/step-cache.md: 1.86-1.98x img/s at concurrency 16, 28 steps, mean PSNR
-# 42.6 dB against the uncached image; fbcache:0.3 lost one prompt of 21 at 28 steps).
+# (docs/benchmarks/step-cache.md: 3.33x / 3.18x img/s at concurrency 1 / 16, 28 steps, mean
+# PSNR 40.3 dB against the uncached image; fbcache:0.3 lost one prompt of 21 at 28 steps).
 DEFAULT_STEP_CACHE = "taylorseer:6"
 
 
